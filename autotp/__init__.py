@@ -1,0 +1,16 @@
+"""autotp: automatic tensor parallelism for PyTorch.
+
+    plan = autotp.plan(model, (ids,), world_size=8, device="h100")     # no processes needed
+    tp = autotp.parallelize(model, (ids,))                              # on every rank
+
+Pipeline (one module each): capture -> strategies (rules/) -> cost -> solver -> plan -> rewrite.
+"""
+from .api import ParallelModule, gather_state_dict, parallelize, plan
+from .devices import PRESETS, DeviceSpec
+from .errors import AutoTPError, CaptureError, InfeasiblePlanError, PlanError, ProcessGroupError
+from .placements import Partial, Replicate, Shard
+from .plans import Plan
+
+__all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "ParallelModule", "DeviceSpec",
+           "PRESETS", "AutoTPError", "CaptureError", "PlanError", "InfeasiblePlanError",
+           "ProcessGroupError", "Shard", "Replicate", "Partial"]

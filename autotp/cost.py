@@ -1,0 +1,121 @@
+"""Cost model: small pure functions of a DeviceSpec. Units: seconds and bytes.
+
+Collectives follow the ring model as nccl-tests defines bus bandwidth (n ranks, B bytes of the
+full tensor, latency alpha, per-direction link bandwidth beta):
+
+    all_reduce                        alpha + 2 (n-1)/n * B / beta
+    all_gather, reduce_scatter        alpha +   (n-1)/n * B / beta
+    slice (Replicate -> Shard)        0 (local)
+
+Compute is a roofline per rank on the op's local shapes:
+    t = max(flops_local / peak_flops(dtype), bytes_local / memory_bandwidth)
+Training counts the backward as 2x the forward compute and adds the conjugate collective of
+every transition (see ``transition``). Memory per rank is the parameter bytes (x4 in training:
+parameter, gradient and two Adam moments).
+See docs/cost_model.md for the derivations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .devices import DeviceSpec
+from .placements import Partial, Placement, Replicate, Shard
+from .rules import Strategy
+
+aten = torch.ops.aten
+MODES = ("training", "inference")
+TRAINING_STATE_FACTOR = 4  # parameter + gradient + Adam exp_avg + exp_avg_sq
+BACKWARD_COMPUTE_FACTOR = 2.0
+
+
+def all_reduce_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
+    return 0.0 if n == 1 else spec.latency + 2 * (n - 1) / n * nbytes / spec.link_bandwidth
+
+
+def all_gather_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
+    return 0.0 if n == 1 else spec.latency + (n - 1) / n * nbytes / spec.link_bandwidth
+
+
+reduce_scatter_time = all_gather_time
+all_to_all_time = all_gather_time
+
+_TIME = {"all_reduce": all_reduce_time, "all_gather": all_gather_time,
+         "reduce_scatter": reduce_scatter_time, "all_to_all": all_to_all_time,
+         "slice": lambda b, n, s: 0.0}
+
+
+def convert_ops(src: Placement, dst: Placement) -> tuple[str, ...] | None:
+    """The steps that turn a value placed ``src`` into ``dst``; None when impossible
+    (nothing turns a whole value into a Partial one without changing it)."""
+    if src == dst:
+        return ()
+    if isinstance(dst, Partial):
+        return None
+    if isinstance(src, Replicate):
+        return ("slice",)
+    if isinstance(src, Partial):
+        return ("all_reduce",) if isinstance(dst, Replicate) else ("reduce_scatter",)
+    return ("all_gather",) if isinstance(dst, Replicate) else ("all_gather", "slice")
+
+
+def dual(p: Placement) -> Placement:
+    """The placement a value's gradient must have: Shard -> same Shard, else Replicate."""
+    return p if isinstance(p, Shard) else Replicate()
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A producer placed P feeding a consumer that needs Q and sends back a grad placed G."""
+
+    forward: tuple[str, ...]
+    backward: tuple[str, ...]
+
+
+def transition(p: Placement, q: Placement, g: Placement, is_param: bool = False) -> Transition | None:
+    fwd = convert_ops(p, q)
+    bwd = convert_ops(g, dual(p))
+    if fwd is None or bwd is None:
+        return None
+    if is_param and isinstance(p, Shard) and p != q:
+        return None  # gathering a split weight every step is FSDP's job, not a TP plan's
+    return Transition(fwd, bwd)
+
+
+def ops_time(ops: tuple[str, ...], nbytes: float, n: int, spec: DeviceSpec) -> float:
+    return sum(_TIME[k](nbytes, n, spec) for k in ops)
+
+
+def transition_time(t: Transition, nbytes: float, n: int, spec: DeviceSpec, mode: str) -> float:
+    fwd = ops_time(t.forward, nbytes, n, spec)
+    return fwd + (ops_time(t.backward, nbytes, n, spec) if mode == "training" else 0.0)
+
+
+def op_flops(target: object, ins: tuple, outs: tuple) -> float:
+    """Global forward FLOPs of one op (matmuls and attention exactly, else 1 per element)."""
+    if target in (aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default):
+        k = ins[0].shape[-1] if ins and ins[0].shape else 1
+        return 2.0 * outs[0].numel * k
+    if target is aten.scaled_dot_product_attention.default and len(ins) >= 3:
+        q, k = ins[0], ins[1]
+        s = k.shape[-2]
+        return 4.0 * q.numel * s  # QK^T and PV: 2 * (L*E*S) each, per batch and head
+    return float(sum(o.numel for o in outs if o is not None))
+
+
+def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n: int,
+                 spec: DeviceSpec, mode: str) -> float:
+    if not outs:
+        return 0.0
+    split = any(isinstance(p, Shard) for p in (*strategy.inputs, *strategy.outputs()))
+    factor = n if split else 1
+    flops = op_flops(target, ins, outs) / factor
+    nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) / factor
+    dtype = outs[0].dtype if outs[0] is not None else torch.float32
+    t = max(flops / spec.peak_flops(dtype), nbytes / spec.memory_bandwidth)
+    return t * (1 + BACKWARD_COMPUTE_FACTOR if mode == "training" else 1.0)
+
+
+def param_bytes(nbytes: int, p: Placement, n: int) -> float:
+    return nbytes / n if isinstance(p, Shard) else float(nbytes)

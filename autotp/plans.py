@@ -1,0 +1,100 @@
+"""Plan: plain data describing a tensor-parallel plan; round-trips through JSON.
+
+``decisions`` hold the chosen placements per node (inputs per tensor slot, output);
+``collectives`` what the rewritten module issues per step, with ``bytes`` the size on one rank
+of the full tensor involved (an all-reduce's input, an all-gather's output, a
+reduce-scatter's input)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .cost import MODES
+from .placements import format_out
+from .solver import Choice, Evaluation
+from .strategies import Candidates
+
+
+@dataclass(frozen=True)
+class Decision:
+    node: str
+    module: str
+    op: str
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
+    phase: str  # forward | backward
+    bytes: int
+    module: str
+    node: str  # the node whose value is redistributed
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    name: str
+    shape: tuple[int, ...]
+    placement: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    device: str
+    objective: str
+    mode: str
+    param_bytes_per_rank: int
+    param_bytes_total: int
+    predicted_time_s: float
+    compute_time_s: float
+    comm_time_s: float
+    decisions: tuple[Decision, ...]
+    collectives: tuple[Collective, ...]
+    params: tuple[ParamShard, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        d = json.loads(text)
+        known = {f.name for f in fields(Plan)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["decisions"] = tuple(Decision(**{**x, "inputs": tuple(x["inputs"])}) for x in d["decisions"])
+        d["collectives"] = tuple(Collective(**x) for x in d["collectives"])
+        d["params"] = tuple(ParamShard(x["name"], tuple(x["shape"]), x["placement"]) for x in d["params"])
+        return Plan(**d)
+
+    def count(self, kind: str | None = None, phase: str | None = None) -> int:
+        return sum(1 for c in self.collectives
+                   if (kind is None or c.kind == kind) and (phase is None or c.phase == phase))
+
+
+def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, objective: str,
+              mode: str) -> Plan:
+    assert mode in MODES
+    decisions = []
+    params = []
+    total = 0
+    for name, nc in c.nodes.items():
+        st = nc.strategies[choice[name]]
+        decisions.append(Decision(name, nc.module, nc.op, tuple(map(str, st.inputs)), format_out(st.output)))
+        if nc.kind == "param":
+            total += nc.metas[0].nbytes
+            target = str(next(n.target for n in c.captured.gm.graph.nodes if n.name == name))
+            params.append(ParamShard(target, nc.metas[0].shape, str(st.output)))
+    collectives = []
+    for e in ev.edges:
+        module = c.nodes[e.value[0]].module
+        phases = [("forward", e.transition.forward)]
+        if mode == "training":
+            phases.append(("backward", e.transition.backward))
+        for phase, ops in phases:
+            for op in ops:
+                if op != "slice":
+                    collectives.append(Collective(op, phase, e.nbytes, module, e.value[0]))
+    return Plan(c.world_size, device, objective, mode, int(round(ev.param_bytes)), total,
+                ev.time_s, ev.compute_s, ev.comm_s, tuple(decisions), tuple(collectives), tuple(params))

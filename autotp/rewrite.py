@@ -1,0 +1,100 @@
+"""Rewrite: the captured graph + a chosen strategy per node -> this rank's fx.GraphModule.
+
+Three edits, then ``graph.lint()``:
+1. every parameter placed Shard is replaced by this rank's slice (tied names keep sharing it);
+2. a ``Redistribute`` module is inserted on every edge whose producer placement P differs from
+   what the consumer needs (Q), or whose gradient needs a conjugate collective (G != dual(P));
+   consumers of one value that need the same (Q, G) share one;
+3. shape arguments holding global sizes (view/expand head counts, split sizes) become local.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree  # see capture.py
+
+from .capture import TensorMeta, fetch_attr, set_attr
+from .collectives import Comm, Redistribute
+from .placements import Placement, Replicate, Shard, shard_tensor
+from .rules import rule_for
+from .solver import Choice
+from .strategies import Candidates
+
+
+def value_placement(c: Candidates, choice: Choice, name: str) -> Placement:
+    producer, oi = c.followers.get(name, (name, 0))
+    return c.nodes[producer].strategies[choice[producer]].outputs()[oi]
+
+
+def rewrite(c: Candidates, choice: Choice, comm: Comm) -> tuple[fx.GraphModule, dict[str, Placement]]:
+    """Edits ``c.captured.gm`` in place into this rank's module. Returns it and the placement
+    of every parameter name (aliases of tied weights included)."""
+    gm = c.captured.gm
+    graph = gm.graph
+    n, rank = c.world_size, comm.rank
+    metas = c.captured.metas
+
+    # 1. parameters: fresh tensors (sliced where Shard), so the user's model is never aliased
+    aliases: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    placements: dict[str, Placement] = {name: Replicate() for ids in aliases.values() for name in ids}
+    for node in graph.nodes:
+        if node.op != "get_attr" or c.nodes.get(node.name) is None or c.nodes[node.name].kind != "param":
+            continue
+        full = fetch_attr(gm, node.target)
+        place = value_placement(c, choice, node.name)
+        local = shard_tensor(full.detach(), place, rank, n).clone()
+        new = nn.Parameter(local, requires_grad=full.requires_grad)
+        for alias in aliases.get(id(full), [node.target]):
+            set_attr(gm, alias, new)
+            placements[alias] = place
+    for ids in aliases.values():  # unused parameters: copy them too
+        obj = fetch_attr(gm, ids[0])
+        if all(not isinstance(placements.get(a), Shard) for a in ids) and obj.device.type != "meta":
+            if not any(node.op == "get_attr" and node.target in ids for node in graph.nodes):
+                new = nn.Parameter(obj.detach().clone(), requires_grad=obj.requires_grad)
+                for a in ids:
+                    set_attr(gm, a, new)
+
+    # 2 + 3. transitions and local shape arguments
+    made: dict[tuple[str, Placement, Placement], fx.Node] = {}
+    count = 0
+    for node in list(graph.nodes):
+        nc = c.nodes.get(node.name)
+        if nc is None or nc.kind not in ("op", "output"):
+            continue
+        st = nc.strategies[choice[node.name]]
+        slot = 0
+
+        def swap(a: object) -> object:
+            nonlocal slot, count
+            if not (isinstance(a, fx.Node) and isinstance(metas.get(a.name), TensorMeta)):
+                return a
+            i = slot
+            slot += 1
+            p = value_placement(c, choice, a.name)
+            q, g = st.inputs[i], st.grad_placement(i)
+            if p == q and g == (p if isinstance(p, Shard) else Replicate()):
+                return a
+            key = (a.name, q, g)
+            if key not in made:
+                target = f"autotp_redistribute_{count}"
+                count += 1
+                gm.add_submodule(target, Redistribute(comm, p, q, g))
+                with graph.inserting_before(node):
+                    made[key] = graph.call_module(target, (a,))
+                made[key].meta = dict(a.meta)
+            return made[key]
+
+        node.args = pytree.tree_map(swap, node.args)
+        node.kwargs = pytree.tree_map(swap, node.kwargs)
+        assert slot == len(st.inputs), (node.format_node(), slot, st)
+        rule = rule_for(node)
+        if rule is not None and rule.localize is not None:
+            rule.localize(node, st, n)
+
+    graph.lint()
+    gm.recompile()
+    return gm, placements

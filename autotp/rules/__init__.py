@@ -1,0 +1,221 @@
+"""Sharding rules: for each ATen op, which placements of its inputs give which output.
+
+Most rules are written as a ``DimMap``: a label per dimension of every tensor input and
+output, in the style of einsum. One generic enumerator (``strategies_from_dims``) turns a
+DimMap into candidate strategies:
+
+- all inputs and outputs Replicate;
+- for every label L: each tensor dim labelled L is Shard on it, tensors without L stay
+  Replicate; an output without L is Partial when L is a contracted label (matmul's inner
+  dim, a sum), else the label is not offered;
+- the same with ``Shard(dim, blocks)`` when a consumer splits that dim into blocks
+  (fused QKV): the blocks come from ``block hints`` found by strategies.py;
+- Partial inputs only where the op is linear in them (``partial_any``: one input Partial,
+  the others Replicate, e.g. ``x * w`` or a view; ``partial_all``: every input Partial,
+  e.g. ``a + b``). A Partial plus a Replicate (a bias, a residual) is never offered.
+
+A dim labelled None can't be split (a normalized dim, a softmax dim, a broadcast size-1
+dim). A label is only offered when every dim carrying it is static (not batch/sequence) and
+divisible by the world size.
+
+Rules register per ATen overload with ``@register(op, ...)``; one file per op family.
+See docs/adding_an_op_rule.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..capture import TensorMeta
+from ..placements import OutPlacement, Partial, Placement, Replicate, Shard
+
+Label = Hashable | None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to run a node: a placement per tensor input slot and the output placement
+    (a tuple for ops that return several tensors)."""
+
+    inputs: tuple[Placement, ...]
+    output: OutPlacement
+
+    def outputs(self) -> tuple[Placement, ...]:
+        return self.output if isinstance(self.output, tuple) else (self.output,)
+
+    def grad_placement(self, slot: int) -> Placement:
+        """Placement of the gradient this op sends back to input ``slot``.
+
+        Shard -> Shard; Partial -> Replicate (each summand's grad is the whole grad);
+        Replicate -> Partial when the op's output is split (each rank's grad covers only its
+        part of the output), else Replicate.
+        """
+        q = self.inputs[slot]
+        if isinstance(q, Shard):
+            return q
+        if isinstance(q, Partial):
+            return Replicate()
+        if any(not isinstance(o, Replicate) for o in self.outputs()):
+            return Partial()
+        return Replicate()
+
+    def __str__(self) -> str:
+        from ..placements import format_out
+        return f"[{', '.join(map(str, self.inputs))}] -> {format_out(self.output)}"
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """What a rule sees: the node, its tensor input slots' metas and its output metas."""
+
+    node: fx.Node
+    inputs: tuple[TensorMeta, ...]  # one per tensor input slot
+    outputs: tuple[TensorMeta, ...]  # one per output tensor
+    world_size: int
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        if len(self.node.args) > i:
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+
+@dataclass(frozen=True)
+class DimMap:
+    inputs: tuple[tuple[Label, ...], ...]
+    outputs: tuple[tuple[Label, ...], ...]
+    contract: frozenset = frozenset()
+    partial_any: tuple[int, ...] = ()
+    partial_all: bool = False
+    multi: bool = False  # the op returns a tuple of tensors
+
+
+@dataclass(frozen=True)
+class Rule:
+    dims: Callable[[OpCall], DimMap | None]
+    # strategies a DimMap can't express (split of a blocked dim)
+    extra: Callable[[OpCall], list[Strategy]] | None = None
+    # rewrite global sizes in args to this rank's sizes: (node, strategy, world_size) -> None
+    localize: Callable[[fx.Node, Strategy, int], None] | None = None
+    # block hints this op puts on its input slots: [(slot, dim, blocks)]
+    hints: Callable[[OpCall], list[tuple[int, int, tuple[int, ...]]]] | None = None
+
+
+RULES: dict[Any, Rule] = {}
+
+
+def register(*ops: Any, extra=None, localize=None, hints=None) -> Callable:
+    def deco(fn: Callable[[OpCall], DimMap | None]) -> Callable:
+        for op in ops:
+            RULES[op] = Rule(fn, extra, localize, hints)
+        return fn
+    return deco
+
+
+def rule_for(node: fx.Node) -> Rule | None:
+    return RULES.get(node.target) if node.op == "call_function" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# generic enumeration
+
+def _dim_ok(meta: TensorMeta, dim: int, blocks: tuple[int, ...] | None, n: int) -> bool:
+    if meta.dynamic[dim]:
+        return False
+    size = meta.shape[dim]
+    if blocks is None:
+        return size % n == 0 and size >= n
+    return sum(blocks) == size and all(b % n == 0 and b >= n for b in blocks)
+
+
+def strategies_from_dims(call: OpCall, dm: DimMap,
+                         out_hints: dict[tuple[int, int], set[tuple[int, ...]]]) -> list[Strategy]:
+    n = call.world_size
+    n_in = len(dm.inputs)
+    rep_out: OutPlacement = tuple(Replicate() for _ in dm.outputs) if dm.multi else Replicate()
+    found: list[Strategy] = [Strategy(tuple(Replicate() for _ in range(n_in)), rep_out)]
+
+    labels: list[Hashable] = []
+    for labs in (*dm.inputs, *dm.outputs):
+        for lab in labs:
+            if lab is not None and lab not in labels:
+                labels.append(lab)
+
+    for lab in labels:
+        in_dims = [labs.index(lab) if lab in labs else None for labs in dm.inputs]
+        out_dims = [labs.index(lab) if lab in labs else None for labs in dm.outputs]
+        if all(d is None for d in out_dims) and lab not in dm.contract:
+            continue
+        if any(d is None for d in out_dims) and any(d is not None for d in out_dims):
+            continue
+        options: list[tuple[int, ...] | None] = [None]
+        for oi, d in enumerate(out_dims):
+            if d is not None:
+                options.extend(sorted(out_hints.get((oi, d), ())))
+        for blocks in dict.fromkeys(options):
+            metas = [(call.inputs[i], d) for i, d in enumerate(in_dims) if d is not None] + \
+                    [(call.outputs[i], d) for i, d in enumerate(out_dims) if d is not None]
+            if not all(_dim_ok(m, d, blocks, n) for m, d in metas):
+                continue
+            ins = tuple(Shard(d, blocks) if d is not None else Replicate() for d in in_dims)
+            outs = tuple(Shard(d, blocks) if d is not None else Partial() for d in out_dims)
+            found.append(Strategy(ins, outs if dm.multi else outs[0]))
+
+    part_out: OutPlacement = tuple(Partial() for _ in dm.outputs) if dm.multi else Partial()
+    if dm.partial_all and n_in:
+        found.append(Strategy(tuple(Partial() for _ in range(n_in)), part_out))
+    for slot in dm.partial_any:
+        if slot < n_in:
+            found.append(Strategy(tuple(Partial() if i == slot else Replicate()
+                                        for i in range(n_in)), part_out))
+    return list(dict.fromkeys(found))
+
+
+def replicate_only(n_in: int, n_out: int | None) -> list[Strategy]:
+    out: OutPlacement = Replicate() if n_out is None else tuple(Replicate() for _ in range(n_out))
+    return [Strategy(tuple(Replicate() for _ in range(n_in)), out)]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by rule files
+
+def broadcast_labels(inputs: Sequence[TensorMeta], out: TensorMeta, prefix: str = "d"
+                     ) -> tuple[tuple[tuple[Label, ...], ...], tuple[Label, ...]]:
+    """Labels for a broadcasting elementwise op: dims align from the right; an input dim of
+    size 1 against a larger output dim gets None (it is broadcast, so it stays replicated)."""
+    r = len(out.shape)
+    out_labels = tuple((prefix, i) for i in range(r))
+    ins = []
+    for m in inputs:
+        off = r - len(m.shape)
+        ins.append(tuple(None if (m.shape[j] == 1 and out.shape[off + j] != 1) else out_labels[off + j]
+                         for j in range(len(m.shape))))
+    return tuple(ins), out_labels
+
+
+def norm_dims(dims: Iterable[int] | int, rank: int) -> list[int]:
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted({d % rank for d in dims}) if rank else []
+
+
+def scale_shape_arg(node: fx.Node, strategy: Strategy, n: int, index: int = 1) -> None:
+    """Replace the global size at each output Shard dim of a shape-list argument (view,
+    reshape, expand) with the local size. -1 and symbolic sizes are left alone (symbolic
+    dims are never split)."""
+    out = strategy.output
+    if not isinstance(out, Shard):
+        return
+    shape = list(node.args[index])
+    d = out.dim % len(shape)
+    if isinstance(shape[d], int) and shape[d] != -1:
+        shape[d] = sum(b // n for b in out.blocks) if out.blocks else shape[d] // n
+        args = list(node.args)
+        args[index] = shape
+        node.args = tuple(args)
+
+
+# importing the families registers their rules
+from . import attention, embedding, matmul, norms, pointwise, views  # noqa: E402,F401

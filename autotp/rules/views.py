@@ -1,0 +1,197 @@
+"""Views, reshapes, transposes, slices, concatenation and splits. A shard passes through when
+the split dim maps to a whole block of output dims: hidden -> (heads, head_dim) splits heads.
+Global sizes in shape arguments (the head count) are rewritten to per-rank sizes."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..placements import Shard
+from . import DimMap, Label, OpCall, Strategy, norm_dims, register, scale_shape_arg
+
+aten = torch.ops.aten
+INT_MAX = 9223372036854775807
+
+
+def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair up runs of dims whose sizes multiply to the same number (a reshape's structure)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(dst):
+            raise ValueError(f"cannot match reshape {src} -> {dst}")
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= src[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= dst[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _view_dims(call: OpCall) -> DimMap:
+    src, dst = call.inputs[0].shape, call.outputs[0].shape
+    ins: list[Label] = [None] * len(src)
+    outs: list[Label] = [None] * len(dst)
+    for k, (gi, gj) in enumerate(view_groups(src, dst)):
+        if gi and gj:
+            # only the outermost dim of each side carries a split: chunk r of (a, b) flattened
+            # is chunk r of a, and nothing else maps to contiguous chunks
+            ins[gi[0]] = outs[gj[0]] = ("g", k)
+    return DimMap((tuple(ins),), (tuple(outs),), partial_any=(0,))
+
+
+register(aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+         localize=scale_shape_arg)(_view_dims)
+register(aten.flatten.using_ints, aten.unflatten.int)(_view_dims)
+
+
+@register(aten.expand.default, localize=scale_shape_arg)
+def _expand(call: OpCall) -> DimMap:
+    src, dst = call.inputs[0].shape, call.outputs[0].shape
+    off = len(dst) - len(src)
+    outs: list[Label] = [None] * len(dst)
+    ins: list[Label] = []
+    for j, s in enumerate(src):
+        lab = ("e", j) if s == dst[off + j] else None
+        ins.append(lab)
+        outs[off + j] = lab
+    return DimMap((tuple(ins),), (tuple(outs),), partial_any=(0,))
+
+
+def _permuted(call: OpCall, order: list[int]) -> DimMap:
+    ins = tuple(("p", j) for j in range(len(call.inputs[0].shape)))
+    return DimMap((ins,), (tuple(ins[j] for j in order),), partial_any=(0,))
+
+
+@register(aten.transpose.int)
+def _transpose(call: OpCall) -> DimMap:
+    r = len(call.inputs[0].shape)
+    a, b = call.arg(1, "dim0") % r, call.arg(2, "dim1") % r
+    order = list(range(r))
+    order[a], order[b] = order[b], order[a]
+    return _permuted(call, order)
+
+
+@register(aten.t.default)
+def _t(call: OpCall) -> DimMap:
+    return _permuted(call, list(range(len(call.inputs[0].shape)))[::-1])
+
+
+@register(aten.permute.default)
+def _permute(call: OpCall) -> DimMap:
+    r = len(call.inputs[0].shape)
+    return _permuted(call, [d % r for d in call.arg(1, "dims")])
+
+
+@register(aten.unsqueeze.default)
+def _unsqueeze(call: OpCall) -> DimMap:
+    r = len(call.outputs[0].shape)
+    d = call.arg(1, "dim") % r
+    ins = tuple(("u", j) for j in range(r - 1))
+    outs = ins[:d] + (None,) + ins[d:]
+    return DimMap((ins,), (outs,), partial_any=(0,))
+
+
+@register(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(call: OpCall) -> DimMap:
+    src = call.inputs[0].shape
+    dims = call.arg(1, "dim", None)
+    drop = set(norm_dims(dims, len(src))) if dims is not None else {j for j, s in enumerate(src) if s == 1}
+    drop = {j for j in drop if src[j] == 1}
+    ins = tuple(("q", j) if j not in drop else None for j in range(len(src)))
+    return DimMap((ins,), (tuple(lab for lab in ins if lab is not None),), partial_any=(0,))
+
+
+@register(aten.slice.Tensor)
+def _slice(call: OpCall) -> DimMap:
+    meta = call.inputs[0]
+    r = len(meta.shape)
+    d = call.arg(1, "dim", 0) % r
+    start, end, step = call.arg(2, "start", None), call.arg(3, "end", None), call.arg(4, "step", 1)
+    full = start in (None, 0) and step == 1 and (end is None or (isinstance(end, int)
+                                                                  and end >= meta.shape[d]))
+    ins = tuple(("s", j) if (j != d or full) else None for j in range(r))
+    return DimMap((ins,), (ins,), partial_any=(0,))
+
+
+@register(aten.select.int)
+def _select(call: OpCall) -> DimMap:
+    r = len(call.inputs[0].shape)
+    d = call.arg(1, "dim") % r
+    ins = tuple(("s", j) if j != d else None for j in range(r))
+    return DimMap((ins,), (tuple(lab for lab in ins if lab is not None),), partial_any=(0,))
+
+
+@register(aten.cat.default)
+def _cat(call: OpCall) -> DimMap:
+    r = len(call.outputs[0].shape)
+    d = call.arg(1, "dim", 0) % r
+    labels = tuple(("c", j) if j != d else None for j in range(r))
+    ins = tuple(labels if len(m.shape) == r else tuple(None for _ in m.shape) for m in call.inputs)
+    return DimMap(ins, (labels,), partial_all=True)
+
+
+# split: the split dim itself can carry a *blocked* shard whose blocks are the split sizes
+# (a fused QKV output): every output is then an ordinary Shard of that dim.
+
+def _split_sizes(call: OpCall) -> tuple[int, list[int]]:
+    meta = call.inputs[0]
+    r = len(meta.shape)
+    d = call.arg(2, "dim", 0) % r
+    size_arg = call.arg(1, "split_size")
+    if isinstance(size_arg, int):
+        total = meta.shape[d]
+        sizes = [size_arg] * (total // size_arg) + ([total % size_arg] if total % size_arg else [])
+    else:
+        sizes = list(size_arg)
+    return d, sizes
+
+
+@register(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(call: OpCall) -> DimMap:
+    d, _ = _split_sizes(call)
+    labels = tuple(("x", j) if j != d else None for j in range(len(call.inputs[0].shape)))
+    return DimMap((labels,), tuple(labels for _ in call.outputs), partial_any=(0,), multi=True)
+
+
+def _split_extra(call: OpCall) -> list[Strategy]:
+    d, sizes = _split_sizes(call)
+    n = call.world_size
+    meta = call.inputs[0]
+    if len(sizes) < 2 or meta.dynamic[d] or any(s % n or s < n for s in sizes):
+        return []
+    return [Strategy((Shard(d, tuple(sizes)),), tuple(Shard(d) for _ in sizes))]
+
+
+def _split_hints(call: OpCall) -> list[tuple[int, int, tuple[int, ...]]]:
+    d, sizes = _split_sizes(call)
+    return [(0, d, tuple(sizes))] if len(sizes) > 1 else []
+
+
+def _split_localize(node: fx.Node, strategy: Strategy, n: int) -> None:
+    src = strategy.inputs[0]
+    if not (isinstance(src, Shard) and src.blocks is not None):
+        return
+    args = list(node.args)
+    args[1] = args[1] // n if isinstance(args[1], int) else [s // n for s in args[1]]
+    node.args = tuple(args)
+
+
+for _op in (aten.split.Tensor, aten.split_with_sizes.default):
+    from . import RULES, Rule
+    RULES[_op] = Rule(_split, _split_extra, _split_localize, _split_hints)

@@ -1,0 +1,183 @@
+"""Candidates: for every node of the captured graph, the strategies it may run with.
+
+Decision nodes are placeholders (always Replicate: the user passes full inputs), parameters
+(Replicate, or Shard on any dim that divides), buffers (Replicate), ops with tensor outputs
+(from their rule, or Replicate-only with a warning when no rule exists) and the output node
+(needs every returned tensor Replicate). ``getitem`` of a multi-output op follows its
+producer. Nodes without tensor outputs (``sym_size``, input guards) are left as they are.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
+
+from .capture import Captured, TensorMeta, module_path
+from .placements import Replicate, Shard
+from .rules import DimMap, OpCall, Strategy, replicate_only, rule_for, strategies_from_dims
+
+log = logging.getLogger(__name__)
+
+Value = tuple[str, int]  # (producer node name, output index; 0 for single-tensor nodes)
+
+
+@dataclass
+class NodeCands:
+    name: str
+    kind: str  # "input" | "param" | "buffer" | "op" | "output"
+    slots: tuple[Value, ...]  # producer value of each tensor input slot
+    slot_nodes: tuple[str, ...]  # the graph node each slot reads (a getitem for tuple values)
+    strategies: list[Strategy]
+    metas: tuple[TensorMeta, ...]  # output metas
+    module: str
+    op: str
+    target: object = None  # the ATen op (call_function nodes)
+    fallback: bool = False  # no sharding rule: replicated
+
+
+@dataclass
+class Candidates:
+    captured: Captured
+    world_size: int
+    nodes: dict[str, NodeCands]  # decision nodes in graph order
+    followers: dict[str, Value]  # getitem node -> the tuple value it reads
+    consumers: dict[Value, list[tuple[str, int]]] = field(default_factory=dict)
+    unruled: dict[str, list[str]] = field(default_factory=dict)  # op -> module paths
+
+    def bytes_of(self, v: Value) -> int:
+        return self.nodes[v[0]].metas[v[1]].nbytes
+
+
+def tensor_slots(node: fx.Node, metas: dict) -> list[fx.Node]:
+    """The tensor inputs of ``node`` in argument order (one per occurrence)."""
+    leaves = pytree.tree_leaves((node.args, node.kwargs))
+    return [a for a in leaves if isinstance(a, fx.Node) and isinstance(metas.get(a.name), TensorMeta)]
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return str(node.target)
+    return node.op
+
+
+def build(captured: Captured, world_size: int) -> Candidates:
+    gm, metas = captured.gm, captured.metas
+    n = world_size
+    followers: dict[str, Value] = {}
+    calls: dict[str, OpCall] = {}
+    dims: dict[str, DimMap | None] = {}
+    order: list[fx.Node] = []
+
+    def value_of(a: fx.Node) -> Value:
+        return followers.get(a.name, (a.name, 0))
+
+    for node in gm.graph.nodes:
+        meta = metas.get(node.name)
+        if node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(metas.get(node.args[0].name), tuple):
+            followers[node.name] = (node.args[0].name, node.args[1])
+            continue
+        if node.op == "output" or (node.op in ("placeholder", "get_attr", "call_function")
+                                   and meta is not None):
+            order.append(node)
+        if node.op == "call_function" and meta is not None:
+            outs = meta if isinstance(meta, tuple) else (meta,)
+            if any(o is None for o in outs):
+                continue
+            call = OpCall(node, tuple(metas[a.name] for a in tensor_slots(node, metas)), outs, n)
+            calls[node.name] = call
+            rule = rule_for(node)
+            dims[node.name] = rule.dims(call) if rule else None
+
+    # block hints flow backwards from splits through ops that carry the same label
+    hints: dict[tuple[str, int, int], set[tuple[int, ...]]] = defaultdict(set)
+    for node in reversed(order):
+        call = calls.get(node.name)
+        if call is None:
+            continue
+        slots = tensor_slots(node, metas)
+        rule = rule_for(node)
+        if rule and rule.hints:
+            for slot, d, blocks in rule.hints(call):
+                p, oi = value_of(slots[slot])
+                hints[(p, oi, d)].add(blocks)
+        dm = dims.get(node.name)
+        if dm is None:
+            continue
+        for (name, oi, d), bset in list(hints.items()):
+            if name != node.name or oi >= len(dm.outputs) or d >= len(dm.outputs[oi]):
+                continue
+            lab = dm.outputs[oi][d]
+            if lab is None:
+                continue
+            for j, labs in enumerate(dm.inputs):
+                if lab in labs:
+                    dj = labs.index(lab)
+                    p, poi = value_of(slots[j])
+                    for b in bset:
+                        if call.inputs[j].shape[dj] == sum(b):
+                            hints[(p, poi, dj)].add(b)
+
+    nodes: dict[str, NodeCands] = {}
+    unruled: dict[str, list[str]] = defaultdict(list)
+    for node in order:
+        meta = metas.get(node.name)
+        slots_n = tensor_slots(node, metas) if node.op in ("call_function", "output") else []
+        slots = tuple(value_of(a) for a in slots_n)
+        slot_names = tuple(a.name for a in slots_n)
+        outs = tuple(meta) if isinstance(meta, tuple) else ((meta,) if meta is not None else ())
+        fallback = False
+        if node.op == "placeholder":
+            kind, strategies = "input", [Strategy((), Replicate())]
+        elif node.op == "get_attr":
+            is_param = node.target in captured.param_names
+            kind = "param" if is_param else "buffer"
+            strategies = [Strategy((), Replicate())]
+            if is_param and n > 1:
+                m = outs[0]
+                for d, size in enumerate(m.shape):
+                    if size % n == 0 and size >= n:
+                        strategies.append(Strategy((), Shard(d)))
+                    for b in sorted(hints.get((node.name, 0, d), ())):
+                        if sum(b) == size and all(x % n == 0 and x >= n for x in b):
+                            strategies.append(Strategy((), Shard(d, b)))
+        elif node.op == "output":
+            kind, strategies = "output", [Strategy(tuple(Replicate() for _ in slots), ())]
+        else:
+            kind = "op"
+            call = calls[node.name]
+            dm = dims.get(node.name)
+            rule = rule_for(node)
+            if dm is None:
+                fallback = True
+                strategies = replicate_only(len(slots), len(outs) if isinstance(meta, tuple) else None)
+                if any(any(not isinstance(s.output, Replicate) for s in nodes[v[0]].strategies)
+                       for v in slots if v[0] in nodes) and n > 1:
+                    unruled[_op_name(node)].append(module_path(node) or "<root>")
+            else:
+                out_hints = {(oi, d): b for (nm, oi, d), b in hints.items() if nm == node.name}
+                strategies = strategies_from_dims(call, dm, out_hints)
+                if rule and rule.extra:
+                    strategies += [s for s in rule.extra(call) if s not in strategies]
+        nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,
+                                     module_path(node), _op_name(node),
+                                     node.target if node.op == "call_function" else None, fallback)
+
+    consumers: dict[Value, list[tuple[str, int]]] = defaultdict(list)
+    for nc in nodes.values():
+        for i, v in enumerate(nc.slots):
+            consumers[v].append((nc.name, i))
+    for op, mods in unruled.items():
+        uniq = list(dict.fromkeys(mods))
+        shown = ", ".join(uniq[:3]) + (f" and {len(uniq) - 3} more" if len(uniq) > 3 else "")
+        msg = (f"autotp: {op} has no sharding rule; it runs replicated with its inputs gathered "
+               f"first (in {shown}). Correct but may be slow: see docs/adding_an_op_rule.md")
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+    return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled))

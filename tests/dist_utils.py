@@ -1,0 +1,56 @@
+"""Run a function on N real gloo processes (spawned, OMP_NUM_THREADS=1) and collect results."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save({"ok": True, "result": result}, os.path.join(outdir, f"{rank}.pt"))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt"))
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 600) -> list[Any]:
+    """fn(rank, world, *args) on ``world`` gloo processes; returns each rank's result and
+    raises with the rank's traceback if any rank failed."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children at start-up
+    with tempfile.TemporaryDirectory() as d:
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world,
+                                 join=False, start_method="spawn")
+        while not ctx.join(timeout=timeout):
+            pass
+        results = []
+        for r in range(world):
+            path = os.path.join(d, f"{r}.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} produced no result")
+            out = torch.load(path, weights_only=False)
+            if not out["ok"]:
+                raise AssertionError(f"rank {r} failed:\n{out['error']}")
+            results.append(out["result"])
+        return results
