@@ -69,6 +69,7 @@ class Captured:
     param_names: frozenset[str]  # gm attribute paths that are parameters
     training: bool
     mode_sensitive: tuple[str, ...]  # nodes whose result depends on train/eval (dropout p>0 ...)
+    inputs_requiring_grad: frozenset[str] = frozenset()  # placeholders whose example requires grad
 
 
 def module_path(node: fx.Node) -> str:
@@ -293,7 +294,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         raise CaptureError(f"the exported module lacks state entries {missing[:5]}; "
                            f"autotp cannot map them back to the original keys")
     sensitive = tuple(n.name for n in gm.graph.nodes if _mode_sensitive(n))
-    return Captured(gm=gm, metas=metas, state_keys=state_keys,
+    leaves = pytree.tree_leaves((args, kwargs))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    grad_inputs = frozenset(n.name for n, v in zip(placeholders, leaves)
+                            if isinstance(v, torch.Tensor) and v.requires_grad)
+    return Captured(gm=gm, metas=metas, state_keys=state_keys, inputs_requiring_grad=grad_inputs,
                     param_names=frozenset(n for n, _ in gm.named_parameters(remove_duplicate=False)),
                     training=model.training, mode_sensitive=sensitive)
 

@@ -90,7 +90,7 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
     for e in ev.edges:
         module = c.nodes[e.value[0]].module
         phases = [("forward", e.transition.forward)]
-        if mode == "training":
+        if mode == "training" and e.value[0] in c.needs_grad:
             phases.append(("backward", e.transition.backward))
         for phase, ops in phases:
             for op in ops:

@@ -11,7 +11,7 @@ then least time) under the memory budget. Exact: a 0/1 integer program solved by
 A z variable is shared by every consumer of one producer value that needs the same (Q, G):
 the rewrite issues one collective for all of them, and the model charges it once.
 ``objective="memory"`` is lexicographic: first least parameter bytes, then least time among
-plans with that many bytes. ``evaluate`` is the one definition of a plan's cost; the program
+plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least. ``evaluate`` is the one definition of a plan's cost; the program
 is its linearization, and ``brute_force`` (tests) enumerates it directly.
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ from .strategies import Candidates, Value
 
 log = logging.getLogger(__name__)
 Choice = dict[str, int]
+# objective="memory" accepts plans within this fraction of the total parameter bytes of the
+# least-memory plan: it keeps a norm's few weights whole rather than gather activations for them
+MEMORY_SLACK = 1e-3
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,11 @@ def _param_mem(c: Candidates, name: str, s: int) -> float:
     return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size)
 
 
+def _edge_mode(c: Candidates, value: Value, mode: str) -> str:
+    """A value without a gradient (token ids, masks, frozen weights) has no backward."""
+    return mode if value[0] in c.needs_grad else "inference"
+
+
 def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "training") -> Evaluation | None:
     """Predicted cost of a full assignment; None if some edge is impossible."""
     compute = sum(_node_time(c, v, s, spec, mode) for v, s in choice.items())
@@ -96,7 +104,7 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
             continue
         nbytes = c.bytes_of(value)
         edges.append(EdgeCost(value, p, q, g, tuple(cons), t, nbytes,
-                              transition_time(t, nbytes, c.world_size, spec, mode)))
+                              transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode))))
     comm = sum(e.time_s for e in edges)
     return Evaluation(compute, comm, mem, tuple(edges))
 
@@ -147,7 +155,8 @@ class _Program:
                         if t is None:
                             self.rows.append((row, -np.inf, 1.0))
                             continue
-                        cost = transition_time(t, nbytes, c.world_size, spec, mode)
+                        cost = transition_time(t, nbytes, c.world_size, spec,
+                                               _edge_mode(c, value, mode))
                         if cost <= 0:
                             continue
                         key = (value, p, q, g)
@@ -205,7 +214,9 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
         x = prog.solve([m * scale_m for m in prog.mem], [], time_limit)
         assert x is not None, "a plan that replicates everything is always feasible"
         best = float(np.dot(prog.mem, x)) * scale_m
-        extra.append((mem_row, -np.inf, best * (1 + 1e-9) + 1e-6))
+        total = sum(max(prog.mem[prog.index[(v, s)]] for s in range(len(nc.strategies)))
+                    for v, nc in c.nodes.items()) * scale_m
+        extra.append((mem_row, -np.inf, best + MEMORY_SLACK * total + 1e-6))
     else:
         budget = spec.memory_bytes if memory_budget is None else memory_budget
         extra.append((mem_row, -np.inf, budget / factor * scale_m))
@@ -234,18 +245,16 @@ def brute_force(c: Candidates, spec: DeviceSpec, mode: str = "training", objecti
         raise ValueError(f"{math.prod(sizes)} assignments exceed the brute-force limit")
     factor = TRAINING_STATE_FACTOR if mode == "training" else 1
     budget = spec.memory_bytes if memory_budget is None else memory_budget
-    best: tuple | None = None
+    feasible = []
     for combo in itertools.product(*(range(k) for k in sizes)):
         choice = dict(zip(names, combo))
         ev = evaluate(c, choice, spec, mode)
-        if ev is None:
-            continue
-        if objective == "time":
-            if ev.param_bytes * factor > budget:
-                continue
-            key = (ev.time_s,)
-        else:
-            key = (round(ev.param_bytes, 3), ev.time_s)
-        if best is None or key < best[0]:
-            best = (key, choice, ev)
-    return None if best is None else (best[1], best[2])
+        if ev is not None:
+            feasible.append((choice, ev))
+    if objective == "time":
+        feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes * factor <= budget]
+    else:
+        least = min(ev.param_bytes for _, ev in feasible)
+        total = sum(c.nodes[v].metas[0].nbytes for v in names if c.nodes[v].kind == "param")
+        feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes <= least + MEMORY_SLACK * total + 1]
+    return min(feasible, key=lambda f: f[1].time_s) if feasible else None

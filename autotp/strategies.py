@@ -49,6 +49,7 @@ class Candidates:
     followers: dict[str, Value]  # getitem node -> the tuple value it reads
     consumers: dict[Value, list[tuple[str, int]]] = field(default_factory=dict)
     unruled: dict[str, list[str]] = field(default_factory=dict)  # op -> module paths
+    needs_grad: frozenset[str] = frozenset()  # nodes whose value has a gradient in training
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
@@ -157,18 +158,27 @@ def build(captured: Captured, world_size: int) -> Candidates:
             if dm is None:
                 fallback = True
                 strategies = replicate_only(len(slots), len(outs) if isinstance(meta, tuple) else None)
-                if any(any(not isinstance(s.output, Replicate) for s in nodes[v[0]].strategies)
-                       for v in slots if v[0] in nodes) and n > 1:
+                if n > 1 and any(any(isinstance(o, Shard) for s in nodes[v[0]].strategies
+                                         for o in s.outputs()) for v in slots if v[0] in nodes):
                     unruled[_op_name(node)].append(module_path(node) or "<root>")
             else:
                 out_hints = {(oi, d): b for (nm, oi, d), b in hints.items() if nm == node.name}
                 strategies = strategies_from_dims(call, dm, out_hints)
-                if rule and rule.extra:
+                if rule and rule.extra and n > 1:
                     strategies += [s for s in rule.extra(call) if s not in strategies]
         nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,
                                      module_path(node), _op_name(node),
                                      node.target if node.op == "call_function" else None, fallback)
 
+    needs_grad: set[str] = set(captured.inputs_requiring_grad)
+    for nc in nodes.values():
+        if nc.kind == "param":
+            target = next(nd.target for nd in order if nd.name == nc.name)
+            if getattr(gm.get_parameter(target), "requires_grad", False):
+                needs_grad.add(nc.name)
+        elif any(v[0] in needs_grad for v in nc.slots) and \
+                any(m is not None and m.dtype.is_floating_point for m in nc.metas):
+            needs_grad.add(nc.name)
     consumers: dict[Value, list[tuple[str, int]]] = defaultdict(list)
     for nc in nodes.values():
         for i, v in enumerate(nc.slots):
@@ -179,5 +189,6 @@ def build(captured: Captured, world_size: int) -> Candidates:
         msg = (f"autotp: {op} has no sharding rule; it runs replicated with its inputs gathered "
                f"first (in {shown}). Correct but may be slow: see docs/adding_an_op_rule.md")
         warnings.warn(msg, stacklevel=3)
-        log.warning(msg)
-    return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled))
+        log.info(msg)
+    return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled),
+                      frozenset(needs_grad))

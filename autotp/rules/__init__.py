@@ -143,7 +143,7 @@ def strategies_from_dims(call: OpCall, dm: DimMap,
             if lab is not None and lab not in labels:
                 labels.append(lab)
 
-    for lab in labels:
+    for lab in labels if n > 1 else []:
         in_dims = [labs.index(lab) if lab in labs else None for labs in dm.inputs]
         out_dims = [labs.index(lab) if lab in labs else None for labs in dm.outputs]
         if all(d is None for d in out_dims) and lab not in dm.contract:
@@ -164,6 +164,8 @@ def strategies_from_dims(call: OpCall, dm: DimMap,
             found.append(Strategy(ins, outs if dm.multi else outs[0]))
 
     part_out: OutPlacement = tuple(Partial() for _ in dm.outputs) if dm.multi else Partial()
+    if n == 1:
+        return found
     if dm.partial_all and n_in:
         found.append(Strategy(tuple(Partial() for _ in range(n_in)), part_out))
     for slot in dm.partial_any:

@@ -1,0 +1,73 @@
+"""Models the tests run, each a factory returning (model, args, kwargs, make_inputs(batch, seq))."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from examples import hf_models, nanogpt
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 16, h: int = 64):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Odd(nn.Module):
+    """Dims that do not divide 2 or 4 (hidden 6, 10) and an op without a rule (cumsum over the
+    hidden dim) between two matmuls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 10)
+        self.c = nn.Linear(10, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cumsum(self.a(x), dim=-1)
+        return self.c(torch.relu(self.b(y)))
+
+
+def _float_inputs(d: int):
+    return lambda b, s: ((torch.randn(b, s, d),), {})
+
+
+def _ids(vocab: int, kw: dict | None):
+    def make(b: int, s: int):
+        ids = torch.randint(0, vocab, (b, s))
+        if kw is not None:
+            return (), {**kw, "input_ids": ids}
+        return (ids,), {}
+    return make
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if name == "mlp":
+        return MLP(), (torch.randn(2, 3, 16),), {}, _float_inputs(16)
+    if name == "odd":
+        return Odd(), (torch.randn(2, 3, 6),), {}, _float_inputs(6)
+    if name == "nanogpt":
+        m, a = nanogpt.gpt(seed=seed)
+        return m, a, {}, _ids(256, None)
+    factory = {"gpt2": hf_models.gpt2, "llama": hf_models.llama, "bert": hf_models.bert}[name]
+    m, a, kw = factory(seed=seed)
+    return m, a, kw, _ids(256, {k: v for k, v in kw.items() if k != "input_ids"})
+
+
+def first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and getattr(out, "logits", None) is not None:
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0]
+
+
+MODELS = ["mlp", "odd", "nanogpt", "gpt2", "llama", "bert"]
