@@ -7,7 +7,8 @@ full tensor, latency alpha, per-direction link bandwidth beta):
     all_gather, reduce_scatter        alpha +   (n-1)/n * B / beta
     slice (Replicate -> Shard)        0 (local)
 
-Compute is a roofline per rank on the op's local shapes:
+Compute is a roofline per rank on the op's local shapes, for matmuls, attention and
+embeddings (elementwise ops are assumed fused into their producer and cost nothing):
     t = max(flops_local / peak_flops(dtype), bytes_local / memory_bandwidth)
 Training counts the backward as 2x the forward compute and adds the conjugate collective of
 every transition (see ``transition``). Memory per rank is the parameter bytes (x4 in training:
@@ -104,9 +105,16 @@ def op_flops(target: object, ins: tuple, outs: tuple) -> float:
     return float(sum(o.numel for o in outs if o is not None))
 
 
+COMPUTE_OPS = (aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
+               aten.scaled_dot_product_attention.default, aten.embedding.default)
+
+
 def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n: int,
                  spec: DeviceSpec, mode: str) -> float:
-    if not outs:
+    """Roofline time of one op on one rank. Elementwise, view and normalization ops are taken
+    as fused into their producer (as torch.compile does), so they cost nothing here: a plan
+    never pays a collective to save an elementwise pass."""
+    if not outs or target not in COMPUTE_OPS:
         return 0.0
     split = any(isinstance(p, Shard) for p in (*strategy.inputs, *strategy.outputs()))
     factor = n if split else 1

@@ -1,0 +1,153 @@
+"""Plans without processes: Megatron's plan found from the algebra and costs, names don't
+matter, JSON round-trips, the solver is exact."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autotp
+from autotp.capture import capture
+from autotp.devices import PRESETS, DeviceSpec
+from autotp.solver import brute_force, evaluate, solve
+from autotp.strategies import build
+from examples import hf_models
+from models import MLP
+
+
+def _layer_collectives(plan: autotp.Plan, layer: str) -> list[tuple[str, str, str]]:
+    return [(c.kind, c.phase, c.module) for c in plan.collectives
+            if c.module.startswith(layer + ".") or c.module == layer]
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_megatron_plan_from_costs_llama_7b_width(mode: str) -> None:
+    """Default objective at sizes where splitting pays: one all-reduce after attention and one
+    after the MLP in forward, and (training) their conjugates at the column-split inputs."""
+    m, a, k = hf_models.llama(n_layer=2, hidden=4096, heads=32, kv_heads=8, intermediate=11008,
+                              vocab=32000, batch=1, seq=2048, meta=True, dtype=torch.bfloat16)
+    plan = autotp.plan(m, a, k, world_size=8, device="h100", mode=mode)
+    for layer in ("model.layers.0", "model.layers.1"):
+        got = _layer_collectives(plan, layer)
+        fwd = [c for c in got if c[1] == "forward"]
+        assert fwd == [("all_reduce", "forward", f"{layer}.self_attn.o_proj"),
+                       ("all_reduce", "forward", f"{layer}.mlp.down_proj")], got
+        bwd = sorted(c for c in got if c[1] == "backward")
+        if mode == "training":
+            assert bwd == [("all_reduce", "backward", f"{layer}.input_layernorm"),
+                           ("all_reduce", "backward", f"{layer}.post_attention_layernorm")], got
+        else:
+            assert bwd == []
+    # bytes: 2 all-reduces of b*s*h bf16 per layer
+    per_layer = [c.bytes for c in plan.collectives if c.module.startswith("model.layers.0.")
+                 and c.phase == "forward"]
+    assert per_layer == [1 * 2048 * 4096 * 2] * 2
+    linear = {d.module.rsplit(".", 1)[-1]: (d.inputs, d.output) for d in plan.decisions
+              if d.op == "aten.linear.default" and d.module.startswith("model.layers.0.")}
+    for col in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert linear[col] == (("R", "S(0)"), "S(2)"), (col, linear[col])
+    for row in ("o_proj", "down_proj"):
+        assert linear[row] == (("S(2)", "S(1)"), "P"), (row, linear[row])
+
+
+def test_megatron_plan_memory_objective_small_llama() -> None:
+    m, a, k = hf_models.llama(n_layer=2)
+    plan = autotp.plan(m, a, k, world_size=2, objective="memory")
+    for layer in ("model.layers.0", "model.layers.1"):
+        fwd = [(kind, mod) for kind, ph, mod in _layer_collectives(plan, layer)
+               if ph == "forward" and kind in ("all_reduce", "reduce_scatter")]
+        assert fwd == [("all_reduce", f"{layer}.self_attn.o_proj"),
+                       ("all_reduce", f"{layer}.mlp.down_proj")], fwd
+
+
+class NamedBlock(nn.Module):
+    """A pre-norm transformer block whose submodule names are chosen by the caller."""
+
+    def __init__(self, names: dict[str, str], h: int = 64, heads: int = 4):
+        super().__init__()
+        self.names, self.heads = names, heads
+        for role, shape in {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h),
+                            "up": (h, 4 * h), "down": (4 * h, h)}.items():
+            setattr(self, names[role], nn.Linear(*shape, bias=False))
+        setattr(self, names["ln1"], nn.LayerNorm(h))
+        setattr(self, names["ln2"], nn.LayerNorm(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = lambda role: getattr(self, self.names[role])  # noqa: E731
+        b, t, h = x.shape
+        y = g("ln1")(x)
+        q, k, v = (g(r)(y).view(b, t, self.heads, -1).transpose(1, 2) for r in "qkv")
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h)
+        x = x + g("o")(att)
+        return x + g("down")(F.silu(g("up")(g("ln2")(x))))
+
+
+def test_meaningless_names_get_the_same_plan() -> None:
+    usual = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", up="up_proj", down="down_proj",
+                 ln1="input_layernorm", ln2="post_attention_layernorm")
+    odd = dict(q="zz", k="a1", v="foo", o="b", up="m0", down="x9", ln1="p", ln2="w")
+    x = torch.randn(2, 16, 64)
+    plans = []
+    for names in (usual, odd):
+        torch.manual_seed(0)
+        plans.append(autotp.plan(NamedBlock(names), (x,), world_size=4, objective="memory"))
+    strip = lambda p: [(d.op, d.inputs, d.output) for d in p.decisions]  # noqa: E731
+    assert strip(plans[0]) == strip(plans[1])
+    assert [(c.kind, c.phase, c.bytes) for c in plans[0].collectives] == \
+        [(c.kind, c.phase, c.bytes) for c in plans[1].collectives]
+    assert plans[0].param_bytes_per_rank < plans[0].param_bytes_total / 3
+
+
+def test_plan_json_round_trip() -> None:
+    m, a, k = hf_models.gpt2()
+    p = autotp.plan(m, a, k, world_size=2, objective="memory")
+    q = autotp.Plan.from_json(p.to_json())
+    assert q == p
+    import json
+    d = json.loads(p.to_json())
+    for key in ("world_size", "device", "param_bytes_per_rank", "param_bytes_total",
+                "predicted_time_s", "decisions", "collectives"):
+        assert key in d
+    assert set(d["decisions"][0]) >= {"node", "module", "op", "inputs", "output"}
+    assert set(d["collectives"][0]) >= {"kind", "phase", "bytes", "module"}
+    assert {c["kind"] for c in d["collectives"]} <= {"all_reduce", "all_gather", "reduce_scatter",
+                                                     "all_to_all"}
+
+
+SPECS = [PRESETS["h100"], PRESETS["cpu-gloo"],
+         DeviceSpec("slow-link", {"float32": 1e15}, 1e12, 1e12, 1e6, 1e-3)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("objective", ["time", "memory"])
+def test_solver_matches_brute_force(world: int, spec: DeviceSpec, objective: str) -> None:
+    torch.manual_seed(0)
+    c = build(capture(MLP(8, 32), (torch.randn(4, 64, 8),)), world)
+    choice = solve(c, spec, "training", objective)
+    ev = evaluate(c, choice, spec)
+    best_choice, best = brute_force(c, spec, "training", objective)
+    assert ev is not None
+    assert ev.time_s == pytest.approx(best.time_s, rel=1e-6, abs=1e-12)
+    if objective == "memory":
+        assert ev.param_bytes == pytest.approx(best.param_bytes)
+
+
+def test_memory_budget_and_infeasible() -> None:
+    m, a, k = hf_models.llama(n_layer=2, hidden=4096, heads=32, kv_heads=8, intermediate=11008,
+                              vocab=32000, batch=1, seq=2048, meta=True, dtype=torch.bfloat16)
+    tiny = DeviceSpec("tiny", dict(PRESETS["h100"].flops), 0.5e9, 3e12, 450e9, 1e-5)
+    with pytest.raises(autotp.InfeasiblePlanError, match="least any plan needs"):
+        autotp.plan(m, a, k, world_size=2, device=tiny)
+    p = autotp.plan(m, a, k, world_size=8, device="h100", objective="memory")
+    assert p.param_bytes_per_rank <= 1.01 * p.param_bytes_total / 8
+
+
+def test_world_size_one_replicates() -> None:
+    p = autotp.plan(MLP(), (torch.randn(2, 3, 16),), world_size=1, objective="memory")
+    assert p.collectives == () and p.param_bytes_per_rank == p.param_bytes_total
+    assert collections.Counter(d.output for d in p.decisions if d.op != "output") == \
+        collections.Counter({"R": len(p.decisions) - 1})
