@@ -1,0 +1,72 @@
+"""Bad input gets a clear answer, never a wrong result."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autotp
+from models import MLP
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), Branchy())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # control flow on a tensor value: export can't capture it
+            return x * 2
+        return x
+
+
+def test_parallelize_without_process_group_explains_torchrun() -> None:
+    with pytest.raises(autotp.ProcessGroupError, match="torchrun"):
+        autotp.parallelize(MLP(), (torch.randn(2, 3, 16),))
+
+
+def test_capture_failure_names_module_and_line() -> None:
+    with pytest.raises(autotp.CaptureError) as info:
+        autotp.plan(DataDependent(), (torch.randn(2, 4),), world_size=2)
+    msg = str(info.value)
+    assert "inner.1" in msg  # the module that failed
+    assert "test_errors.py" in msg and "if x.sum() > 0" in msg  # the user's source line
+    assert "try:" in msg
+    assert isinstance(info.value, autotp.AutoTPError)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(autotp.AutoTPError, match="tuple"):
+        autotp.plan(MLP(), [1, 2, 3].__iter__(), world_size=2)
+    with pytest.raises(autotp.AutoTPError, match="world_size"):
+        autotp.plan(MLP(), (torch.randn(2, 3, 16),), world_size=0)
+    with pytest.raises(autotp.AutoTPError, match="objective"):
+        autotp.plan(MLP(), (torch.randn(2, 3, 16),), world_size=2, objective="fast")
+    with pytest.raises(autotp.AutoTPError, match="unknown device"):
+        autotp.plan(MLP(), (torch.randn(2, 3, 16),), world_size=2, device="tpu-v9")
+
+
+def test_plan_for_other_world_size_is_refused() -> None:
+    from autotp.api import choice_from_plan
+    from autotp.capture import capture
+    from autotp.strategies import build
+    p = autotp.plan(MLP(), (torch.randn(2, 3, 16),), world_size=2, objective="memory")
+    with pytest.raises(autotp.PlanError, match="world size 2"):
+        choice_from_plan(build(capture(MLP(), (torch.randn(2, 3, 16),)), 4), p)
+
+
+def test_dims_that_do_not_divide_are_not_split() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+    p = autotp.plan(M(), (torch.randn(2, 3, 6),), world_size=4, objective="memory")
+    assert all(s.placement == "R" for s in p.params)  # 6 and 10 don't divide 4
