@@ -162,7 +162,6 @@ def _split_sizes(call: OpCall) -> tuple[int, list[int]]:
     return d, sizes
 
 
-@register(aten.split.Tensor, aten.split_with_sizes.default)
 def _split(call: OpCall) -> DimMap:
     d, _ = _split_sizes(call)
     labels = tuple(("x", j) if j != d else None for j in range(len(call.inputs[0].shape)))
@@ -192,6 +191,5 @@ def _split_localize(node: fx.Node, strategy: Strategy, n: int) -> None:
     node.args = tuple(args)
 
 
-for _op in (aten.split.Tensor, aten.split_with_sizes.default):
-    from . import RULES, Rule
-    RULES[_op] = Rule(_split, _split_extra, _split_localize, _split_hints)
+register(aten.split.Tensor, aten.split_with_sizes.default, extra=_split_extra,
+         localize=_split_localize, hints=_split_hints)(_split)
