@@ -82,3 +82,20 @@ def test_models_match_single_device(world: int) -> None:
     if world > 1:
         # cumsum has no rule: replicated, with a warning naming the op and module path
         assert any("aten.cumsum" in w and "<root>" in w for w in rep["odd"]["warnings"]), rep["odd"]
+
+
+def _apply_given_plan(rank: int, world: int) -> dict:
+    model, args, kwargs, make = build("gpt2")
+    ref = copy.deepcopy(model)
+    text = autotp.plan(model, args, kwargs, world_size=world, objective="memory").to_json()
+    given = autotp.Plan.from_json(text)
+    tp = autotp.parallelize(model, args, kwargs, plan=given)
+    assert tp.plan == given
+    a2, k2 = make(2, 5)
+    torch.testing.assert_close(first_tensor(tp(*a2, **k2)), first_tensor(ref(*a2, **k2)), **TOL)
+    return sum(p.numel() for p in tp.parameters())
+
+
+def test_parallelize_applies_a_given_plan() -> None:
+    local = run_ranks(_apply_given_plan, 2)
+    assert local[0] == local[1] > 0
