@@ -58,9 +58,6 @@ class TensorMeta:
                              else torch.iinfo(self.dtype).bits // 8 if self.dtype != torch.bool else 1)
 
 
-NodeMeta = "TensorMeta | tuple[TensorMeta | None, ...] | None"
-
-
 @dataclass
 class Captured:
     gm: fx.GraphModule  # ep.module() after normalization; parameters are the model's tensors
@@ -260,12 +257,9 @@ def _node_meta(node: fx.Node) -> Any:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return _tensor_meta(val, node.op == "placeholder")
-    if node.op == "get_attr":
-        return None
-    if isinstance(val, (tuple, list)) and val and any(isinstance(v, torch.Tensor) for v in val):
+    if node.op not in ("get_attr", "output") and isinstance(val, (tuple, list)) and \
+            any(isinstance(v, torch.Tensor) for v in val):
         return tuple(_tensor_meta(v, False) if isinstance(v, torch.Tensor) else None for v in val)
-    if node.op == "output":
-        return None
     return None
 
 

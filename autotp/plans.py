@@ -84,8 +84,7 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
         decisions.append(Decision(name, nc.module, nc.op, tuple(map(str, st.inputs)), format_out(st.output)))
         if nc.kind == "param":
             total += nc.metas[0].nbytes
-            target = str(next(n.target for n in c.captured.gm.graph.nodes if n.name == name))
-            params.append(ParamShard(target, nc.metas[0].shape, str(st.output)))
+            params.append(ParamShard(str(nc.target), nc.metas[0].shape, str(st.output)))
     collectives = []
     for e in ev.edges:
         module = c.nodes[e.value[0]].module

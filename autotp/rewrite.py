@@ -9,7 +9,6 @@ Three edits, then ``graph.lint()``:
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree  # see capture.py

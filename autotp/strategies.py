@@ -14,7 +14,6 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
 
@@ -37,7 +36,7 @@ class NodeCands:
     metas: tuple[TensorMeta, ...]  # output metas
     module: str
     op: str
-    target: object = None  # the ATen op (call_function nodes)
+    target: object = None  # the ATen op (call_function) or attribute path (get_attr)
     fallback: bool = False  # no sharding rule: replicated
 
 
@@ -168,13 +167,13 @@ def build(captured: Captured, world_size: int) -> Candidates:
                     strategies += [s for s in rule.extra(call) if s not in strategies]
         nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,
                                      module_path(node), _op_name(node),
-                                     node.target if node.op == "call_function" else None, fallback)
+                                     node.target if node.op in ("call_function", "get_attr") else None,
+                                     fallback)
 
     needs_grad: set[str] = set(captured.inputs_requiring_grad)
     for nc in nodes.values():
         if nc.kind == "param":
-            target = next(nd.target for nd in order if nd.name == nc.name)
-            if getattr(gm.get_parameter(target), "requires_grad", False):
+            if gm.get_parameter(str(nc.target)).requires_grad:
                 needs_grad.add(nc.name)
         elif any(v[0] in needs_grad for v in nc.slots) and \
                 any(m is not None and m.dtype.is_floating_point for m in nc.metas):

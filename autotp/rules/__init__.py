@@ -23,10 +23,9 @@ See docs/adding_an_op_rule.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
-import torch
 import torch.fx as fx
 
 from ..capture import TensorMeta
