@@ -10,7 +10,8 @@ from .devices import PRESETS, DeviceSpec
 from .errors import AutoTPError, CaptureError, InfeasiblePlanError, PlanError, ProcessGroupError
 from .placements import Partial, Replicate, Shard
 from .plans import Plan
+from .simulate import simulate, simulated_modules
 
 __all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "ParallelModule", "DeviceSpec",
            "PRESETS", "AutoTPError", "CaptureError", "PlanError", "InfeasiblePlanError",
-           "ProcessGroupError", "Shard", "Replicate", "Partial"]
+           "ProcessGroupError", "Shard", "Replicate", "Partial", "simulate", "simulated_modules"]
