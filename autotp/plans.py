@@ -85,6 +85,15 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
         if nc.kind == "param":
             total += nc.metas[0].nbytes
             params.append(ParamShard(str(nc.target), nc.metas[0].shape, str(st.output)))
+    # parameters the graph never reads stay whole on every rank; count them too
+    gm = c.captured.gm
+    used = {id(gm.get_parameter(p.name)) for p in params}  # by identity: tied names are one
+    unused = 0
+    for pname, t in gm.named_parameters():
+        if id(t) not in used:
+            params.append(ParamShard(pname, tuple(t.shape), "R"))
+            unused += t.numel() * t.element_size()
+    total += unused
     collectives = []
     for e in ev.edges:
         module = c.nodes[e.value[0]].module
@@ -95,5 +104,5 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
             for op in ops:
                 if op != "slice":
                     collectives.append(Collective(op, phase, e.nbytes, module, e.value[0]))
-    return Plan(c.world_size, device, objective, mode, int(round(ev.param_bytes)), total,
+    return Plan(c.world_size, device, objective, mode, int(round(ev.param_bytes)) + unused, total,
                 ev.time_s, ev.compute_s, ev.comm_s, tuple(decisions), tuple(collectives), tuple(params))

@@ -99,3 +99,40 @@ def _apply_given_plan(rank: int, world: int) -> dict:
 def test_parallelize_applies_a_given_plan() -> None:
     local = run_ranks(_apply_given_plan, 2)
     assert local[0] == local[1] > 0
+
+
+def _random_case_on_gloo(rank: int, world: int, case: dict) -> float:
+    from random_models import RandomLM
+    torch.manual_seed(case["seed"])
+    a = case["arch"]
+    model = RandomLM(a)
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tp = autotp.parallelize(model, (torch.randint(0, a.vocab, (2, 5)),), objective="memory")
+    ids = torch.randint(0, a.vocab, (3, 7))
+    out, want = tp(ids), ref(ids)
+    torch.testing.assert_close(out, want, **TOL)
+    out.square().mean().backward()
+    want.square().mean().backward()
+    torch.optim.SGD(tp.parameters(), lr=0.1).step()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    state = autotp.gather_state_dict(tp)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(state[k], v, **TOL)
+    return (out - want).abs().max().item()
+
+
+def test_random_architectures_on_real_gloo() -> None:
+    """A sample of the property suite's random models on real processes (world 2 and 3)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from random_models import archs
+
+    # no shrinking here: every shrink step would spawn processes; the property suite shrinks
+    @settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(archs())
+    def check(arch) -> None:
+        for world in (2, 3):
+            run_ranks(_random_case_on_gloo, world, dict(arch=arch, seed=1))
+    check()
