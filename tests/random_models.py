@@ -72,7 +72,7 @@ class Attention(nn.Module):
             pos = torch.arange(t, device=x.device).float()
             freqs = torch.outer(pos, self.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+            cos, sin = emb.cos()[None, None].to(q.dtype), emb.sin()[None, None].to(q.dtype)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         rep = a.heads // a.kv_heads
         if rep > 1:
@@ -161,7 +161,7 @@ def archs(draw: st.DrawFn) -> Arch:
 @st.composite
 def cases(draw: st.DrawFn) -> dict:
     a = draw(archs())
-    return dict(arch=a, world=draw(st.integers(1, 4)), seed=draw(st.integers(0, 2 ** 16)),
+    return dict(arch=a, world=draw(st.sampled_from([1, 2, 2, 3, 4, 4, 6, 8])), seed=draw(st.integers(0, 2 ** 16)),
                 example=(draw(st.integers(1, 3)), draw(st.integers(2, 6))),
                 run=(draw(st.integers(1, 4)), draw(st.integers(2, 9))),
                 objective=draw(st.sampled_from(["memory", "memory", "time"])))

@@ -77,6 +77,30 @@ def test_grads_and_step_equal_original(case: dict) -> None:
             torch.testing.assert_close(state[k], v, **TOL, msg=lambda m: f"{k}: {m}")
 
 
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)  # bf16 keeps 8 significant bits (1 ulp = 0.4-0.8%): a
+# split sum rounds differently from the whole one by a few ulp per matmul
+
+
+@settings(max_examples=25)
+@given(cases())
+def test_forward_equals_original_bf16(case: dict) -> None:
+    torch.manual_seed(case["seed"])
+    a = case["arch"]
+    model = RandomLM(a).to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    ex = torch.randint(0, a.vocab, (2, case["example"][1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mods = simulated_modules(model, (ex,), world_size=case["world"], objective="memory")
+    ids = torch.randint(0, a.vocab, (2, case["run"][1]))
+    with torch.no_grad():
+        outs = run_ranks(lambda r, m: m(ids), mods)
+        want = ref(ids)
+    for out in outs:
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want.float(), **BF16_TOL)
+
+
 @given(cases())
 def test_collectives_issued_equal_plan(case: dict) -> None:
     ref, mods, ids = _setup(case)
