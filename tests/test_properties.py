@@ -8,12 +8,12 @@ import os
 import warnings
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 import autotp
 from autotp.placements import shard_tensor
 from autotp.simulate import run_ranks, simulated_modules
-from random_models import RandomLM, cases
+from random_models import Arch, RandomLM, cases
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -77,16 +77,20 @@ def test_grads_and_step_equal_original(case: dict) -> None:
             torch.testing.assert_close(state[k], v, **TOL, msg=lambda m: f"{k}: {m}")
 
 
-BF16_TOL = dict(rtol=3e-2, atol=3e-2)  # bf16 keeps 8 significant bits (1 ulp = 0.4-0.8%): a
-# split sum rounds differently from the whole one by a few ulp per matmul
-
-
 @settings(max_examples=25)
 @given(cases())
-def test_forward_equals_original_bf16(case: dict) -> None:
+@example(dict(arch=Arch(hidden=24, heads=4, kv_heads=2, layers=2, ffn=8, vocab=12, mlp="gelu",
+                        norm="rms", fused_qkv=False, bias=False, rotary=True, causal=False,
+                        parallel=False, tied=False, unruled=False, attention=True),
+              world=3, seed=2652, example=(1, 2), run=(1, 2), objective="memory"))  # regression
+def test_forward_bf16_as_accurate_as_one_device(case: dict) -> None:
+    """bf16 keeps 8 significant bits and a split sum rounds differently from the whole one, so
+    bf16 outputs are not compared with each other but with the fp32 truth: the parallel
+    model's error must be no worse than 3x the single-device bf16 model's error (+ 1/64)."""
     torch.manual_seed(case["seed"])
     a = case["arch"]
-    model = RandomLM(a).to(torch.bfloat16)
+    truth_model = RandomLM(a)
+    model = copy.deepcopy(truth_model).to(torch.bfloat16)
     ref = copy.deepcopy(model)
     ex = torch.randint(0, a.vocab, (2, case["example"][1]))
     with warnings.catch_warnings():
@@ -95,10 +99,12 @@ def test_forward_equals_original_bf16(case: dict) -> None:
     ids = torch.randint(0, a.vocab, (2, case["run"][1]))
     with torch.no_grad():
         outs = run_ranks(lambda r, m: m(ids), mods)
-        want = ref(ids)
+        truth = truth_model(ids)
+        ref_err = (ref(ids).float() - truth).abs().max().item()
     for out in outs:
         assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), want.float(), **BF16_TOL)
+        err = (out.float() - truth).abs().max().item()
+        assert err <= 3 * ref_err + 1 / 64, (err, ref_err)
 
 
 @given(cases())
