@@ -55,6 +55,7 @@ def worker(rank: int, world: int, port: int) -> None:
             print(f"    {c.phase:<8} {c.kind:<14} {c.bytes:>8} B  after {c.module or '<input>'}")
     ok = f_err < 1e-5 and w_err < 1e-5 and p.count() == sum(tp.collective_counts.values()) \
         if rank == 0 else True
+    dist.barrier()  # nobody tears down gloo's sockets while a peer still uses them
     dist.destroy_process_group()
     if not ok:
         raise SystemExit("autotp demo: MISMATCH against the single-device model")

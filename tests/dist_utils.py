@@ -5,6 +5,7 @@ import os
 import socket
 import tempfile
 import traceback
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, outdir:
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt"))
     finally:
         try:
+            dist.barrier()  # nobody tears down gloo's sockets while a peer still uses them
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
@@ -42,15 +44,24 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 600) -> lis
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world,
                                  join=False, start_method="spawn")
-        while not ctx.join(timeout=timeout):
-            pass
+        crashed = None
+        try:
+            while not ctx.join(timeout=timeout):
+                pass
+        except mp.ProcessExitedException as e:  # a rank died: its saved error says why
+            crashed = e
         results = []
         for r in range(world):
             path = os.path.join(d, f"{r}.pt")
             if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} produced no result")
+                raise RuntimeError(f"rank {r} produced no result ({crashed})")
             out = torch.load(path, weights_only=False)
             if not out["ok"]:
                 raise AssertionError(f"rank {r} failed:\n{out['error']}")
             results.append(out["result"])
+        if crashed is not None:
+            # every rank finished and saved its checks; the process died afterwards, in
+            # gloo's teardown ("terminate called without an active exception", seen on 2
+            # cores at world 3): not a correctness failure, but say so
+            warnings.warn(f"a rank process crashed after finishing its work: {crashed}")
         return results
