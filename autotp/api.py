@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -44,11 +45,23 @@ def _plan_from(c: Candidates, spec: DeviceSpec, objective: str, mode: str,
     return make_plan(c, choice, ev, spec.name, objective, mode), choice
 
 
-def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
-         world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
-         mode: str = "training", memory_budget: float | None = None) -> Plan:
-    """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
-    The model may live on the meta device (example inputs are moved there too)."""
+@dataclass
+class Planned:
+    """A plan with what produced it: the candidates, the chosen strategy per node, the
+    device. The CLI's explain, diff and dot output read these."""
+
+    plan: Plan
+    candidates: Candidates
+    choice: Choice
+    spec: DeviceSpec
+
+
+def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
+                 world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
+                 mode: str = "training", memory_budget: float | None = None,
+                 progress: Callable[[str], Any] | None = None) -> Planned:
+    """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
+    each stage starts (capture, strategies, solve)."""
     args, kwargs = _check_args(example_inputs, example_kwargs)
     if not isinstance(world_size, int) or world_size < 1:
         raise AutoTPError(f"world_size must be a positive int, got {world_size!r}")
@@ -56,8 +69,25 @@ def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = No
         to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
         args = tuple(to_meta(a) for a in args)
         kwargs = {k: to_meta(v) for k, v in kwargs.items()}
-    c = build(capture(model, args, kwargs), world_size)
-    return _plan_from(c, get_device(device), objective, mode, memory_budget)[0]
+    note = progress or (lambda _stage: None)
+    spec = get_device(device)
+    note("capturing the model with torch.export")
+    captured = capture(model, args, kwargs)
+    note("building candidate strategies")
+    c = build(captured, world_size)
+    note("solving")
+    p, choice = _plan_from(c, spec, objective, mode, memory_budget)
+    return Planned(p, c, choice, spec)
+
+
+def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
+         world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
+         mode: str = "training", memory_budget: float | None = None) -> Plan:
+    """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
+    The model may live on the meta device (example inputs are moved there too)."""
+    return plan_details(model, example_inputs, example_kwargs, world_size=world_size,
+                        device=device, objective=objective, mode=mode,
+                        memory_budget=memory_budget).plan
 
 
 def choice_from_plan(c: Candidates, p: Plan) -> Choice:

@@ -1,0 +1,498 @@
+"""The autotp command: plan, explain, diff, run and devices.
+
+    autotp plan examples/nanogpt.py:gpt --world-size 2
+    autotp explain examples/hf_models.py:llama2_7b model.layers.0.mlp --world-size 8
+    autotp diff plan_a.json examples/nanogpt.py:gpt --world-size 4
+    autotp run examples/hf_models.py:gpt2 --world-size 2
+    autotp devices
+
+TARGET is ``path/to/file.py:factory`` or ``package.module:factory``; the factory returns
+``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``.
+Exit codes: 0 ok, 1 a check failed or autotp refused (message says why), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+_WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
+out = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False)
+
+
+class UsageError(Exception):
+    """Bad command line or target: exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+
+def load_target(spec: str) -> tuple[Any, tuple, dict]:
+    if ":" not in spec:
+        raise UsageError(f"TARGET {spec!r} must be 'path/to/file.py:factory' or 'package.module:factory'")
+    where, _, name = spec.rpartition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if where.endswith(".py") or os.sep in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"no such file: {where}")
+        mod_name = "autotp_target_" + path.stem
+        loader = importlib.util.spec_from_file_location(mod_name, path)
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[mod_name] = module
+        try:
+            loader.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"importing {where} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise UsageError(f"{where} has no function {name!r}; it has: {', '.join(names[:12])}")
+    try:
+        result = factory()
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"the factory {spec} raised {type(e).__name__}: {e}") from e
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise UsageError(f"the factory {spec} must return (model, example_inputs) or "
+                         f"(model, example_inputs, example_kwargs); got {type(result).__name__}")
+    model, args = result[0], result[1]
+    kwargs = result[2] if len(result) == 3 else {}
+    return model, tuple(args) if isinstance(args, (list, tuple)) else (args,), dict(kwargs or {})
+
+
+def _device(name: str) -> Any:
+    from .devices import get_device
+    return get_device(name)
+
+
+def _planned(target: str, a: argparse.Namespace, world: int | None = None, device: str | None = None):
+    from .api import plan_details
+    model, args, kwargs = load_target(target)
+    budget = a.memory_gb * 1e9 if getattr(a, "memory_gb", None) else None
+    with err.status("planning…", spinner="dots") as status:
+        return plan_details(model, args, kwargs, world_size=world or a.world_size,
+                            device=_device(device or a.device), objective=a.objective,
+                            mode=a.mode, memory_budget=budget,
+                            progress=lambda stage: status.update(stage + "…"))
+
+
+# ---------------------------------------------------------------------------------------------
+# words a practitioner uses
+
+MATMULS = ("aten.linear.default", "aten.mm.default", "aten.embedding.default",
+           "aten.scaled_dot_product_attention.default")
+
+
+def _split_words(op: str, weight_placement: str, weight_slot: int) -> str:
+    from .placements import Shard, parse
+    p = parse(weight_placement)
+    if not isinstance(p, Shard):
+        return "replicated"
+    fused = f" (fused, {len(p.blocks)} blocks)" if p.blocks else ""
+    if op == "aten.embedding.default":
+        return ("hidden" if p.dim == 1 else "vocab") + fused
+    out_dim = 0 if op == "aten.linear.default" else 1  # linear: W[out, in]; mm: W[in, out]
+    return ("column" if p.dim == out_dim else "row") + fused
+
+
+def _fold(path: str) -> tuple[str, int | None]:
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i] + ["*"] + parts[i + 1:]), int(part)
+    return path, None
+
+
+def _unfold(folded: str, ix: list[int]) -> str:
+    if not ix or ix[0] is None:
+        return folded
+    uniq = sorted(set(ix))
+    span = f"{uniq[0]}–{uniq[-1]}" if uniq == list(range(uniq[0], uniq[-1] + 1)) and len(uniq) > 1 \
+        else ",".join(map(str, uniq))
+    return folded.replace("*", span) + (f" ×{len(uniq)}" if len(uniq) > 1 else "")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _time(s: float) -> str:
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
+
+
+def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
+    """(module, op, split words, local weight shape, placements) per matmul, layers folded."""
+    c, choice = pd.candidates, pd.choice
+    n = c.world_size
+    rows: dict[tuple, list[int]] = defaultdict(list)
+    for name, nc in c.nodes.items():
+        if nc.op not in MATMULS:
+            continue
+        st = nc.strategies[choice[name]]
+        wslot = next((i for i, v in enumerate(nc.slots) if c.nodes[v[0]].kind == "param"), None)
+        if nc.op == "aten.scaled_dot_product_attention.default":
+            from .placements import Shard
+            words = "heads" if isinstance(st.output, Shard) and st.output.dim == 1 else "replicated"
+            shape = ""
+        elif wslot is None:
+            continue
+        else:
+            words = _split_words(nc.op, str(st.inputs[wslot]), wslot)
+            shape = list(c.nodes[nc.slots[wslot][0]].metas[0].shape)
+            pl = st.inputs[wslot]
+            from .placements import Shard
+            if isinstance(pl, Shard):
+                shape[pl.dim] //= n
+            shape = "×".join(map(str, shape))
+        folded, idx = _fold(nc.module)
+        key = (folded, nc.op.split(".")[1], words, shape,
+               f"{', '.join(map(str, st.inputs))} → {st.output}")
+        rows[key].append(idx)
+    return [(_unfold(k[0], ix), k[1], k[2], k[3], k[4]) for k, ix in rows.items()]
+
+
+def _replicated_time(pd) -> float:
+    from .solver import evaluate
+    ev = evaluate(pd.candidates, {n: 0 for n in pd.candidates.nodes}, pd.spec, pd.plan.mode)
+    return ev.time_s if ev is not None else float("nan")
+
+
+def print_table(pd) -> None:
+    p = pd.plan
+    out.print(f"[bold]autotp plan[/bold]: world size {p.world_size}, device {p.device}, "
+              f"mode {p.mode}, objective {p.objective}")
+    t = Table(title="matmuls and attention", title_justify="left")
+    for col in ("module", "op", "split", "local weight", "placements (inputs → output)"):
+        t.add_column(col)
+    for row in matmul_rows(pd):
+        t.add_row(*row)
+    out.print(t)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for col in p.collectives:
+        folded, idx = _fold(col.module or "<input>")
+        groups[(folded, col.kind, col.phase, col.bytes)].append(idx)
+    t = Table(title="collectives per step", title_justify="left")
+    for col in ("after module", "kind", "phase", "bytes each", "count"):
+        t.add_column(col)
+    for (folded, kind, phase, nbytes), ix in groups.items():
+        t.add_row(_unfold(folded, ix), kind, phase, _bytes(nbytes), str(len(ix)))
+    out.print(t)
+    fwd = sum(x.bytes for x in p.collectives if x.phase == "forward")
+    bwd = sum(x.bytes for x in p.collectives if x.phase == "backward")
+    rep = _replicated_time(pd)
+    ideal = p.param_bytes_total / p.world_size
+    out.print(f"parameters per rank: {_bytes(p.param_bytes_per_rank)} "
+              f"(total/N = {_bytes(ideal)}, {p.param_bytes_per_rank / max(ideal, 1):.3f}× of it; "
+              f"total {_bytes(p.param_bytes_total)})")
+    out.print("activation memory: not modelled yet")
+    out.print(f"communication per step: forward {_bytes(fwd)}, backward {_bytes(bwd)} "
+              f"({len(p.collectives)} collectives)")
+    out.print(f"predicted step time: {_time(p.predicted_time_s)} (compute {_time(p.compute_time_s)}, "
+              f"communication {_time(p.comm_time_s)}); replicated plan {_time(rep)} "
+              f"→ {rep / p.predicted_time_s if p.predicted_time_s else float('nan'):.2f}× speed-up")
+
+
+def to_dot(pd) -> str:
+    colors = {"R": "lightgrey", "P": "orange"}
+    c, choice = pd.candidates, pd.choice
+    lines = ["digraph autotp {", "  rankdir=TB; node [shape=box, style=filled, fontsize=10];"]
+    for name, nc in c.nodes.items():
+        outp = str(nc.strategies[choice[name]].output)
+        color = colors.get(outp, "lightblue" if outp.startswith("S") else "white")
+        label = f"{name}\\n{nc.op.replace('aten.', '')}\\n{nc.module}\\n{outp}"
+        lines.append(f'  "{name}" [label="{label}", fillcolor="{color}"];')
+    marked = {(e.value[0], cons): e for e in _edges(pd) for cons, _ in e.consumers}
+    for name, nc in c.nodes.items():
+        for v in nc.slots:
+            e = marked.get((v[0], name))
+            if e is None:
+                lines.append(f'  "{v[0]}" -> "{name}";')
+            else:
+                ops = "+".join(x for x in e.transition.forward + tuple("bwd:" + y for y in e.transition.backward) if x != "slice")
+                lines.append(f'  "{v[0]}" -> "{name}" [color=red, penwidth=2, label="{ops or "slice"}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _edges(pd):
+    from .solver import evaluate
+    ev = evaluate(pd.candidates, pd.choice, pd.spec, pd.plan.mode)
+    return ev.edges if ev else ()
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    global out
+    pd = _planned(a.target, a)
+    text = pd.plan.to_json() if a.format == "json" else to_dot(pd) if a.format == "dot" else None
+    if text is None:
+        if a.out:
+            with open(a.out, "w") as f:
+                saved, out = out, Console(file=f, width=200, highlight=False)
+                try:
+                    print_table(pd)
+                finally:
+                    out = saved
+            err.print(f"wrote {a.out}")
+        else:
+            print_table(pd)
+    elif a.out:
+        Path(a.out).write_text(text)
+        err.print(f"wrote {a.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from .solver import _node_time, _param_mem, evaluate
+    pd = _planned(a.target, a)
+    c, choice = pd.candidates, pd.choice
+    base = evaluate(c, choice, pd.spec, pd.plan.mode)
+    assert base is not None
+    found = False
+    for path in a.module:
+        names = [n for n, nc in c.nodes.items()
+                 if (nc.module == path or nc.module.startswith(path + ".")) and
+                 len(nc.strategies) > 1 and nc.kind in ("op", "param")]
+        if not names:
+            mods = sorted({nc.module for nc in c.nodes.values() if nc.module})
+            close = [m for m in mods if path.split(".")[-1] in m][:5]
+            err.print(f"no splittable op in module {path!r}" + (f"; did you mean: {', '.join(close)}" if close else ""))
+            continue
+        found = True
+        for name in names:
+            nc = c.nodes[name]
+            t = Table(title=f"{path}: {name} ({nc.op}) in {nc.module}", title_justify="left")
+            for col in ("", "strategy (inputs → output)", "compute", "Δ communication", "Δ step time", "param bytes/rank"):
+                t.add_column(col)
+            for s, st in enumerate(nc.strategies):
+                alt = dict(choice)
+                alt[name] = s
+                ev = evaluate(c, alt, pd.spec, pd.plan.mode)
+                mark = "✔ chosen" if s == choice[name] else ""
+                if ev is None:
+                    t.add_row(mark, str(st), "", "impossible with the neighbours' placements", "", "")
+                    continue
+                t.add_row(mark, str(st), _time(_node_time(c, name, s, pd.spec, pd.plan.mode)),
+                          _time(ev.comm_s - base.comm_s), f"{(ev.time_s - base.time_s) * 1e6:+.2f} µs",
+                          _bytes(_param_mem(c, name, s)) if nc.kind == "param" else "")
+            out.print(t)
+        out.print("The chosen strategy minimizes the whole plan's predicted step time (objective "
+                  f"{pd.plan.objective!r}); Δ columns: changing only this node, the others fixed.")
+    for w in a.also_world_size or []:
+        other = _planned(a.target, a, world=w)
+        rows = [r for r in matmul_rows(other) if any(_match(r[0], m) for m in a.module)]
+        out.print(f"[bold]at world size {w}[/bold]: " + ("; ".join(f"{r[0]} {r[2]}" for r in rows) or "no matmuls in these modules"))
+    for d in a.also_device or []:
+        other = _planned(a.target, a, device=d)
+        rows = [r for r in matmul_rows(other) if any(_match(r[0], m) for m in a.module)]
+        out.print(f"[bold]on {d}[/bold]: " + ("; ".join(f"{r[0]} {r[2]}" for r in rows) or "no matmuls in these modules"))
+    return 0 if found else 1
+
+
+def _match(folded_path: str, module: str) -> bool:
+    import re
+    pattern = re.sub(r"\d+–\d+|\d+(,\d+)+", "*", folded_path.split(" ×")[0])
+    parts_a, parts_b = pattern.split("."), module.split(".")
+    if len(parts_b) > len(parts_a):
+        return False
+    return all(x == "*" or x == y for x, y in zip(parts_a, parts_b))
+
+
+def _load_plan(spec: str, a: argparse.Namespace, prefix: str):
+    from .plans import Plan
+    if spec.endswith(".json") and Path(spec).is_file():
+        return Plan.from_json(Path(spec).read_text())
+    ns = argparse.Namespace(**vars(a))
+    for key in ("world_size", "device", "objective", "mode"):
+        v = getattr(a, f"{prefix}{key}", None)
+        if v is not None:
+            setattr(ns, key, v)
+    return _planned(spec, ns).plan
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    pa, pb = _load_plan(a.a, a, "a_"), _load_plan(a.b, a, "b_")
+    db = {d.node: d for d in pb.decisions}
+    t = Table(title=f"splits that differ (A: {a.a}, B: {a.b})", title_justify="left")
+    for col in ("node", "module", "op", "A", "B"):
+        t.add_column(col)
+    changed = 0
+    for d in pa.decisions:
+        e = db.get(d.node)
+        if e is None or (d.inputs, d.output) == (e.inputs, e.output):
+            continue
+        if d.op not in MATMULS and not d.op.startswith("get_attr"):
+            continue
+        changed += 1
+        t.add_row(d.node, d.module, d.op.replace("aten.", ""), f"{', '.join(d.inputs)} → {d.output}",
+                  f"{', '.join(e.inputs)} → {e.output}")
+    only = len(set(db) ^ {d.node for d in pa.decisions})
+    out.print(t if changed else "no matmul or parameter split differs")
+    if only:
+        out.print(f"{only} nodes exist in only one plan (different model or inputs)")
+    rows = [("world size", pa.world_size, pb.world_size), ("device", pa.device, pb.device),
+            ("predicted step time", _time(pa.predicted_time_s), _time(pb.predicted_time_s)),
+            ("parameters per rank", _bytes(pa.param_bytes_per_rank), _bytes(pb.param_bytes_per_rank)),
+            ("collectives per step", pa.count(), pb.count()),
+            ("forward comm", _bytes(sum(c.bytes for c in pa.collectives if c.phase == "forward")),
+             _bytes(sum(c.bytes for c in pb.collectives if c.phase == "forward"))),
+            ("backward comm", _bytes(sum(c.bytes for c in pa.collectives if c.phase == "backward")),
+             _bytes(sum(c.bytes for c in pb.collectives if c.phase == "backward")))]
+    t = Table(title="totals", title_justify="left")
+    for col in ("", "A", "B"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*map(str, r))
+    out.print(t)
+    out.print(f"Δ predicted step time {(pb.predicted_time_s - pa.predicted_time_s) * 1e3:+.3f} ms, "
+              f"Δ parameters per rank {_bytes(pb.param_bytes_per_rank - pa.param_bytes_per_rank)}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .verify import run_check
+    load_target(a.target)  # fail fast, in this process, on a bad target
+    with err.status(f"running {a.world_size} ranks…", spinner="dots"):
+        r = run_check(a.target, a.world_size, objective=a.objective, device=a.device,
+                      rtol=a.rtol, atol=a.atol, steps=a.steps)
+    t = Table(title=f"autotp run {a.target}: {a.world_size} ranks ({r['backend']})", title_justify="left")
+    for col in ("check", "value", "ok"):
+        t.add_column(col)
+    ok = lambda b: "[green]yes[/green]" if b else "[red]NO[/red]"  # noqa: E731
+    t.add_row("forward max |error|", f"{r['fwd_err']:.3e}", ok(r["fwd_ok"]))
+    t.add_row("gradient max |error| (this rank's slice)", f"{r['grad_err']:.3e}", ok(r["grad_ok"]))
+    t.add_row("weights after SGD step max |error|", f"{r['step_err']:.3e}", ok(r["step_ok"]))
+    for key in sorted(set(r["planned"]) | set(r["issued"])):
+        t.add_row(f"collectives {key}", f"issued {r['issued'].get(key, 0)} / planned {r['planned'].get(key, 0)}",
+                  ok(r["issued"].get(key, 0) == r["planned"].get(key, 0)))
+    t.add_row("parameters on rank 0", f"{r['local']} of {r['full']} ({r['local'] / r['full']:.1%})", "")
+    t.add_row("time per step (fwd+bwd+step)", f"{r['tp_ms']:.2f} ms parallel, {r['ref_ms']:.2f} ms one device", "")
+    out.print(t)
+    good = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and r["issued"] == r["planned"]
+    out.print("[green]the parallel model equals the original[/green]" if good else
+              "[red]MISMATCH: the parallel model differs from the original[/red]")
+    return 0 if good else 1
+
+
+def cmd_devices(a: argparse.Namespace) -> int:
+    from .devices import PRESETS
+    t = Table(title="device presets (sources: autotp/devices.py, docs/cost_model.md)", title_justify="left")
+    for col in ("name", "bf16 FLOP/s", "fp32 FLOP/s", "memory", "memory bw", "link bw/dir", "latency"):
+        t.add_column(col)
+    for name, s in PRESETS.items():
+        t.add_row(name, f"{s.flops.get('bfloat16', 0):.3g}", f"{s.flops.get('float32', 0):.3g}",
+                  f"{s.memory_bytes / 1e9:.0f} GB", f"{s.memory_bandwidth / 1e12:.2f} TB/s",
+                  f"{s.link_bandwidth / 1e9:.0f} GB/s", f"{s.latency * 1e6:.0f} µs")
+    out.print(t)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="autotp", description="Inspect, explain, compare and verify "
+                                 "tensor-parallel plans. TARGET: path/to/file.py:factory or package.module:factory")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser, world: bool = True) -> None:
+        if world:
+            p.add_argument("--world-size", type=int, required=True, help="tensor-parallel ranks")
+        p.add_argument("--device", default="h100", help="preset (see `autotp devices`) or spec.json")
+        p.add_argument("--mode", choices=["training", "inference"], default="training")
+        p.add_argument("--objective", choices=["time", "memory"], default="time")
+        p.add_argument("--memory-gb", type=float, help="memory budget per device (default: the device's)")
+
+    p = sub.add_parser("plan", help="show the plan for a model")
+    p.add_argument("target")
+    common(p)
+    p.add_argument("--format", choices=["table", "json", "dot"], default="table")
+    p.add_argument("--out", help="write json or dot here")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("explain", help="candidate strategies of a module's ops and their costs")
+    p.add_argument("target")
+    p.add_argument("module", nargs="+", help="module paths, e.g. model.layers.0.mlp")
+    common(p)
+    p.add_argument("--also-world-size", type=int, nargs="*", help="show the splits at these world sizes too")
+    p.add_argument("--also-device", nargs="*", help="show the splits on these devices too")
+    p.set_defaults(fn=cmd_explain)
+
+    p = sub.add_parser("diff", help="compare two plans (JSON files or TARGETs)")
+    p.add_argument("a")
+    p.add_argument("b")
+    common(p, world=False)
+    p.add_argument("--world-size", type=int, help="for TARGETs")
+    for side in ("a", "b"):
+        p.add_argument(f"--{side}-world-size", type=int, help=f"world size for {side.upper()} only")
+        p.add_argument(f"--{side}-device", help=f"device for {side.upper()} only")
+        p.add_argument(f"--{side}-objective", choices=["time", "memory"])
+        p.add_argument(f"--{side}-mode", choices=["training", "inference"])
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("run", help="run N local ranks and check against one device")
+    p.add_argument("target")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--objective", choices=["time", "memory"], default="memory",
+                   help="default memory, so small models really split")
+    p.add_argument("--device", default=None, help="cost-model device (default: from the backend)")
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("devices", help="list device presets")
+    p.set_defaults(fn=cmd_devices)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    from .errors import AutoTPError
+    try:
+        if getattr(a, "world_size", None) is not None and a.world_size < 1:
+            raise UsageError("--world-size must be at least 1")
+        return a.fn(a)
+    except UsageError as e:
+        if a.debug:
+            traceback.print_exc()
+        err.print(f"autotp: {e}")
+        return 2
+    except AutoTPError as e:
+        if a.debug:
+            traceback.print_exc()
+        err.print(f"autotp: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
