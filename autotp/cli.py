@@ -277,7 +277,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     for path in a.module:
         names = [n for n, nc in c.nodes.items()
                  if (nc.module == path or nc.module.startswith(path + ".")) and
-                 len(nc.strategies) > 1 and nc.kind in ("op", "param")]
+                 len(nc.strategies) > 1 and (nc.kind == "param" or nc.op in MATMULS or
+                                             (a.all and nc.kind == "op"))]
         if not names:
             mods = sorted({nc.module for nc in c.nodes.values() if nc.module})
             close = [m for m in mods if path.split(".")[-1] in m][:5]
@@ -349,8 +350,8 @@ def cmd_diff(a: argparse.Namespace) -> int:
         if d.op not in MATMULS and not d.op.startswith("get_attr"):
             continue
         changed += 1
-        t.add_row(d.node, d.module, d.op.replace("aten.", ""), f"{', '.join(d.inputs)} → {d.output}",
-                  f"{', '.join(e.inputs)} → {e.output}")
+        fmt = lambda x: f"{', '.join(x.inputs)} → {x.output}" if x.inputs else x.output  # noqa: E731
+        t.add_row(d.node, d.module, d.op.replace("aten.", ""), fmt(d), fmt(e))
     only = len(set(db) ^ {d.node for d in pa.decisions})
     out.print(t if changed else "no matmul or parameter split differs")
     if only:
@@ -439,6 +440,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("module", nargs="+", help="module paths, e.g. model.layers.0.mlp")
     common(p)
+    p.add_argument("--all", action="store_true", help="every op, not only matmuls and weights")
     p.add_argument("--also-world-size", type=int, nargs="*", help="show the splits at these world sizes too")
     p.add_argument("--also-device", nargs="*", help="show the splits on these devices too")
     p.set_defaults(fn=cmd_explain)

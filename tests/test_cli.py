@@ -1,0 +1,83 @@
+"""The CLI driven as a user would: a subprocess, checking output, JSON schema and exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+
+def autotp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "autotp", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_table_folds_layers_and_names_splits() -> None:
+    r = autotp("plan", "examples/nanogpt.py:gpt", "--world-size", "2", "--objective", "memory")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "h.0–1.mlp.c_fc ×2" in out and "column" in out and "row" in out
+    assert "column (fused, 3 blocks)" in out  # the fused QKV projection
+    assert "all_reduce" in out and "forward" in out and "backward" in out
+    assert "parameters per rank" in out and "total/N" in out and "predicted step time" in out
+
+
+def test_plan_json_and_dot(tmp_path) -> None:
+    path = tmp_path / "p.json"
+    r = autotp("plan", "cli_targets:mlp", "--world-size", "2", "--objective", "memory",
+               "--format", "json", "--out", str(path))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(path.read_text())
+    assert d["world_size"] == 2 and d["param_bytes_per_rank"] * 2 == d["param_bytes_total"]
+    for c in d["collectives"]:
+        assert c["kind"] in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+        assert c["phase"] in ("forward", "backward") and c["bytes"] > 0
+    r = autotp("plan", "cli_targets:mlp", "--world-size", "2", "--objective", "memory", "--format", "dot")
+    assert r.returncode == 0 and r.stdout.startswith("digraph autotp") and "color=red" in r.stdout
+
+
+def test_explain_diff_devices(tmp_path) -> None:
+    r = autotp("explain", "cli_targets:mlp", "up", "--world-size", "2", "--objective", "memory",
+               "--also-world-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "✔ chosen" in r.stdout and "at world size 4" in r.stdout
+    a = tmp_path / "a.json"
+    autotp("plan", "cli_targets:mlp", "--world-size", "2", "--format", "json", "--out", str(a))
+    r = autotp("diff", str(a), "cli_targets:mlp", "--world-size", "2", "--b-objective", "memory")
+    assert r.returncode == 0, r.stderr
+    assert "splits that differ" in r.stdout and "parameters per rank" in r.stdout
+    r = autotp("devices")
+    assert r.returncode == 0 and "h100" in r.stdout and "a100-40gb" in r.stdout
+
+
+def test_run_checks_against_one_device() -> None:
+    r = autotp("run", "cli_targets:mlp", "--world-size", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the parallel model equals the original" in r.stdout
+    assert "issued" in r.stdout and "planned" in r.stdout
+    # zero tolerance: fp32 rounding differs, so the checker must say MISMATCH and exit 1
+    r = autotp("run", "cli_targets:mlp", "--world-size", "2", "--rtol", "0", "--atol", "0")
+    assert r.returncode == 1 and "MISMATCH" in r.stdout
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (("plan", "nope.py:f", "--world-size", "2"), 2, "no such file"),
+    (("plan", "cli_targets:missing", "--world-size", "2"), 2, "has no function 'missing'"),
+    (("plan", "cli_targets:not_a_tuple", "--world-size", "2"), 2, "must return (model, example_inputs)"),
+    (("plan", "cli_targets:raises", "--world-size", "2"), 2, "raised ValueError: no weights here"),
+    (("plan", "cli_targets", "--world-size", "2"), 2, "must be 'path/to/file.py:factory'"),
+    (("plan", "cli_targets:mlp"), 2, "--world-size"),
+    (("plan", "cli_targets:mlp", "--world-size", "0"), 2, "at least 1"),
+    (("plan", "cli_targets:uncapturable", "--world-size", "2"), 1, "module: 1"),
+])
+def test_bad_input_is_one_clear_message(args, code, words) -> None:
+    r = autotp(*args)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert words in r.stderr
+    assert "Traceback" not in r.stderr
