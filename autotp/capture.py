@@ -20,6 +20,7 @@ import logging
 import os
 
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -170,12 +171,15 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.E
         ds = _dynamic_shapes(args, kwargs) if dynamic else None
         try:
             with _module_tracker(model) as failed_at:
-                return torch.export.export(model, args, kwargs, dynamic_shapes=ds, strict=False)
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=ds, strict=False)
+            if not dynamic:
+                first = str(errors[0][0]).strip().splitlines()[0] if errors else ""
+                warnings.warn(f"autotp: {type(model).__name__} was captured with static shapes "
+                              f"(dynamic batch/sequence dims failed: {first}); the parallel "
+                              f"module accepts only the example inputs' shapes", stacklevel=4)
+            return ep
         except Exception as e:  # noqa: BLE001 - re-raised below as CaptureError with context
             errors.append((e, list(failed_at)))
-            if dynamic:
-                log.info("export with dynamic batch/sequence dims failed (%s); retrying static",
-                         str(e).splitlines()[0] if str(e) else type(e).__name__)
     exc, stack = errors[-1]
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     where = stack[-1] if stack else "<outside any submodule: inputs or outputs>"
