@@ -5,6 +5,7 @@
 
 Pipeline (one module each): capture -> strategies (rules/) -> cost -> solver -> plan -> rewrite.
 """
+from .calibrate import calibrate
 from .api import ParallelModule, gather_state_dict, parallelize, plan
 from .devices import PRESETS, DeviceSpec
 from .errors import AutoTPError, CaptureError, InfeasiblePlanError, PlanError, ProcessGroupError
@@ -14,4 +15,4 @@ from .simulate import simulate, simulated_modules
 
 __all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "ParallelModule", "DeviceSpec",
            "PRESETS", "AutoTPError", "CaptureError", "PlanError", "InfeasiblePlanError",
-           "ProcessGroupError", "Shard", "Replicate", "Partial", "simulate", "simulated_modules"]
+           "ProcessGroupError", "Shard", "Replicate", "Partial", "simulate", "simulated_modules", "calibrate"]

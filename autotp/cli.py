@@ -400,6 +400,26 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0 if good else 1
 
 
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from .verify import run_calibration
+    with err.status(f"measuring {a.world_size} ranks…", spinner="dots"):
+        spec, points = run_calibration(a.world_size, a.repeats)
+    t = Table(title=f"{spec.name}: fitted ring model per collective", title_justify="left")
+    for col in ("collective", "latency", "bandwidth"):
+        t.add_column(col)
+    for kind, (alpha, beta) in spec.collectives.items():
+        t.add_row(kind, f"{alpha * 1e6:.0f} µs", f"{beta / 1e9:.3f} GB/s")
+    out.print(t)
+    out.print(f"fit error (relative, in-sample): median {spec.extra['fit_error_median']}, "
+              f"max {spec.extra['fit_error_max']} over {len(points)} measurements; "
+              f"matmul fp32 {spec.flops['float32'] / 1e9:.1f} GFLOP/s, "
+              f"memory bandwidth {spec.memory_bandwidth / 1e9:.1f} GB/s")
+    if a.out:
+        Path(a.out).write_text(spec.to_json())
+        err.print(f"wrote {a.out}; use it with --device {a.out}")
+    return 0
+
+
 def cmd_devices(a: argparse.Namespace) -> int:
     from .devices import PRESETS
     t = Table(title="device presets (sources: autotp/devices.py, docs/cost_model.md)", title_justify="left")
@@ -467,6 +487,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("calibrate", help="measure this machine's collectives and compute")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", help="write the DeviceSpec JSON here")
+    p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("devices", help="list device presets")
     p.set_defaults(fn=cmd_devices)

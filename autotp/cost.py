@@ -31,16 +31,27 @@ TRAINING_STATE_FACTOR = 4  # parameter + gradient + Adam exp_avg + exp_avg_sq
 BACKWARD_COMPUTE_FACTOR = 2.0
 
 
+def _ring(kind: str, coef: float, nbytes: float, n: int, spec: DeviceSpec) -> float:
+    if n == 1:
+        return 0.0
+    alpha, beta = spec.link(kind)
+    return alpha + coef * (n - 1) / n * nbytes / beta
+
+
 def all_reduce_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
-    return 0.0 if n == 1 else spec.latency + 2 * (n - 1) / n * nbytes / spec.link_bandwidth
+    return _ring("all_reduce", 2.0, nbytes, n, spec)
 
 
 def all_gather_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
-    return 0.0 if n == 1 else spec.latency + (n - 1) / n * nbytes / spec.link_bandwidth
+    return _ring("all_gather", 1.0, nbytes, n, spec)
 
 
-reduce_scatter_time = all_gather_time
-all_to_all_time = all_gather_time
+def reduce_scatter_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
+    return _ring("reduce_scatter", 1.0, nbytes, n, spec)
+
+
+def all_to_all_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
+    return _ring("all_to_all", 1.0, nbytes, n, spec)
 
 _TIME = {"all_reduce": all_reduce_time, "all_gather": all_gather_time,
          "reduce_scatter": reduce_scatter_time, "all_to_all": all_to_all_time,

@@ -34,7 +34,15 @@ class DeviceSpec:
     latency: float  # seconds per collective
     inter_link_bandwidth: float = 0.0  # across nodes (for 2-D meshes); 0 = unknown
     inter_latency: float = 0.0
+    # measured per-collective (latency s, bandwidth B/s) overriding the two above; calibrate
+    # fills it, because e.g. gloo's reduce_scatter is not a ring and runs slower
+    collectives: dict[str, tuple[float, float]] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+
+    def link(self, kind: str) -> tuple[float, float]:
+        """(latency, bandwidth) of one collective kind."""
+        a, b = self.collectives.get(kind, (self.latency, self.link_bandwidth))
+        return float(a), float(b)
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         name = str(dtype).removeprefix("torch.")

@@ -144,3 +144,40 @@ def run_check(target: str, world_size: int, *, objective: str = "memory", device
     if not r.get("all_ranks_ok", True):
         r["fwd_ok"] = r["grad_ok"] = r["step_ok"] = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and False
     return r
+
+
+def _calibrate_worker(rank: int, world: int, port: int, repeats: int, outdir: str) -> None:
+    from .calibrate import calibrate
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        spec, points = calibrate(repeats=repeats)
+        if rank == 0:
+            torch.save({"spec": spec.to_json(), "points": [p.__dict__ for p in points]},
+                       os.path.join(outdir, "cal.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_calibration(world_size: int, repeats: int = 7):
+    """``autotp calibrate``: measure ``world_size`` local ranks; returns (DeviceSpec, points)."""
+    from .calibrate import Measurement
+    from .devices import DeviceSpec
+    from .errors import AutoTPError
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_calibrate_worker, args=(world_size, port, repeats, d),
+                           nprocs=world_size, start_method="spawn")
+        path = os.path.join(d, "cal.pt")
+        if not os.path.exists(path):
+            raise AutoTPError("calibration produced no result")
+        r = torch.load(path, weights_only=False)
+    return DeviceSpec.from_json(r["spec"]), [Measurement(**p) for p in r["points"]]
