@@ -92,7 +92,7 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm) -> tuple[fx.GraphModule, 
         assert slot == len(st.inputs), (node.format_node(), slot, st)
         rule = rule_for(node)
         if rule is not None and rule.localize is not None:
-            rule.localize(node, st, n)
+            rule.localize(node, st, n, rank)
 
     graph.lint()
     gm.recompile()

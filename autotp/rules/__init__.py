@@ -96,8 +96,9 @@ class Rule:
     dims: Callable[[OpCall], DimMap | None]
     # strategies a DimMap can't express (split of a blocked dim)
     extra: Callable[[OpCall], list[Strategy]] | None = None
-    # rewrite global sizes in args to this rank's sizes: (node, strategy, world_size) -> None
-    localize: Callable[[fx.Node, Strategy, int], None] | None = None
+    # rewrite global sizes in args to this rank's (or swap in a per-rank op):
+    # (node, strategy, world_size, rank) -> None
+    localize: Callable[[fx.Node, Strategy, int, int], None] | None = None
     # block hints this op puts on its input slots: [(slot, dim, blocks)]
     hints: Callable[[OpCall], list[tuple[int, int, tuple[int, ...]]]] | None = None
 
@@ -202,7 +203,7 @@ def norm_dims(dims: Iterable[int] | int, rank: int) -> list[int]:
     return sorted({d % rank for d in dims}) if rank else []
 
 
-def scale_shape_arg(node: fx.Node, strategy: Strategy, n: int, index: int = 1) -> None:
+def scale_shape_arg(node: fx.Node, strategy: Strategy, n: int, rank: int = 0, index: int = 1) -> None:
     """Replace the global size at each output Shard dim of a shape-list argument (view,
     reshape, expand) with the local size. -1 and symbolic sizes are left alone (symbolic
     dims are never split)."""

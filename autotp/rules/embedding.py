@@ -1,17 +1,57 @@
-"""embedding(W[V, H], ids[...]) -> out[..., H]: the hidden dim of W splits the output's last
-dim; the ids' dims pass through. (A vocab split needs masked lookups and a Partial output; it
-is not offered yet: a vocab-split LM head still works through the matmul rule.)"""
+"""embedding(W[V, H], ids[...]) -> out[..., H].
+
+- Hidden split: W's dim 1 splits the output's last dim; the ids' dims pass through.
+- Vocab split (Megatron's vocab-parallel embedding): rank r holds rows [r V/n, (r+1) V/n) and
+  looks up only the ids that fall there, writing zeros for the others; the output is Partial
+  (the sum over ranks is the full lookup). With a tied LM head split by vocab columns, this is
+  the split that keeps both uses of the weight local.
+"""
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
-from . import DimMap, OpCall, register
+from ..placements import Partial, Replicate, Shard
+from . import DimMap, OpCall, Strategy, register
 
 aten = torch.ops.aten
 
 
-@register(aten.embedding.default)
 def _embedding(call: OpCall) -> DimMap:
     ids = call.inputs[1]
     idx = tuple(("i", j) for j in range(len(ids.shape)))
     return DimMap(inputs=((None, "h"), idx), outputs=(idx + ("h",),))
+
+
+def _vocab_split(call: OpCall) -> list[Strategy]:
+    w = call.inputs[0]
+    n = call.world_size
+    if w.dynamic[0] or w.shape[0] % n or w.shape[0] < n:
+        return []
+    return [Strategy((Shard(0), Replicate()), Partial())]
+
+
+def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, offset: int,
+                             padding_idx: int = -1) -> torch.Tensor:
+    """This rank's summand of embedding(W, ids) when it holds rows [offset, offset + len(W))."""
+    local = ids - offset
+    inside = (local >= 0) & (local < weight.shape[0])
+    out = aten.embedding.default(weight, torch.where(inside, local, torch.zeros_like(local)),
+                                 padding_idx)
+    return out * inside.unsqueeze(-1).to(out.dtype)
+
+
+def _localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> None:
+    if strategy.inputs[0] != Shard(0):
+        return
+    weight, ids = node.args[0], node.args[1]
+    rows = int(weight.meta["val"].shape[0]) // n  # meta keeps the global shape
+    offset = rank * rows
+    pad = node.args[2] if len(node.args) > 2 else -1
+    local_pad = pad - offset if isinstance(pad, int) and 0 <= pad - offset < rows else -1
+    node.target = vocab_parallel_embedding
+    node.args = (weight, ids, offset, local_pad)
+    node.kwargs = {}
+
+
+register(aten.embedding.default, extra=_vocab_split, localize=_localize)(_embedding)

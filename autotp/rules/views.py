@@ -182,7 +182,7 @@ def _split_hints(call: OpCall) -> list[tuple[int, int, tuple[int, ...]]]:
     return [(0, d, tuple(sizes))] if len(sizes) > 1 else []
 
 
-def _split_localize(node: fx.Node, strategy: Strategy, n: int) -> None:
+def _split_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> None:
     src = strategy.inputs[0]
     if not (isinstance(src, Shard) and src.blocks is not None):
         return
