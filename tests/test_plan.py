@@ -151,3 +151,14 @@ def test_world_size_one_replicates() -> None:
     assert p.collectives == () and p.param_bytes_per_rank == p.param_bytes_total
     assert collections.Counter(d.output for d in p.decisions if d.op != "output") == \
         collections.Counter({"R": len(p.decisions) - 1})
+
+
+def test_tied_embedding_and_head_split_by_vocab() -> None:
+    """nanoGPT ties wte to lm_head: splitting the weight's rows serves both uses locally
+    (vocab-parallel lookup, vocab-column head); the gloo tests run this plan."""
+    from examples.nanogpt import gpt
+    model, args = gpt()
+    p = autotp.plan(model, args, world_size=2, objective="memory")
+    emb = next(d for d in p.decisions if d.module == "wte" and d.op == "aten.embedding.default")
+    assert (emb.inputs, emb.output) == (("S(0)", "R"), "P")
+    assert next(s for s in p.params if s.name in ("wte.weight", "lm_head.weight")).placement == "S(0)"
