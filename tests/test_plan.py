@@ -162,3 +162,25 @@ def test_tied_embedding_and_head_split_by_vocab() -> None:
     emb = next(d for d in p.decisions if d.module == "wte" and d.op == "aten.embedding.default")
     assert (emb.inputs, emb.output) == (("S(0)", "R"), "P")
     assert next(s for s in p.params if s.name in ("wte.weight", "lm_head.weight")).placement == "S(0)"
+
+
+def test_repeat_interleave_gqa_keeps_megatron_plan() -> None:
+    """Found by benchmarks/runtime.py: GQA written with repeat_interleave had no rule, so k/v
+    were gathered (16 collectives instead of 8). With the rule: Megatron's 8, and equal outputs."""
+    import os
+    import sys
+    import warnings
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    from runtime import Model
+    torch.manual_seed(0)
+    model = Model(64, 2)
+    x = torch.randn(2, 8, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "has no sharding rule" warning
+        outs = autotp.simulate(model, (x,), world_size=2, objective="memory")
+        p = autotp.plan(model, (x,), world_size=2, objective="memory")
+    for out in outs:
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert p.count("all_reduce", "forward") == 4 and p.count("all_reduce", "backward") == 4
+    assert p.count() == 8

@@ -193,3 +193,25 @@ def _split_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> Non
 
 register(aten.split.Tensor, aten.split_with_sizes.default, extra=_split_extra,
          localize=_split_localize, hints=_split_hints)(_split)
+
+
+# repeat_interleave(x, r, dim): each slice along dim repeated r times in place, so the n
+# contiguous chunks of the input map onto the n contiguous chunks of the output (GQA's
+# key/value head repetition keeps every query head with its key/value head).
+def _repeat_interleave(call: OpCall) -> DimMap | None:
+    if not isinstance(call.arg(1, "repeats"), int):
+        return None  # per-element repeat counts: no rule
+    r = len(call.inputs[0].shape)
+    dim = call.arg(2, "dim", None)
+    if dim is None:
+        return None  # flattens the input
+    labels = tuple(("ri", j) for j in range(r))
+    return DimMap((labels,), (labels,), partial_any=(0,))
+
+
+def _repeat_interleave_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> None:
+    if isinstance(strategy.output, Shard) and node.kwargs.get("output_size") is not None:
+        node.kwargs = {**node.kwargs, "output_size": node.kwargs["output_size"] // n}
+
+
+register(aten.repeat_interleave.self_int, localize=_repeat_interleave_localize)(_repeat_interleave)
