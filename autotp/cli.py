@@ -268,7 +268,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from .solver import _node_time, _param_mem, evaluate
+    from .errors import AutoTPError
+    from .solver import _node_time, _param_mem, evaluate, solve
     pd = _planned(a.target, a)
     c, choice = pd.candidates, pd.choice
     base = evaluate(c, choice, pd.spec, pd.plan.mode)
@@ -288,22 +289,38 @@ def cmd_explain(a: argparse.Namespace) -> int:
         for name in names:
             nc = c.nodes[name]
             t = Table(title=f"{path}: {name} ({nc.op}) in {nc.module}", title_justify="left")
-            for col in ("", "strategy (inputs → output)", "compute", "Δ communication", "Δ step time", "param bytes/rank"):
+            for col in ("", "strategy (inputs → output)", "compute", "Δ communication",
+                        "Δ step time", "Δ best plan with it", "param bytes/rank"):
                 t.add_column(col)
+            resolve = nc.op in MATMULS and len(c.nodes) <= a.resolve_limit
             for s, st in enumerate(nc.strategies):
                 alt = dict(choice)
                 alt[name] = s
                 ev = evaluate(c, alt, pd.spec, pd.plan.mode)
                 mark = "✔ chosen" if s == choice[name] else ""
+                best = ""
+                if resolve and s != choice[name]:
+                    try:  # the best whole plan that uses this candidate here
+                        pinned = solve(c, pd.spec, pd.plan.mode, pd.plan.objective,
+                                       a.memory_gb * 1e9 if a.memory_gb else None, pinned={name: s})
+                        pe = evaluate(c, pinned, pd.spec, pd.plan.mode)
+                        best = f"{(pe.time_s - base.time_s) * 1e6:+.2f} µs" if pe else ""
+                    except AutoTPError:
+                        best = "no feasible plan"
+                elif s == choice[name]:
+                    best = "+0.00 µs"
                 if ev is None:
-                    t.add_row(mark, str(st), "", "impossible with the neighbours' placements", "", "")
+                    t.add_row(mark, str(st), "", "impossible with the neighbours' placements", "", best,
+                              _bytes(_param_mem(c, name, s)) if nc.kind == "param" else "")
                     continue
                 t.add_row(mark, str(st), _time(_node_time(c, name, s, pd.spec, pd.plan.mode)),
-                          _time(ev.comm_s - base.comm_s), f"{(ev.time_s - base.time_s) * 1e6:+.2f} µs",
+                          _time(ev.comm_s - base.comm_s), f"{(ev.time_s - base.time_s) * 1e6:+.2f} µs", best,
                           _bytes(_param_mem(c, name, s)) if nc.kind == "param" else "")
             out.print(t)
         out.print("The chosen strategy minimizes the whole plan's predicted step time (objective "
-                  f"{pd.plan.objective!r}); Δ columns: changing only this node, the others fixed.")
+                  f"{pd.plan.objective!r}). Δ communication / Δ step time: changing only this node, "
+                  "the others fixed; Δ best plan with it: the best whole plan that uses this "
+                  "candidate here (matmuls; re-solved for each).")
     for w in a.also_world_size or []:
         other = _planned(a.target, a, world=w)
         rows = [r for r in matmul_rows(other) if any(_match(r[0], m) for m in a.module)]
@@ -461,6 +478,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("module", nargs="+", help="module paths, e.g. model.layers.0.mlp")
     common(p)
     p.add_argument("--all", action="store_true", help="every op, not only matmuls and weights")
+    p.add_argument("--resolve-limit", type=int, default=3000,
+                   help="re-solve per candidate only for graphs up to this many nodes")
     p.add_argument("--also-world-size", type=int, nargs="*", help="show the splits at these world sizes too")
     p.add_argument("--also-device", nargs="*", help="show the splits on these devices too")
     p.set_defaults(fn=cmd_explain)

@@ -199,7 +199,10 @@ class _Program:
 
 
 def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: str = "time",
-          memory_budget: float | None = None, time_limit: float = 120.0) -> Choice:
+          memory_budget: float | None = None, time_limit: float = 120.0,
+          pinned: dict[str, int] | None = None) -> Choice:
+    """The optimal Choice; ``pinned`` fixes some nodes' strategies (``autotp explain`` asks
+    for the best plan given each candidate of a node)."""
     if mode not in MODES:
         raise AutoTPError(f"mode must be one of {MODES}, got {mode!r}")
     if objective not in ("time", "memory"):
@@ -210,10 +213,12 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
     factor = TRAINING_STATE_FACTOR if mode == "training" else 1
     time_w = [t * scale_t for t in prog.time]
     mem_row = {i: m * scale_m for i, m in enumerate(prog.mem) if m}
-    extra: list[tuple[dict[int, float], float, float]] = []
+    extra: list[tuple[dict[int, float], float, float]] = [
+        ({prog.index[(name, s)]: 1.0}, 1.0, 1.0) for name, s in (pinned or {}).items()]
     if objective == "memory":
-        x = prog.solve([m * scale_m for m in prog.mem], [], time_limit)
-        assert x is not None, "a plan that replicates everything is always feasible"
+        x = prog.solve([m * scale_m for m in prog.mem], list(extra), time_limit)
+        if x is None:
+            raise InfeasiblePlanError("no plan satisfies the pinned strategies")
         best = float(np.dot(prog.mem, x)) * scale_m
         total = sum(max(prog.mem[prog.index[(v, s)]] for s in range(len(nc.strategies)))
                     for v, nc in c.nodes.items()) * scale_m

@@ -112,7 +112,7 @@ def megatron(model: Model) -> Model:
             col(lin)
         for lin in (b.attn.o, b.down):
             row(lin)
-        attn_fwd, block_fwd = b.attn.forward, b.forward
+        attn_fwd = b.attn.forward
 
         def attn(x, _f=attn_fwd):
             return _G.apply(_f(_F.apply(x)))
