@@ -178,7 +178,7 @@ def _replicated_time(pd) -> float:
     return ev.time_s if ev is not None else float("nan")
 
 
-def print_table(pd) -> None:
+def print_table(pd, out: Console = out) -> None:
     p = pd.plan
     out.print(f"[bold]autotp plan[/bold]: world size {p.world_size}, device {p.device}, "
               f"mode {p.mode}, objective {p.objective}")
@@ -245,17 +245,12 @@ def _edges(pd):
 # commands
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    global out
     pd = _planned(a.target, a)
     text = pd.plan.to_json() if a.format == "json" else to_dot(pd) if a.format == "dot" else None
     if text is None:
         if a.out:
             with open(a.out, "w") as f:
-                saved, out = out, Console(file=f, width=200, highlight=False)
-                try:
-                    print_table(pd)
-                finally:
-                    out = saved
+                print_table(pd, Console(file=f, width=200, highlight=False))
             err.print(f"wrote {a.out}")
         else:
             print_table(pd)
@@ -410,8 +405,11 @@ def cmd_run(a: argparse.Namespace) -> int:
                   ok(r["issued"].get(key, 0) == r["planned"].get(key, 0)))
     t.add_row("parameters on rank 0", f"{r['local']} of {r['full']} ({r['local'] / r['full']:.1%})", "")
     t.add_row("time per step (fwd+bwd+step)", f"{r['tp_ms']:.2f} ms parallel, {r['ref_ms']:.2f} ms one device", "")
+    if not r["all_ranks_ok"]:
+        t.add_row("checks on the other ranks", "a rank's outputs, grads or weights differ", ok(False))
     out.print(t)
-    good = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and r["issued"] == r["planned"]
+    good = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and r["all_ranks_ok"] and \
+        r["issued"] == r["planned"]
     out.print("[green]the parallel model equals the original[/green]" if good else
               "[red]MISMATCH: the parallel model differs from the original[/red]")
     return 0 if good else 1

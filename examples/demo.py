@@ -6,20 +6,18 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import autotp  # noqa: E402
+from autotp.launch import spawn  # noqa: E402
 from examples.nanogpt import gpt  # noqa: E402
 
 
-def worker(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, world: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model, (idx,) = gpt(n_layer=2, n_embd=64, n_head=4, vocab_size=256, batch=2, seq=16)
@@ -64,12 +62,7 @@ def worker(rank: int, world: int, port: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--world-size", type=int, default=2)
-    n = ap.parse_args().world_size
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(n, port), nprocs=n, start_method="spawn")
+    spawn(worker, ap.parse_args().world_size)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 import warnings
@@ -12,16 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from autotp.launch import spawn
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, outdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+def _worker(rank: int, world: int, fn: Callable, args: tuple, outdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -40,10 +33,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, outdir:
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(rank, world, *args) on ``world`` gloo processes; returns each rank's result and
     raises with the rank's traceback if any rank failed."""
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children at start-up
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = spawn(_worker, world, fn, args, d, join=False)
         crashed = None
         try:
             while not ctx.join(timeout=timeout):
