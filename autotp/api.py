@@ -1,23 +1,27 @@
 """Public entry points: plan, parallelize, gather_state_dict."""
 from __future__ import annotations
 
+import difflib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils import _pytree as pytree  # see capture.py
 
-from .capture import Captured, capture, fetch_attr
+from .capture import Captured, capture, fetch_attr, set_attr
 from .collectives import Comm, DistComm
 from .devices import DeviceSpec, get_device
 from .errors import AutoTPError, PlanError, ProcessGroupError
-from .placements import Placement, Shard, parse, parse_out, unshard
+from .placements import Placement, Replicate, Shard, parse, parse_out, unshard
 from .plans import Plan, make_plan
 from .rewrite import rewrite
 from .solver import Choice, evaluate, solve
 from .strategies import Candidates, build
+from .weights import WeightSource, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,39 @@ def _check_args(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
+
+
+@contextmanager
+def buffers_on_meta(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While capturing a model whose parameters are on meta, its buffers go to meta too (a
+    real rotary buffer times a meta position tensor is a device mismatch); yields the real
+    buffers by name and puts them back afterwards."""
+    real: dict[str, torch.Tensor] = {}
+    owners = []
+    for mname, mod in model.named_modules():
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and b.device.type != "meta":
+                real[f"{mname}.{bname}" if mname else bname] = b
+                owners.append((mod, bname, b))
+                setattr(mod, bname, b.to("meta"))
+    try:
+        yield real
+    finally:
+        for mod, bname, b in owners:
+            setattr(mod, bname, b)
+
+
+def retarget_device(gm: torch.fx.GraphModule, old: torch.device, new: torch.device) -> None:
+    """Factory ops traced on meta tensors carry ``device=meta`` (``torch.arange(n,
+    device=x.device)``); point them at the device the module will run on."""
+    def swap(a: Any) -> Any:
+        return new if isinstance(a, torch.device) and a == old else a
+    for sub in gm.modules():  # higher-order ops (autocast regions) keep their own graphs
+        if isinstance(sub, torch.fx.GraphModule):
+            for node in sub.graph.nodes:
+                node.args = pytree.tree_map(swap, node.args)
+                node.kwargs = pytree.tree_map(swap, node.kwargs)
+            sub.recompile()
 
 
 def _plan_from(c: Candidates, spec: DeviceSpec, objective: str, mode: str,
@@ -65,14 +102,14 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
     args, kwargs = _check_args(example_inputs, example_kwargs)
     if not isinstance(world_size, int) or world_size < 1:
         raise AutoTPError(f"world_size must be a positive int, got {world_size!r}")
-    if _on_meta(model):
-        to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-        args = tuple(to_meta(a) for a in args)
-        kwargs = {k: to_meta(v) for k, v in kwargs.items()}
     note = progress or (lambda _stage: None)
     spec = get_device(device)
     note("capturing the model with torch.export")
-    captured = capture(model, args, kwargs)
+    if _on_meta(model):
+        with buffers_on_meta(model):
+            captured = capture(model, *_to_meta(args, kwargs))
+    else:
+        captured = capture(model, args, kwargs)
     note("building candidate strategies")
     c = build(captured, world_size)
     note("solving")
@@ -125,6 +162,7 @@ class ParallelModule(nn.Module):
         self.comm = comm
         self.placements = placements
         self.state_keys = captured.state_keys
+        self.state_meta = captured.state_meta
         self._mode_sensitive = captured.mode_sensitive
         self.training = captured.training
 
@@ -152,9 +190,13 @@ class ParallelModule(nn.Module):
 def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
                 device: "str | DeviceSpec | None" = None, objective: str = "time",
                 plan: Plan | None = None, group: dist.ProcessGroup | None = None,
-                mode: str = "training") -> ParallelModule:
+                mode: str = "training", weights: Any = None) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
-    ``group`` (default: the default process group) after ``init_process_group``."""
+    ``group`` (default: the default process group) after ``init_process_group``.
+
+    ``weights`` (a state dict, a ``.safetensors`` file or a Hugging Face-style checkpoint
+    folder) supplies the parameters: each rank reads only its slices. It is required when the
+    model's parameters are on the meta device (see ``autotp.empty_weights``)."""
     if not dist.is_available() or not dist.is_initialized():
         raise ProcessGroupError(
             "autotp.parallelize needs an initialized torch.distributed process group: launch "
@@ -163,9 +205,23 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
             "use autotp.plan(...) to plan without processes")
     args, kwargs = _check_args(example_inputs, example_kwargs)
     comm = DistComm(group)
-    captured = capture(model, args, kwargs)
-    c = build(captured, comm.world_size)
     backend = dist.get_backend(group)
+    on_meta = _on_meta(model)
+    if on_meta and weights is None:
+        raise AutoTPError(
+            "the model's parameters are on the meta device and no weights were given: pass "
+            "weights=<state dict | .safetensors file | checkpoint folder> so each rank can "
+            "load its slices (build the model under autotp.empty_weights())")
+    source = open_weights(weights) if weights is not None else None
+    here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    if on_meta:
+        with buffers_on_meta(model) as real_buffers:
+            captured = capture(model, *_to_meta(args, kwargs))
+        retarget_device(captured.gm, torch.device("meta"), here)
+    else:
+        real_buffers = {}
+        captured = capture(model, args, kwargs)
+    c = build(captured, comm.world_size)
     if plan is None:
         spec = get_device(device, backend)
         p, choice = _plan_from(c, spec, objective, mode, None)
@@ -178,8 +234,101 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
     else:
         p = plan
         choice = choice_from_plan(c, p)
-    gm, placements = rewrite(c, choice, comm)
+    load = None if source is None else _loader(source, comm.rank, comm.world_size, here)
+    gm, placements = rewrite(c, choice, comm, load)
+    if on_meta:
+        _fill_buffers(gm, real_buffers, source, here)
     return ParallelModule(gm, p, comm, placements, captured)
+
+
+def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):
+    keys = set(source.keys())
+
+    def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
+        key = next((k for k in names if k in keys), None)
+        if key is None:
+            near = difflib.get_close_matches(names[0], list(keys), n=3)
+            raise AutoTPError(
+                f"{source.describe()} has no tensor for parameter {' / '.join(names)} "
+                f"(shape {tuple(full.shape)})" + (f"; close: {', '.join(near)}" if near else "")
+                + "; the checkpoint's keys must be the model's state_dict() keys")
+        shape, _ = source.meta(key)
+        if tuple(shape) != tuple(full.shape):
+            raise AutoTPError(f"{source.describe()}: {key} has shape {tuple(shape)}, the model's "
+                              f"parameter has {tuple(full.shape)}: was it built from another config?")
+        return source.read(key, place, rank, world_size).to(device=here, dtype=full.dtype)
+    return load
+
+
+def _to_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+
+
+def _fill_buffers(gm: torch.fx.GraphModule, real: dict[str, torch.Tensor], source: WeightSource | None,
+                  here: torch.device) -> None:
+    keys = set(source.keys()) if source is not None else set()
+    missing = []
+    for name, b in list(gm.named_buffers()):
+        if b.device.type != "meta":
+            continue
+        if name in real:
+            set_attr(gm, name, real[name].to(here))
+        elif name in keys:
+            set_attr(gm, name, source.read(name, Replicate(), 0, 1).to(device=here, dtype=b.dtype))
+        else:
+            missing.append(name)
+    if missing:
+        raise AutoTPError(
+            f"buffers {', '.join(missing[:5])} are on the meta device and not in the checkpoint "
+            "(non-persistent buffers such as rotary frequencies never are): build the model "
+            "under `with autotp.empty_weights():` instead of torch.device('meta'), which keeps "
+            "buffers real and puts only parameters on meta")
+
+
+def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):
+    keys = set(source.keys())
+
+    def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
+        key = next((k for k in names if k in keys), None)
+        if key is None:
+            near = difflib.get_close_matches(names[0], list(keys), n=3)
+            raise AutoTPError(
+                f"{source.describe()} has no tensor for parameter {' / '.join(names)} "
+                f"(shape {tuple(full.shape)})" + (f"; close: {', '.join(near)}" if near else "")
+                + "; the checkpoint's keys must be the model's state_dict() keys")
+        shape, _ = source.meta(key)
+        if tuple(shape) != tuple(full.shape):
+            raise AutoTPError(f"{source.describe()}: {key} has shape {tuple(shape)}, the model's "
+                              f"parameter has {tuple(full.shape)}: was it built from another config?")
+        return source.read(key, place, rank, world_size).to(device=here, dtype=full.dtype)
+    return load
+
+
+def _to_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+
+
+def _fill_buffers(gm: torch.fx.GraphModule, real: dict[str, torch.Tensor], source: WeightSource | None,
+                  here: torch.device) -> None:
+    keys = set(source.keys()) if source is not None else set()
+    missing = []
+    for name, b in list(gm.named_buffers()):
+        if b.device.type != "meta":
+            continue
+        if name in real:
+            set_attr(gm, name, real[name].to(here))
+        elif name in keys:
+            set_attr(gm, name, source.read(name, Replicate(), 0, 1).to(device=here, dtype=b.dtype))
+        else:
+            missing.append(name)
+    if missing:
+        raise AutoTPError(
+            f"buffers {', '.join(missing[:5])} are on the meta device and not in the checkpoint "
+            "(non-persistent buffers such as rotary frequencies never are): build the model "
+            "under `with autotp.empty_weights():` instead of torch.device('meta'), which keeps "
+            "buffers real and puts only parameters on meta")
 
 
 def gather_state_dict(tp_module: ParallelModule) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import os
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -68,6 +68,7 @@ class Captured:
     training: bool
     mode_sensitive: tuple[str, ...]  # nodes whose result depends on train/eval (dropout p>0 ...)
     inputs_requiring_grad: frozenset[str] = frozenset()  # placeholders whose example requires grad
+    state_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # key -> global (shape, dtype)
 
 
 def module_path(node: fx.Node) -> str:
@@ -286,7 +287,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
             if isinstance(obj, torch.Tensor):
                 metas[n.name] = TensorMeta(tuple(obj.shape), (False,) * obj.dim(), obj.dtype)
 
-    state_keys = tuple(model.state_dict().keys())
+    state = model.state_dict()
+    state_keys = tuple(state.keys())
     missing = [k for k in state_keys if not _has_attr(gm, k)]
     if missing:
         raise CaptureError(f"the exported module lacks state entries {missing[:5]}; "
@@ -298,7 +300,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
                             if isinstance(v, torch.Tensor) and v.requires_grad)
     return Captured(gm=gm, metas=metas, state_keys=state_keys, inputs_requiring_grad=grad_inputs,
                     param_names=frozenset(n for n, _ in gm.named_parameters(remove_duplicate=False)),
-                    training=model.training, mode_sensitive=sensitive)
+                    training=model.training, mode_sensitive=sensitive,
+                    state_meta={k: (tuple(v.shape), v.dtype) for k, v in state.items()})
 
 
 def _has_attr(gm: torch.nn.Module, target: str) -> bool:

@@ -9,6 +9,9 @@ Three edits, then ``graph.lint()``:
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree  # see capture.py
@@ -26,9 +29,15 @@ def value_placement(c: Candidates, choice: Choice, name: str) -> Placement:
     return c.nodes[producer].strategies[choice[producer]].outputs()[oi]
 
 
-def rewrite(c: Candidates, choice: Choice, comm: Comm) -> tuple[fx.GraphModule, dict[str, Placement]]:
+Load = Callable[[list[str], torch.Tensor, Placement], torch.Tensor]
+
+
+def rewrite(c: Candidates, choice: Choice, comm: Comm,
+            load: Load | None = None) -> tuple[fx.GraphModule, dict[str, Placement]]:
     """Edits ``c.captured.gm`` in place into this rank's module. Returns it and the placement
-    of every parameter name (aliases of tied weights included)."""
+    of every parameter name (aliases of tied weights included). ``load(names, full, place)``
+    gives this rank's piece of the parameter known by ``names`` (``full`` is the model's
+    tensor, possibly on meta); by default the piece is sliced from ``full``."""
     gm = c.captured.gm
     graph = gm.graph
     n, rank = c.world_size, comm.rank
@@ -44,16 +53,24 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm) -> tuple[fx.GraphModule, 
             continue
         full = fetch_attr(gm, node.target)
         place = value_placement(c, choice, node.name)
-        local = shard_tensor(full.detach(), place, rank, n).clone()
+        names = aliases.get(id(full), [node.target])
+        local = (load(names, full, place) if load is not None
+                 else shard_tensor(full.detach(), place, rank, n).clone())
         new = nn.Parameter(local, requires_grad=full.requires_grad)
         for alias in aliases.get(id(full), [node.target]):
             set_attr(gm, alias, new)
             placements[alias] = place
     for ids in aliases.values():  # unused parameters: copy them too
         obj = fetch_attr(gm, ids[0])
-        if all(not isinstance(placements.get(a), Shard) for a in ids) and obj.device.type != "meta":
+        if all(not isinstance(placements.get(a), Shard) for a in ids):
             if not any(node.op == "get_attr" and node.target in ids for node in graph.nodes):
-                new = nn.Parameter(obj.detach().clone(), requires_grad=obj.requires_grad)
+                if load is not None:
+                    local = load(ids, obj, Replicate())
+                elif obj.device.type == "meta":
+                    continue
+                else:
+                    local = obj.detach().clone()
+                new = nn.Parameter(local, requires_grad=obj.requires_grad)
                 for a in ids:
                     set_attr(gm, a, new)
 
