@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree  # see capture.py
 
 from .capture import Captured, capture, fetch_attr, set_attr
@@ -96,7 +97,7 @@ class Planned:
 def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
                  world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
                  mode: str = "training", memory_budget: float | None = None,
-                 progress: Callable[[str], Any] | None = None) -> Planned:
+                 progress: Callable[[str], Any] | None = None, data_parallel: int = 1) -> Planned:
     """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
     each stage starts (capture, strategies, solve)."""
     args, kwargs = _check_args(example_inputs, example_kwargs)
@@ -112,6 +113,7 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
         captured = capture(model, args, kwargs)
     note("building candidate strategies")
     c = build(captured, world_size)
+    c.dp_size = data_parallel
     note("solving")
     p, choice = _plan_from(c, spec, objective, mode, memory_budget)
     return Planned(p, c, choice, spec)
@@ -119,12 +121,15 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
 
 def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
          world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
-         mode: str = "training", memory_budget: float | None = None) -> Plan:
+         mode: str = "training", memory_budget: float | None = None,
+         data_parallel: int = 1) -> Plan:
     """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
-    The model may live on the meta device (example inputs are moved there too)."""
+    The model may live on the meta device (example inputs are moved there too).
+    ``data_parallel``: replicas of the tensor-parallel group (a 2-D mesh); their gradient
+    all-reduce over the inter-node link counts in training."""
     return plan_details(model, example_inputs, example_kwargs, world_size=world_size,
                         device=device, objective=objective, mode=mode,
-                        memory_budget=memory_budget).plan
+                        memory_budget=memory_budget, data_parallel=data_parallel).plan
 
 
 def choice_from_plan(c: Candidates, p: Plan) -> Choice:
@@ -165,9 +170,24 @@ class ParallelModule(nn.Module):
         self.state_meta = captured.state_meta
         self._mode_sensitive = captured.mode_sensitive
         self.training = captured.training
+        self._ddp: nn.Module | None = None
+        self.dp_group: dist.ProcessGroup | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        return (self._ddp or self.module)(*args, **kwargs)
+
+    def data_parallel(self, dp_group: dist.ProcessGroup, device: torch.device) -> None:
+        """Replicate this tensor-parallel module across ``dp_group`` with DDP (gradients
+        averaged across replicas in backward)."""
+        from torch.nn.parallel import DistributedDataParallel
+        used = {n.target for n in self.module.graph.nodes if n.op == "get_attr"}
+        unused = any(name not in used for name, _ in self.module.named_parameters())
+        ddp = DistributedDataParallel(self.module, process_group=dp_group, broadcast_buffers=False,
+                                      find_unused_parameters=unused,
+                                      device_ids=[device] if device.type == "cuda" else None)
+        # kept outside the module tree so parameter and state names stay the model's own
+        object.__setattr__(self, "_ddp", ddp)
+        self.dp_group = dp_group
 
     def train(self, mode: bool = True) -> "ParallelModule":
         # The exported graph fixed dropout/batch-norm behaviour at capture time (and
@@ -190,13 +210,19 @@ class ParallelModule(nn.Module):
 def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
                 device: "str | DeviceSpec | None" = None, objective: str = "time",
                 plan: Plan | None = None, group: dist.ProcessGroup | None = None,
-                mode: str = "training", weights: Any = None) -> ParallelModule:
+                mode: str = "training", weights: Any = None,
+                mesh: DeviceMesh | None = None) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
     ``weights`` (a state dict, a ``.safetensors`` file or a Hugging Face-style checkpoint
     folder) supplies the parameters: each rank reads only its slices. It is required when the
-    model's parameters are on the meta device (see ``autotp.empty_weights``)."""
+    model's parameters are on the meta device (see ``autotp.empty_weights``).
+
+    ``mesh`` (instead of ``group``): a DeviceMesh with a dim named ``"tp"`` and optionally one
+    more (e.g. ``init_device_mesh("cuda", (nodes, 8), mesh_dim_names=("dp", "tp"))``): tensor
+    parallelism inside "tp", data parallelism (DDP) across the other dim. Each data-parallel
+    replica is given its own slice of the global batch; ``example_inputs`` is such a slice."""
     if not dist.is_available() or not dist.is_initialized():
         raise ProcessGroupError(
             "autotp.parallelize needs an initialized torch.distributed process group: launch "
@@ -204,6 +230,9 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
             "torch.distributed.init_process_group('gloo' on CPU or 'nccl' on GPUs) first; "
             "use autotp.plan(...) to plan without processes")
     args, kwargs = _check_args(example_inputs, example_kwargs)
+    dp_group = None
+    if mesh is not None:
+        group, dp_group = _mesh_groups(mesh, group)
     comm = DistComm(group)
     backend = dist.get_backend(group)
     on_meta = _on_meta(model)
@@ -222,12 +251,16 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
         real_buffers = {}
         captured = capture(model, args, kwargs)
     c = build(captured, comm.world_size)
+    if dp_group is not None:
+        c.dp_size = dist.get_world_size(dp_group)
     if plan is None:
         spec = get_device(device, backend)
         p, choice = _plan_from(c, spec, objective, mode, None)
         # every rank solves the same program; rank 0's plan is authoritative all the same
-        box = [p.to_json() if comm.rank == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        # (on a mesh: global rank 0's, so that data-parallel replicas hold the same shards)
+        bgroup = None if dp_group is not None else group
+        box = [p.to_json() if dist.get_rank(bgroup) == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(bgroup, 0) if bgroup else 0, group=bgroup)
         if box[0] != p.to_json():
             p = Plan.from_json(box[0])
             choice = choice_from_plan(c, p)
@@ -238,7 +271,24 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
     gm, placements = rewrite(c, choice, comm, load)
     if on_meta:
         _fill_buffers(gm, real_buffers, source, here)
-    return ParallelModule(gm, p, comm, placements, captured)
+    pm = ParallelModule(gm, p, comm, placements, captured)
+    if dp_group is not None:
+        pm.data_parallel(dp_group, here)
+    return pm
+
+
+def _mesh_groups(mesh: DeviceMesh, group: dist.ProcessGroup | None
+                 ) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    names = mesh.mesh_dim_names or ()
+    if group is not None:
+        raise AutoTPError("pass either group= or mesh=, not both")
+    if "tp" not in names or mesh.ndim > 2:
+        raise AutoTPError(
+            f"mesh must have 1 or 2 named dims, one of them 'tp' (got {mesh.ndim} dims named "
+            f"{names}): e.g. init_device_mesh('cuda', (nodes, gpus_per_node), "
+            f"mesh_dim_names=('dp', 'tp'))")
+    dp = [n for n in names if n != "tp"]
+    return mesh.get_group("tp"), (mesh.get_group(dp[0]) if dp else None)
 
 
 def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):

@@ -90,7 +90,8 @@ def save_pretrained(tp: ParallelModule, path: str | os.PathLike, *, config: Any 
     config) is saved beside it. Collective: call on every rank. Returns the keys written."""
     _check(tp)
     folder = Path(path)
-    rank0 = tp.comm.rank == 0
+    # one writer: tensor-parallel rank 0 of the first data-parallel replica
+    rank0 = tp.comm.rank == 0 and (tp.dp_group is None or dist.get_rank(tp.dp_group) == 0)
     if rank0:
         folder.mkdir(parents=True, exist_ok=True)
     state = unique_state(tp)
@@ -211,7 +212,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                         state[f"optim/{key}/{name}"] = torch.tensor(float(v))
                 layout["optim"][key] = names
     dcp.save(state, checkpoint_id=str(path))
-    if rank == 0:
+    if dist.get_rank() == 0:
         (Path(path) / LAYOUT).write_text(json.dumps(layout, indent=2))
     _barrier(tp)
 

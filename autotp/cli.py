@@ -90,6 +90,7 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
         return plan_details(model, args, kwargs, world_size=world or a.world_size,
                             device=_device(device or a.device), objective=a.objective,
                             mode=a.mode, memory_budget=budget,
+                            data_parallel=getattr(a, "data_parallel", 1) or 1,
                             progress=lambda stage: status.update(stage + "…"))
 
 
@@ -463,6 +464,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=["training", "inference"], default="training")
         p.add_argument("--objective", choices=["time", "memory"], default="time")
         p.add_argument("--memory-gb", type=float, help="memory budget per device (default: the device's)")
+        p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                       help="replicas of the tensor-parallel group across nodes (2-D mesh); "
+                            "their gradient all-reduce counts in training")
 
     p = sub.add_parser("plan", help="show the plan for a model")
     p.add_argument("target")

@@ -136,5 +136,16 @@ def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n:
     return t * (1 + BACKWARD_COMPUTE_FACTOR if mode == "training" else 1.0)
 
 
+def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
+    """Data parallelism across ``dp`` replicas (usually across nodes): one ring all-reduce of a
+    parameter's local gradient per step over the inter-node link (the intra-node link when
+    the spec gives none). A split weight syncs 1/n of the bytes a replicated one does."""
+    if dp <= 1:
+        return 0.0
+    alpha = spec.inter_latency or spec.latency
+    beta = spec.inter_link_bandwidth or spec.link_bandwidth
+    return alpha + 2.0 * (dp - 1) / dp * local_bytes / beta
+
+
 def param_bytes(nbytes: int, p: Placement, n: int) -> float:
     return nbytes / n if isinstance(p, Shard) else float(nbytes)

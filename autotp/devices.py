@@ -12,6 +12,9 @@ Sources for the presets (dense, no sparsity):
 - cpu-gloo: this project's CI machine (2 cores) measured with gloo at 2 ranks: ~0.25 ms
   latency and ~1 GB/s all-reduce bus bandwidth (see docs/cost_model.md).
 Collective latency for NVLink presets: ~10 µs, the small-message floor nccl-tests reports.
+Across nodes (data parallelism on a 2-D mesh): one InfiniBand NIC per GPU as in NVIDIA's DGX
+reference designs: ConnectX-7 NDR 400 Gb/s = 50 GB/s per direction for H100/H200 nodes,
+ConnectX-6 HDR 200 Gb/s = 25 GB/s for A100 nodes; ~20 µs latency.
 """
 from __future__ import annotations
 
@@ -60,13 +63,13 @@ class DeviceSpec:
 GB = 1e9
 PRESETS: dict[str, DeviceSpec] = {
     "h100": DeviceSpec("h100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
-                       80 * GB, 3.35e12, 450 * GB, 10e-6),
+                       80 * GB, 3.35e12, 450 * GB, 10e-6, 50 * GB, 20e-6),
     "h200": DeviceSpec("h200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
-                       141 * GB, 4.8e12, 450 * GB, 10e-6),
+                       141 * GB, 4.8e12, 450 * GB, 10e-6, 50 * GB, 20e-6),
     "a100-80gb": DeviceSpec("a100-80gb", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
-                            80 * GB, 2.04e12, 300 * GB, 10e-6),
+                            80 * GB, 2.04e12, 300 * GB, 10e-6, 25 * GB, 20e-6),
     "a100-40gb": DeviceSpec("a100-40gb", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
-                            40 * GB, 1.56e12, 300 * GB, 10e-6),
+                            40 * GB, 1.56e12, 300 * GB, 10e-6, 25 * GB, 20e-6),
     "cpu-gloo": DeviceSpec("cpu-gloo", {"float32": 30e9, "bfloat16": 10e9, "float16": 5e9},
                            16 * GB, 10 * GB, 1 * GB, 250e-6),
 }

@@ -26,8 +26,8 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from .cost import (MODES, TRAINING_STATE_FACTOR, Transition, compute_time, param_bytes,
-                   transition, transition_time)
+from .cost import (MODES, TRAINING_STATE_FACTOR, Transition, compute_time, dp_grad_sync_time,
+                   param_bytes, transition, transition_time)
 from .devices import DeviceSpec
 from .errors import AutoTPError, InfeasiblePlanError
 from .placements import Placement
@@ -73,6 +73,13 @@ def _node_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) ->
     return compute_time(nc.target, ins, nc.metas, nc.strategies[s], c.world_size, spec, mode)
 
 
+def _dp_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> float:
+    """Data-parallel gradient all-reduce of a trained parameter, at its local size."""
+    if c.dp_size <= 1 or mode != "training" or name not in c.needs_grad:
+        return 0.0
+    return dp_grad_sync_time(_param_mem(c, name, s), c.dp_size, spec)
+
+
 def _param_mem(c: Candidates, name: str, s: int) -> float:
     nc = c.nodes[name]
     if nc.kind != "param":
@@ -106,7 +113,7 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
         nbytes = c.bytes_of(value)
         edges.append(EdgeCost(value, p, q, g, tuple(cons), t, nbytes,
                               transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode))))
-    comm = sum(e.time_s for e in edges)
+    comm = sum(e.time_s for e in edges) + sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items())
     return Evaluation(compute, comm, mem, tuple(edges))
 
 
@@ -125,7 +132,7 @@ class _Program:
         self.time: list[float] = [0.0] * self.n_x
         self.mem: list[float] = [0.0] * self.n_x
         for (name, s), i in self.index.items():
-            self.time[i] = _node_time(c, name, s, spec, mode)
+            self.time[i] = _node_time(c, name, s, spec, mode) + _dp_time(c, name, s, spec, mode)
             self.mem[i] = _param_mem(c, name, s)
         self.rows: list[tuple[dict[int, float], float, float]] = []
         self._one_hot()

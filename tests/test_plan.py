@@ -184,3 +184,23 @@ def test_repeat_interleave_gqa_keeps_megatron_plan() -> None:
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     assert p.count("all_reduce", "forward") == 4 and p.count("all_reduce", "backward") == 4
     assert p.count() == 8
+
+
+def test_data_parallel_gradient_sync_makes_sharding_pay() -> None:
+    """With a slow link across data-parallel replicas, a replicated weight's gradient
+    all-reduce costs more than tensor parallelism's collectives: the same model and inputs
+    get replicated weights at data_parallel=1 and split weights at data_parallel=8."""
+    model = MLP(d=1024, h=4096)
+    x = torch.randn(1, 1, 1024)
+    spec = DeviceSpec("slow-dp", {"float32": 1e14}, 80e9, 1e12, 1e9, 1e-3,
+                      inter_link_bandwidth=1e8, inter_latency=1e-3)
+    alone = autotp.plan(model, (x,), world_size=2, device=spec)
+    replicas = autotp.plan(model, (x,), world_size=2, device=spec, data_parallel=8)
+    assert alone.param_bytes_per_rank == alone.param_bytes_total
+    assert replicas.param_bytes_per_rank <= 0.51 * replicas.param_bytes_total
+    # predicted: each weight's local gradient all-reduced once over 8 replicas (ring model)
+    from autotp.cost import dp_grad_sync_time
+    local = [torch.Size(p.shape).numel() * 4 / (2 if p.placement.startswith("S") else 1)
+             for p in replicas.params]
+    sync = sum(dp_grad_sync_time(b, 8, spec) for b in local)
+    assert replicas.comm_time_s >= sync > 0.1
