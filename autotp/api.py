@@ -180,9 +180,9 @@ class ParallelModule(nn.Module):
         """Replicate this tensor-parallel module across ``dp_group`` with DDP (gradients
         averaged across replicas in backward)."""
         from torch.nn.parallel import DistributedDataParallel
-        used = {n.target for n in self.module.graph.nodes if n.op == "get_attr"}
-        unused = any(name not in used for name, _ in self.module.named_parameters())
-        ddp = DistributedDataParallel(self.module, process_group=dp_group, broadcast_buffers=False,
+        used = {id(fetch_attr(self.module, n.target)) for n in self.module.graph.nodes if n.op == "get_attr"}
+        unused = any(id(p) not in used for p in self.module.parameters())
+        ddp = DistributedDataParallel(self.module, process_group=dp_group, forward_sync_buffers=False,
                                       find_unused_parameters=unused,
                                       device_ids=[device] if device.type == "cuda" else None)
         # kept outside the module tree so parameter and state names stay the model's own
@@ -272,7 +272,7 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
     if on_meta:
         _fill_buffers(gm, real_buffers, source, here)
     pm = ParallelModule(gm, p, comm, placements, captured)
-    if dp_group is not None:
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
         pm.data_parallel(dp_group, here)
     return pm
 
