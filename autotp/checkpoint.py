@@ -79,7 +79,8 @@ def gather_state_dict(tp_module: ParallelModule) -> dict[str, torch.Tensor]:
     """Full tensors under the original ``model.state_dict()`` keys. Collective: call on every
     rank; each rank gets the whole state (tied weights under every original key)."""
     _check(tp_module)
-    return {k: full for keys, full in iter_state_dict(tp_module) for k in keys}
+    got = {k: full for keys, full in iter_state_dict(tp_module) for k in keys}
+    return {k: got[k] for k in tp_module.state_keys}  # state_dict() order
 
 
 def save_pretrained(tp: ParallelModule, path: str | os.PathLike, *, config: Any = None,
