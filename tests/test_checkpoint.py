@@ -5,7 +5,6 @@ as an uninterrupted single-device run."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import torch
 
@@ -14,26 +13,37 @@ from dist_utils import run_ranks
 from models import build, first_tensor
 
 
-def _save(rank: int, world: int, name: str, out: str) -> list[str]:
-    model, args, kwargs, _ = build(name)
-    tp = autotp.parallelize(model, args, kwargs, objective="memory")
-    return autotp.save_pretrained(tp, out, config=model.config, max_shard_bytes=100_000)
+NAMES = ("gpt2", "llama")
 
 
-def _reload(rank: int, world: int, name: str, out: str) -> float:
-    model, args, kwargs, make = build(name)
-    with autotp.empty_weights():
-        empty = type(model)(model.config)
-    tp = autotp.parallelize(empty, args, kwargs, weights=out, objective="memory")
-    torch.manual_seed(1)
-    a, k = make(3, 6)
-    return (first_tensor(tp(*a, **k)) - first_tensor(model(*a, **k))).abs().max().item()
+def _save(rank: int, world: int, root: str) -> dict[str, list[str]]:
+    keys = {}
+    for name in NAMES:
+        model, args, kwargs, _ = build(name)
+        tp = autotp.parallelize(model, args, kwargs, objective="memory")
+        keys[name] = autotp.save_pretrained(tp, f"{root}/{name}", config=model.config,
+                                            max_shard_bytes=100_000)
+    return keys
+
+
+def _reload(rank: int, world: int, root: str) -> dict[str, float]:
+    errors = {}
+    for name in NAMES:
+        model, args, kwargs, make = build(name)
+        with autotp.empty_weights():
+            empty = type(model)(model.config)
+        tp = autotp.parallelize(empty, args, kwargs, weights=f"{root}/{name}", objective="memory")
+        torch.manual_seed(1)
+        a, k = make(3, 6)
+        errors[name] = (first_tensor(tp(*a, **k)) - first_tensor(model(*a, **k))).abs().max().item()
+    return errors
 
 
 def test_save_pretrained_loads_in_transformers_and_at_another_world_size(tmp_path) -> None:
-    for name in ("gpt2", "llama"):
+    saved = run_ranks(_save, 2, str(tmp_path))[0]
+    for name in NAMES:
         out = tmp_path / name
-        keys = run_ranks(_save, 2, name, str(out))[0]
+        keys = saved[name]
         model, *_ = build(name)
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(keys)
@@ -42,8 +52,8 @@ def test_save_pretrained_loads_in_transformers_and_at_another_world_size(tmp_pat
         loaded = type(model).from_pretrained(out)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
-        for err in run_ranks(_reload, 4, name, str(out)):
-            assert err <= 1e-5, (name, err)
+    for errors in run_ranks(_reload, 4, str(tmp_path)):
+        assert all(err <= 1e-5 for err in errors.values()), errors
 
 
 def _batches(make):
@@ -55,26 +65,31 @@ def _loss(out) -> torch.Tensor:
     return first_tensor(out).square().mean()
 
 
-def _train(rank: int, world: int, name: str, ck: str, steps: tuple[int, int], resume: bool):
-    # the resumed run starts from other weights (seed 3): everything must come from the checkpoint
-    model, args, kwargs, make = build(name, seed=3 if resume else 0)
-    tp = autotp.parallelize(model, args, kwargs, objective="memory")
-    opt = torch.optim.SGD(tp.parameters(), lr=0.1, momentum=0.9)
-    if resume:
-        autotp.load_checkpoint(tp, ck, opt)
-    for a, k in _batches(make)[steps[0]:steps[1]]:
-        opt.zero_grad()
-        _loss(tp(*a, **k)).backward()
-        opt.step()
-    if not resume:
-        autotp.save_checkpoint(tp, ck, opt)
-        return None
-    return autotp.gather_state_dict(tp)
+def _train(rank: int, world: int, root: str, steps: tuple[int, int], resume: bool):
+    states = {}
+    for name in NAMES:
+        # the resumed run starts from other weights (seed 3): all must come from the checkpoint
+        model, args, kwargs, make = build(name, seed=3 if resume else 0)
+        tp = autotp.parallelize(model, args, kwargs, objective="memory")
+        opt = torch.optim.SGD(tp.parameters(), lr=0.1, momentum=0.9)
+        if resume:
+            autotp.load_checkpoint(tp, f"{root}/{name}", opt)
+        for a, k in _batches(make)[steps[0]:steps[1]]:
+            opt.zero_grad()
+            _loss(tp(*a, **k)).backward()
+            opt.step()
+        if resume:
+            states[name] = autotp.gather_state_dict(tp)
+        else:
+            autotp.save_checkpoint(tp, f"{root}/{name}", opt)
+    return states
 
 
 def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path) -> None:
     # GPT-2's fused QKV is saved block by block; momentum buffers are optimizer state
-    for name in ("gpt2", "llama"):
+    run_ranks(_train, 2, str(tmp_path), (0, 2), False)
+    resumed = run_ranks(_train, 4, str(tmp_path), (2, 4), True)
+    for name in NAMES:
         ck = tmp_path / name
         model, _, _, make = build(name)
         ref_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -82,13 +97,11 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path) -> None:
             ref_opt.zero_grad()
             _loss(model(*a, **k)).backward()
             ref_opt.step()
-        run_ranks(_train, 2, name, str(ck), (0, 2), False)
         layout = json.loads((ck / "autotp_layout.json").read_text())
         if name == "gpt2":
             assert layout["blocks"], "the fused QKV should be saved in blocks"
         assert all(v == {"momentum_buffer": "param"} for v in layout["optim"].values())
-        for state in run_ranks(_train, 4, name, str(ck), (2, 4), True):
+        for states in resumed:
             for key, v in model.state_dict().items():
-                torch.testing.assert_close(state[key], v, rtol=1e-5, atol=1e-5,
+                torch.testing.assert_close(states[name][key], v, rtol=1e-5, atol=1e-5,
                                            msg=lambda m: f"{name} {key}: {m}")
-        shutil.rmtree(ck)
