@@ -17,7 +17,7 @@ from .capture import Captured, capture, fetch_attr, set_attr
 from .collectives import Comm, DistComm
 from .devices import DeviceSpec, get_device
 from .errors import AutoTPError, PlanError, ProcessGroupError
-from .placements import Placement, Replicate, Shard, parse, parse_out, unshard
+from .placements import Placement, Replicate, parse, parse_out
 from .plans import Plan, make_plan
 from .rewrite import rewrite
 from .solver import Choice, evaluate, solve
@@ -334,68 +334,3 @@ def _fill_buffers(gm: torch.fx.GraphModule, real: dict[str, torch.Tensor], sourc
             "(non-persistent buffers such as rotary frequencies never are): build the model "
             "under `with autotp.empty_weights():` instead of torch.device('meta'), which keeps "
             "buffers real and puts only parameters on meta")
-
-
-def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):
-    keys = set(source.keys())
-
-    def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
-        key = next((k for k in names if k in keys), None)
-        if key is None:
-            near = difflib.get_close_matches(names[0], list(keys), n=3)
-            raise AutoTPError(
-                f"{source.describe()} has no tensor for parameter {' / '.join(names)} "
-                f"(shape {tuple(full.shape)})" + (f"; close: {', '.join(near)}" if near else "")
-                + "; the checkpoint's keys must be the model's state_dict() keys")
-        shape, _ = source.meta(key)
-        if tuple(shape) != tuple(full.shape):
-            raise AutoTPError(f"{source.describe()}: {key} has shape {tuple(shape)}, the model's "
-                              f"parameter has {tuple(full.shape)}: was it built from another config?")
-        return source.read(key, place, rank, world_size).to(device=here, dtype=full.dtype)
-    return load
-
-
-def _to_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
-
-
-def _fill_buffers(gm: torch.fx.GraphModule, real: dict[str, torch.Tensor], source: WeightSource | None,
-                  here: torch.device) -> None:
-    keys = set(source.keys()) if source is not None else set()
-    missing = []
-    for name, b in list(gm.named_buffers()):
-        if b.device.type != "meta":
-            continue
-        if name in real:
-            set_attr(gm, name, real[name].to(here))
-        elif name in keys:
-            set_attr(gm, name, source.read(name, Replicate(), 0, 1).to(device=here, dtype=b.dtype))
-        else:
-            missing.append(name)
-    if missing:
-        raise AutoTPError(
-            f"buffers {', '.join(missing[:5])} are on the meta device and not in the checkpoint "
-            "(non-persistent buffers such as rotary frequencies never are): build the model "
-            "under `with autotp.empty_weights():` instead of torch.device('meta'), which keeps "
-            "buffers real and puts only parameters on meta")
-
-
-def gather_state_dict(tp_module: ParallelModule) -> dict[str, torch.Tensor]:
-    """Full tensors under the original ``model.state_dict()`` keys. Collective: call on every
-    rank; each rank gets the whole state (tied weights under every original key)."""
-    if not isinstance(tp_module, ParallelModule):
-        raise AutoTPError("gather_state_dict takes the module returned by autotp.parallelize")
-    out: dict[str, torch.Tensor] = {}
-    done: dict[int, torch.Tensor] = {}
-    for key in tp_module.state_keys:
-        t = fetch_attr(tp_module.module, key)
-        if id(t) in done:
-            out[key] = done[id(t)]
-            continue
-        place = tp_module.placements.get(key)
-        full = t.detach()
-        if isinstance(place, Shard):
-            full = unshard(tp_module.comm.all_gather(full), place)
-        done[id(t)] = out[key] = full.clone()
-    return out
