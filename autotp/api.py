@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree  # see capture.py
 
 from .capture import Captured, capture, fetch_attr, set_attr
-from .collectives import Comm, DistComm
+from .collectives import Comm, DistComm, gather_shards
 from .devices import DeviceSpec, get_device
 from .errors import AutoTPError, PlanError, ProcessGroupError
 from .placements import Placement, Replicate, Shard, parse, parse_out, unshard
@@ -396,6 +396,7 @@ def gather_state_dict(tp_module: ParallelModule) -> dict[str, torch.Tensor]:
         place = tp_module.placements.get(key)
         full = t.detach()
         if isinstance(place, Shard):
-            full = unshard(tp_module.comm.all_gather(full), place)
+            full = gather_shards(tp_module.comm, full, place,
+                                 tp_module.state_meta[key][0][place.dim % full.dim()])
         done[id(t)] = out[key] = full.clone()
     return out
