@@ -23,6 +23,7 @@ used by the collectives, the parameter slicer and the state-dict gatherer.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -104,12 +105,20 @@ def _blocks(p: Shard, size: int) -> Sequence[int]:
 
 def make_shard(dim: int, size: int, grain: int, world_size: int,
                blocks: tuple[int, ...] | None = None) -> Shard:
-    """``Shard(dim, blocks, grain)`` normalized: ``grain=None`` when it does not change the
-    split (grain 1, or n divides the units of every block: the even split)."""
-    units = [b // grain for b in (blocks if blocks is not None else (size,))]
-    if grain == 1 or all(u % world_size == 0 for u in units):
-        return Shard(dim, blocks)
-    return Shard(dim, blocks, grain)
+    """``Shard(dim, blocks, grain)`` in canonical form: the smallest grain that cuts the same
+    pieces (``None`` for 1), so that placements laying out a tensor identically compare equal
+    (heads in pairs or one by one, 4 on 3 ranks: both 2, 2, 0; an even split is grain 1)."""
+    return Shard(dim, blocks, _canonical_grain(size, grain, world_size, blocks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_grain(size: int, grain: int, n: int, blocks: tuple[int, ...] | None) -> int | None:
+    want = [shard_ranges(Shard(0, blocks, grain), size, r, n) for r in range(n)]
+    for g in range(1, grain):
+        if all(b % g == 0 for b in (blocks or (size,))) and \
+                all(shard_ranges(Shard(0, blocks, g), size, r, n) == want[r] for r in range(n)):
+            return None if g == 1 else g
+    return None if grain == 1 else grain
 
 
 def shard_ranges(p: Placement, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
