@@ -16,6 +16,11 @@ A ``Shard(d, blocks=...)`` parameter (fused QKV) has no DTensor placement: each 
 as its own DTensor (``name#block<j>``) with ``Shard(d)``; the block sizes are a property of the
 model, not of the world size, so that too reshards. ``autotp_layout.json`` records the blocks
 and the optimizer's state names and hyperparameters.
+
+Uneven splits: an element-wise one (vocab 257 on 3 ranks: 86, 86, 85) is DTensor's own
+torch.chunk rule, so it is saved and loaded as a DTensor ``Shard``. A head-boundary one
+(``Shard(d, grain=g)``) has no DTensor placement: it is gathered and saved whole (DCP keeps one
+copy of identical replicated entries) and loaded whole, then sliced.
 """
 from __future__ import annotations
 
