@@ -24,6 +24,7 @@ used by the collectives, the parameter slicer and the state-dict gatherer.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -114,7 +115,8 @@ def make_shard(dim: int, size: int, grain: int, world_size: int,
 @functools.lru_cache(maxsize=4096)
 def _canonical_grain(size: int, grain: int, n: int, blocks: tuple[int, ...] | None) -> int | None:
     want = [shard_ranges(Shard(0, blocks, grain), size, r, n) for r in range(n)]
-    for g in range(1, grain):
+    divs = {d for i in range(1, math.isqrt(size) + 1) if size % i == 0 for d in (i, size // i)}
+    for g in sorted(d for d in divs if d < grain):
         if all(b % g == 0 for b in (blocks or (size,))) and \
                 all(shard_ranges(Shard(0, blocks, g), size, r, n) == want[r] for r in range(n)):
             return None if g == 1 else g
