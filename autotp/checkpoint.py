@@ -16,6 +16,11 @@ A ``Shard(d, blocks=...)`` parameter (fused QKV) has no DTensor placement: each 
 as its own DTensor (``name#block<j>``) with ``Shard(d)``; the block sizes are a property of the
 model, not of the world size, so that too reshards. ``autotp_layout.json`` records the blocks
 and the optimizer's state names and hyperparameters.
+
+Uneven splits: an element-wise one (vocab 257 on 3 ranks: 86, 86, 85) is DTensor's own
+torch.chunk rule, so it is saved and loaded as a DTensor ``Shard``. A head-boundary one
+(``Shard(d, grain=g)``) has no DTensor placement: it is gathered and saved whole (DCP keeps one
+copy of identical replicated entries) and loaded whole, then sliced.
 """
 from __future__ import annotations
 
@@ -33,9 +38,9 @@ from torch.distributed.tensor import Shard as DShard
 
 from .api import ParallelModule
 from .capture import fetch_attr
-from .collectives import DistComm
+from .collectives import DistComm, gather_shards
 from .errors import AutoTPError
-from .placements import Placement, Replicate, Shard, shard_tensor, unshard
+from .placements import Placement, Replicate, Shard, shard_tensor
 from .weights import _ranges, write_safetensors
 
 LAYOUT = "autotp_layout.json"
@@ -69,7 +74,7 @@ def iter_state_dict(tp: ParallelModule) -> Iterator[tuple[list[str], torch.Tenso
     for keys, t, place in unique_state(tp):
         full = t.detach()
         if isinstance(place, Shard):
-            full = unshard(tp.comm.all_gather(full), place)
+            full = gather_shards(tp.comm, full, place, tp.state_meta[keys[0]][0][place.dim % full.dim()])
         else:
             full = full.clone()
         yield keys, full
@@ -148,11 +153,15 @@ def _mesh(tp: ParallelModule) -> DeviceMesh:
 
 
 def _pieces(local: torch.Tensor, place: Placement, global_shape: tuple[int, ...], rank: int, n: int,
-            mesh: DeviceMesh) -> list[tuple[str, Any]]:
+            mesh: DeviceMesh, comm: DistComm) -> list[tuple[str, Any]]:
     """(key suffix, value to save) for one local tensor."""
     if not isinstance(place, Shard):
         return [("", local)]
     d = place.dim % len(global_shape)
+    if place.grain is not None:
+        # split on head boundaries unevenly: DTensor's Shard chunks element by element, so it
+        # cannot describe these pieces; save the whole tensor (every rank holds the same one)
+        return [("", gather_shards(comm, local, place, global_shape[d]))]
     if place.blocks is None:
         return [("", DTensor.from_local(local, mesh, [DShard(d)], shape=torch.Size(global_shape),
                                         stride=_stride(global_shape)))]
@@ -186,7 +195,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     for keys, t, place in unique_state(tp):
         key = keys[0]
         shape = tp.state_meta[key][0]
-        for suffix, v in _pieces(t.detach(), place, shape, rank, n, mesh):
+        for suffix, v in _pieces(t.detach(), place, shape, rank, n, mesh, tp.comm):
             state[f"model/{key}{suffix}"] = v
         if isinstance(place, Shard) and place.blocks is not None:
             layout["blocks"][key] = {"dim": place.dim % len(shape), "blocks": list(place.blocks)}
@@ -203,7 +212,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                 for name, v in optimizer.state.get(p, {}).items():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
                         names[name] = "param"
-                        for suffix, x in _pieces(v, place, shape, rank, n, mesh):
+                        for suffix, x in _pieces(v, place, shape, rank, n, mesh, tp.comm):
                             state[f"optim/{key}/{name}{suffix}"] = x
                     elif isinstance(v, torch.Tensor):
                         names[name] = "tensor"
@@ -283,7 +292,7 @@ def _targets(prefix: str, place: Placement, shape: tuple[int, ...], target: torc
         return torch.empty(s, dtype=target.dtype, device=target.device)
 
     if saved is None:  # saved as one tensor
-        if isinstance(place, Shard) and place.blocks is None:
+        if isinstance(place, Shard) and place.blocks is None and place.grain is None:
             d = place.dim % len(shape)
             v = DTensor.from_local(tensor_like(tuple(target.shape)), mesh, [DShard(d)],
                                    shape=torch.Size(shape), stride=_stride(shape))
@@ -295,7 +304,8 @@ def _targets(prefix: str, place: Placement, shape: tuple[int, ...], target: torc
         return {prefix: full}, lambda: target.copy_(shard_tensor(full, place, rank, n))
     ds, blocks = saved["dim"], saved["blocks"]
     block_shapes = [shape[:ds] + (b,) + shape[ds + 1:] for b in blocks]
-    if isinstance(place, Shard) and (place.dim % len(shape) != ds or tuple(blocks) == place.blocks):
+    if isinstance(place, Shard) and place.grain is None and (
+            place.dim % len(shape) != ds or tuple(blocks) == place.blocks):
         # chunking along d commutes with the concatenation of blocks along ds
         d = place.dim % len(shape)
         parts = []

@@ -20,6 +20,12 @@ world_size x gradients, which is why these are written here.
 ``Comm`` is the transport: ``DistComm`` runs on a torch.distributed process group (gloo,
 NCCL); tests and the SPMD simulator may provide another. Every call is counted by
 (kind, phase) so tests and the CLI can compare what ran with what the plan says.
+
+Uneven shards (torch.chunk sizes, see placements.py): gloo's and NCCL's all_gather and
+reduce_scatter need equal sizes, so each piece is zero-padded along the shard dim to the
+largest rank's size (rank 0's) and trimmed after; the Comm always sees equal shapes. The
+all-gather needs the global size along the dim to know every rank's size: ``Redistribute``
+keeps the value's global shape (shard dims are static).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .cost import convert_ops, dual
-from .placements import Placement, Shard, rank_major, shard_tensor, unshard
+from .placements import Placement, Shard, local_sizes, rank_major, shard_tensor, unshard
 
 
 class Comm:
@@ -78,8 +84,41 @@ class DistComm(Comm):
         return out
 
 
-def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: str) -> torch.Tensor:
-    """Turn a local value placed ``src`` into one placed ``dst`` (see the table above)."""
+def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t
+    pad = list(t.shape)
+    pad[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(pad)], dim=dim)
+
+
+def gather_shards(comm: Comm, x: torch.Tensor, p: Shard, size: int | None = None) -> torch.Tensor:
+    """The full tensor from every rank's piece ``x`` placed ``p``; ``size`` is the global size
+    along ``p.dim`` (needed when the split may be uneven; None means even)."""
+    n = comm.world_size
+    d = p.dim % x.dim()
+    if size is None:
+        size = x.shape[d] * n if p.blocks is None else sum(p.blocks)
+    sizes = local_sizes(p, size, n)
+    m = max(sizes)
+    parts = comm.all_gather(_pad_to(x, d, m))
+    return unshard([t.narrow(d, 0, k) for t, k in zip(parts, sizes)], p)
+
+
+def scatter_reduce(comm: Comm, x: torch.Tensor, p: Shard) -> torch.Tensor:
+    """This rank's piece (placed ``p``) of the sum over ranks of the full-shaped ``x``."""
+    n = comm.world_size
+    d = p.dim % x.dim()
+    sizes = local_sizes(p, x.shape[d], n)
+    m = max(sizes)
+    chunks = [_pad_to(c, d, m) for c in rank_major(x, p, n).split(sizes, dim=d)]
+    return comm.reduce_scatter(chunks).narrow(d, 0, sizes[comm.rank])
+
+
+def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: str,
+            size: int | None = None) -> torch.Tensor:
+    """Turn a local value placed ``src`` into one placed ``dst`` (see the table above).
+    ``size``: the global size along ``src``'s shard dim (for an all-gather of uneven pieces)."""
     ops = convert_ops(src, dst)
     if ops is None:
         raise AssertionError(f"no conversion {src} -> {dst}")
@@ -91,11 +130,10 @@ def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: 
             x = comm.all_reduce(x)
         elif op == "all_gather":
             assert isinstance(src, Shard)
-            x = unshard(comm.all_gather(x), src)
+            x = gather_shards(comm, x, src, size)
         elif op == "reduce_scatter":
             assert isinstance(dst, Shard)
-            d = dst.dim % x.dim()
-            x = comm.reduce_scatter(rank_major(x, dst, n).chunk(n, dim=d))
+            x = scatter_reduce(comm, x, dst)
         if op != "slice":
             comm.counts[(op, phase)] += 1
     return x if ops else x.view_as(x)
@@ -105,26 +143,36 @@ class _Redistribute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mod: "Redistribute") -> torch.Tensor:  # type: ignore[override]
         ctx.mod = mod
-        return convert(x, mod.src, mod.dst, mod.comm, "forward")
+        return convert(x, mod.src, mod.dst, mod.comm, "forward", mod.size_of(mod.src))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         mod = ctx.mod
-        return convert(g, mod.grad_src, mod.grad_dst, mod.comm, "backward"), None
+        return convert(g, mod.grad_src, mod.grad_dst, mod.comm, "backward",
+                       mod.size_of(mod.grad_src)), None
 
 
 class Redistribute(nn.Module):
     """A transition in the rewritten graph: forward ``src -> dst``, backward
-    ``grad_src -> grad_dst`` (= dual(src))."""
+    ``grad_src -> grad_dst`` (= dual(src)). ``shape``: the value's global shape (its shard
+    dims are static), so uneven pieces can be gathered."""
 
-    def __init__(self, comm: Comm, src: Placement, dst: Placement, grad_src: Placement):
+    def __init__(self, comm: Comm, src: Placement, dst: Placement, grad_src: Placement,
+                 shape: tuple | None = None):
         super().__init__()
         self.comm = comm
         self.src, self.dst, self.grad_src, self.grad_dst = src, dst, grad_src, dual(src)
+        self.shape = tuple(shape) if shape is not None else None
+
+    def size_of(self, p: Placement) -> int | None:
+        if not isinstance(p, Shard) or self.shape is None:
+            return None
+        s = self.shape[p.dim % len(self.shape)]
+        return s if isinstance(s, int) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:
-            return convert(x, self.src, self.dst, self.comm, "forward")
+            return convert(x, self.src, self.dst, self.comm, "forward", self.size_of(self.src))
         return _Redistribute.apply(x, self)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,11 @@ embeddings (elementwise ops are assumed fused into their producer and cost nothi
 Training counts the backward as 2x the forward compute and adds the conjugate collective of
 every transition (see ``transition``). Memory per rank is the parameter bytes (x4 in training:
 parameter, gradient and two Adam moments).
+
+Uneven splits (torch.chunk sizes, see placements.py) are costed at the largest rank, which sets
+the step time and the memory that must fit: compute and parameter bytes scale by the largest
+local fraction (``shard_fraction``) instead of 1/n, and an all-gather or reduce-scatter moves
+n pieces padded to the largest (``pad_factor``).
 See docs/cost_model.md for the derivations.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .devices import DeviceSpec
-from .placements import Partial, Placement, Replicate, Shard
+from .placements import Partial, Placement, Replicate, Shard, local_size
 from .rules import Strategy
 
 aten = torch.ops.aten
@@ -95,13 +100,28 @@ def transition(p: Placement, q: Placement, g: Placement, is_param: bool = False)
     return Transition(fwd, bwd)
 
 
-def ops_time(ops: tuple[str, ...], nbytes: float, n: int, spec: DeviceSpec) -> float:
-    return sum(_TIME[k](nbytes, n, spec) for k in ops)
+def shard_fraction(p: Placement, shape: tuple[int, ...], n: int) -> float:
+    """The largest rank's share of a tensor placed ``p`` (1/n when even, 1 when not split)."""
+    if not isinstance(p, Shard) or not shape:
+        return 1.0
+    size = shape[p.dim % len(shape)]
+    return local_size(p, size, n, 0) / size if size else 1.0
 
 
-def transition_time(t: Transition, nbytes: float, n: int, spec: DeviceSpec, mode: str) -> float:
-    fwd = ops_time(t.forward, nbytes, n, spec)
-    return fwd + (ops_time(t.backward, nbytes, n, spec) if mode == "training" else 0.0)
+def pad_factor(placements: tuple[Placement, ...], shape: tuple[int, ...], n: int) -> float:
+    """How much larger than the tensor an all-gather / reduce-scatter among ``placements``
+    moves: pieces are padded to the largest rank's (1.0 when every split is even)."""
+    return max([1.0] + [n * shard_fraction(p, shape, n) for p in placements if isinstance(p, Shard)])
+
+
+def ops_time(ops: tuple[str, ...], nbytes: float, n: int, spec: DeviceSpec, pad: float = 1.0) -> float:
+    return sum(_TIME[k](nbytes * (1.0 if k == "all_reduce" else pad), n, spec) for k in ops)
+
+
+def transition_time(t: Transition, nbytes: float, n: int, spec: DeviceSpec, mode: str,
+                    pad: float = 1.0) -> float:
+    fwd = ops_time(t.forward, nbytes, n, spec, pad)
+    return fwd + (ops_time(t.backward, nbytes, n, spec, pad) if mode == "training" else 0.0)
 
 
 def op_flops(target: object, ins: tuple, outs: tuple) -> float:
@@ -127,10 +147,13 @@ def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n:
     never pays a collective to save an elementwise pass."""
     if not outs or target not in COMPUTE_OPS:
         return 0.0
-    split = any(isinstance(p, Shard) for p in (*strategy.inputs, *strategy.outputs()))
-    factor = n if split else 1
-    flops = op_flops(target, ins, outs) / factor
-    nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) / factor
+    # the slowest rank sets the time: the largest local share of any split tensor
+    fracs = [shard_fraction(p, m.shape, n)
+             for p, m in zip((*strategy.inputs, *strategy.outputs()), (*ins, *outs))
+             if m is not None and isinstance(p, Shard)]
+    frac = max(fracs) if fracs else 1.0
+    flops = op_flops(target, ins, outs) * frac
+    nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) * frac
     dtype = outs[0].dtype if outs[0] is not None else torch.float32
     t = max(flops / spec.peak_flops(dtype), nbytes / spec.memory_bandwidth)
     return t * (1 + BACKWARD_COMPUTE_FACTOR if mode == "training" else 1.0)
@@ -147,5 +170,8 @@ def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
     return alpha + 2.0 * (dp - 1) / dp * local_bytes / beta
 
 
-def param_bytes(nbytes: int, p: Placement, n: int) -> float:
-    return nbytes / n if isinstance(p, Shard) else float(nbytes)
+def param_bytes(nbytes: int, p: Placement, n: int, shape: tuple[int, ...] | None = None) -> float:
+    """Bytes of a parameter on the rank holding the most of it."""
+    if not isinstance(p, Shard):
+        return float(nbytes)
+    return nbytes * shard_fraction(p, shape, n) if shape else nbytes / n

@@ -7,11 +7,24 @@ into ``world_size`` contiguous chunks; rank r holds the r-th chunk of every bloc
 With ``blocks=None`` it is DTensor's contiguous ``Shard``. (DTensor's private ``_StridedShard``
 plays the same role there.)
 
+Uneven splits (a world size that does not divide the dim) follow ``torch.chunk``, as DTensor's
+``Shard`` does: the dim (each block) is cut into ``units = size // grain`` units, every rank
+gets ``c = ceil(units / n)`` consecutive units until they run out, so rank r holds units
+``[min(r c, units), min((r + 1) c, units))``; the last ranks may hold fewer, or none
+(4 heads on 3 ranks: 2, 2, 0; vocab 257: 86, 86, 85). Rank 0 always holds the most.
+``grain`` (default 1, written None) is the number of elements per unit: a hidden dim of
+``H * d`` split on head boundaries has ``grain=d``. When n divides ``units`` the split is the
+even one whatever the grain, and placements are normalized to ``grain=None`` (see
+``make_shard``). ``shard_ranges`` is the one definition every slicer uses (``shard_tensor``,
+``weights.py``'s reader, checkpoints).
+
 Helpers here convert full tensors to local shards and back; they are pure tensor functions
 used by the collectives, the parameter slicer and the state-dict gatherer.
 """
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -37,22 +50,27 @@ class Partial:
 
 @dataclass(frozen=True)
 class Shard:
-    """Rank r holds the r-th of ``world_size`` equal contiguous chunks along ``dim``
-    (of each block, when ``blocks`` gives the block sizes along ``dim``)."""
+    """Rank r holds the r-th of ``world_size`` contiguous chunks along ``dim`` (of each
+    block, when ``blocks`` gives the block sizes along ``dim``), torch.chunk-sized in units
+    of ``grain`` elements (see the module docstring)."""
 
     dim: int
     blocks: tuple[int, ...] | None = None
+    grain: int | None = None
 
     def __str__(self) -> str:
-        if self.blocks is None:
-            return f"S({self.dim})"
-        return f"S({self.dim},blocks={'+'.join(map(str, self.blocks))})"
+        extra = ""
+        if self.blocks is not None:
+            extra += f",blocks={'+'.join(map(str, self.blocks))}"
+        if self.grain is not None:
+            extra += f",grain={self.grain}"
+        return f"S({self.dim}{extra})"
 
 
 Placement = Union[Replicate, Partial, Shard]
 OutPlacement = Union[Placement, tuple[Placement, ...]]
 
-_SHARD_RE = re.compile(r"^S\((-?\d+)(?:,blocks=([\d+]+))?\)$")
+_SHARD_RE = re.compile(r"^S\((-?\d+)(?:,blocks=([\d+]+))?(?:,grain=(\d+))?\)$")
 
 
 def parse(text: str) -> Placement:
@@ -63,9 +81,10 @@ def parse(text: str) -> Placement:
         return Partial()
     m = _SHARD_RE.match(text)
     if not m:
-        raise ValueError(f"not a placement: {text!r} (expected R, P, S(d) or S(d,blocks=a+b))")
+        raise ValueError(f"not a placement: {text!r} (expected R, P, S(d), S(d,blocks=a+b) "
+                         f"or S(d,grain=g))")
     blocks = tuple(int(b) for b in m.group(2).split("+")) if m.group(2) else None
-    return Shard(int(m.group(1)), blocks)
+    return Shard(int(m.group(1)), blocks, int(m.group(3)) if m.group(3) else None)
 
 
 def format_out(p: OutPlacement) -> str:
@@ -85,10 +104,51 @@ def _blocks(p: Shard, size: int) -> Sequence[int]:
     return p.blocks if p.blocks is not None else (size,)
 
 
-def local_size(p: Placement, size: int, world_size: int) -> int:
-    """Size along the sharded dim on one rank."""
-    assert isinstance(p, Shard)
-    return sum(b // world_size for b in _blocks(p, size))
+def make_shard(dim: int, size: int, grain: int, world_size: int,
+               blocks: tuple[int, ...] | None = None) -> Shard:
+    """``Shard(dim, blocks, grain)`` in canonical form: the smallest grain that cuts the same
+    pieces (``None`` for 1), so that placements laying out a tensor identically compare equal
+    (heads in pairs or one by one, 4 on 3 ranks: both 2, 2, 0; an even split is grain 1)."""
+    return Shard(dim, blocks, _canonical_grain(size, grain, world_size, blocks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_grain(size: int, grain: int, n: int, blocks: tuple[int, ...] | None) -> int | None:
+    want = [shard_ranges(Shard(0, blocks, grain), size, r, n) for r in range(n)]
+    divs = {d for i in range(1, math.isqrt(size) + 1) if size % i == 0 for d in (i, size // i)}
+    for g in sorted(d for d in divs if d < grain):
+        if all(b % g == 0 for b in (blocks or (size,))) and \
+                all(shard_ranges(Shard(0, blocks, g), size, r, n) == want[r] for r in range(n)):
+            return None if g == 1 else g
+    return None if grain == 1 else grain
+
+
+def shard_ranges(p: Placement, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """This rank's [start, end) index ranges along the sharded dim, one per block: the one
+    definition of the split (torch.chunk sizes in units of ``grain``; possibly empty)."""
+    if not isinstance(p, Shard):
+        return [(0, size)]
+    g = p.grain or 1
+    out, off = [], 0
+    for b in _blocks(p, size):
+        units = b // g
+        c = -(-units // world_size)
+        out.append((off + min(rank * c, units) * g, off + min((rank + 1) * c, units) * g))
+        off += b
+    return out
+
+
+def local_size(p: Placement, size: int, world_size: int, rank: int = 0) -> int:
+    """Size along the sharded dim on ``rank`` (rank 0 holds the most)."""
+    return sum(b - a for a, b in shard_ranges(p, size, rank, world_size))
+
+
+def local_sizes(p: Placement, size: int, world_size: int) -> list[int]:
+    return [local_size(p, size, world_size, r) for r in range(world_size)]
+
+
+def is_even(p: Placement, size: int, world_size: int) -> bool:
+    return len(set(local_sizes(p, size, world_size))) == 1
 
 
 def shard_tensor(full: torch.Tensor, p: Placement, rank: int, world_size: int) -> torch.Tensor:
@@ -97,9 +157,7 @@ def shard_tensor(full: torch.Tensor, p: Placement, rank: int, world_size: int) -
         return full
     assert isinstance(p, Shard), p
     dim = p.dim % full.dim()
-    pieces = []
-    for block in full.split(list(_blocks(p, full.shape[dim])), dim=dim):
-        pieces.append(block.chunk(world_size, dim=dim)[rank])
+    pieces = [full.narrow(dim, a, b - a) for a, b in shard_ranges(p, full.shape[dim], rank, world_size)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
@@ -109,14 +167,17 @@ def unshard(locals_: Sequence[torch.Tensor], p: Shard) -> torch.Tensor:
     n = len(locals_)
     if p.blocks is None:
         return torch.cat(list(locals_), dim=dim)
-    sizes = [b // n for b in p.blocks]
-    per_rank = [t.split(sizes, dim=dim) for t in locals_]
-    return torch.cat([per_rank[r][j] for j in range(len(sizes)) for r in range(n)], dim=dim)
+    size = sum(p.blocks)
+    per_rank = []
+    for r, t in enumerate(locals_):
+        sizes = [b - a for a, b in shard_ranges(p, size, r, n)]
+        per_rank.append(t.split(sizes, dim=dim))
+    return torch.cat([per_rank[r][j] for j in range(len(p.blocks)) for r in range(n)], dim=dim)
 
 
 def rank_major(full: torch.Tensor, p: Shard, world_size: int) -> torch.Tensor:
-    """``full`` reordered along ``p.dim`` so that rank r's piece is the r-th contiguous chunk
-    (the layout reduce_scatter expects)."""
+    """``full`` reordered along ``p.dim`` so that rank r's piece is the r-th contiguous piece
+    (the layout reduce_scatter expects; piece sizes are ``local_sizes``)."""
     if p.blocks is None:
         return full
     dim = p.dim % full.dim()

@@ -98,7 +98,7 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
             if key not in made:
                 target = f"autotp_redistribute_{count}"
                 count += 1
-                gm.add_submodule(target, Redistribute(comm, p, q, g))
+                gm.add_submodule(target, Redistribute(comm, p, q, g, metas[a.name].shape))
                 with graph.inserting_before(node):
                     made[key] = graph.call_module(target, (a,))
                 made[key].meta = dict(a.meta)

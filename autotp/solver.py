@@ -27,7 +27,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from .cost import (MODES, TRAINING_STATE_FACTOR, Transition, compute_time, dp_grad_sync_time,
-                   param_bytes, transition, transition_time)
+                   pad_factor, param_bytes, transition, transition_time)
 from .devices import DeviceSpec
 from .errors import AutoTPError, InfeasiblePlanError
 from .placements import Placement
@@ -84,7 +84,7 @@ def _param_mem(c: Candidates, name: str, s: int) -> float:
     nc = c.nodes[name]
     if nc.kind != "param":
         return 0.0
-    return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size)
+    return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
 
 
 def _edge_mode(c: Candidates, value: Value, mode: str) -> str:
@@ -111,8 +111,10 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
         if not t.forward and not t.backward:
             continue
         nbytes = c.bytes_of(value)
+        pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)
         edges.append(EdgeCost(value, p, q, g, tuple(cons), t, nbytes,
-                              transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode))))
+                              transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode),
+                                              pad)))
     comm = sum(e.time_s for e in edges) + sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items())
     return Evaluation(compute, comm, mem, tuple(edges))
 
@@ -163,8 +165,9 @@ class _Program:
                         if t is None:
                             self.rows.append((row, -np.inf, 1.0))
                             continue
+                        pad = pad_factor((p, q, g), c.nodes[u].metas[oi].shape, c.world_size)
                         cost = transition_time(t, nbytes, c.world_size, spec,
-                                               _edge_mode(c, value, mode))
+                                               _edge_mode(c, value, mode), pad)
                         if cost <= 0:
                             continue
                         key = (value, p, q, g)

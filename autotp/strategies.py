@@ -1,7 +1,8 @@
 """Candidates: for every node of the captured graph, the strategies it may run with.
 
 Decision nodes are placeholders (always Replicate: the user passes full inputs), parameters
-(Replicate, or Shard on any dim that divides), buffers (Replicate), ops with tensor outputs
+(Replicate, or Shard on any static dim: evenly, or unevenly in torch.chunk sizes of whole
+units such as heads, see ``_grain_hints``), buffers (Replicate), ops with tensor outputs
 (from their rule, or Replicate-only with a warning when no rule exists) and the output node
 (needs every returned tensor Replicate). ``getitem`` of a multi-output op follows its
 producer. Nodes without tensor outputs (``sym_size``, input guards) are left as they are.
@@ -18,8 +19,9 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
 
 from .capture import Captured, TensorMeta, module_path
-from .placements import Replicate, Shard
-from .rules import DimMap, OpCall, Strategy, replicate_only, rule_for, strategies_from_dims
+from .placements import Replicate, Shard, make_shard
+from .rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for,
+                    strategies_from_dims)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,51 @@ def _op_name(node: fx.Node) -> str:
     if node.op == "call_function":
         return str(node.target)
     return node.op
+
+
+Grains = dict[Value, dict[int, set[int]]]
+
+
+def _grain_hints(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str, DimMap | None],
+                 metas: dict, value_of, n: int) -> Grains:
+    """Grain hints for uneven splits: where the dims of one label differ in size (a view
+    hidden H*d -> heads H, a repeat of kv heads, GQA attention), a split the world size does
+    not divide must fall on whole units (heads), i.e. dim i in grains of size_i / units. The
+    grain found on one dim spreads to every dim sharing a label with it, forwards and
+    backwards (the q projection and its weight learn that a view splits their output into
+    heads of d), until nothing changes. Unit counts n divides need no grain (even split)."""
+    grains: Grains = defaultdict(lambda: defaultdict(set))
+    if n <= 1:
+        return grains
+    for _ in range(8):
+        changed = False
+        for node in order:
+            dm, call = dims.get(node.name), calls.get(node.name)
+            if dm is None or call is None:
+                continue
+            slots = tensor_slots(node, metas)
+            labels = dict.fromkeys(lab for labs in (*dm.inputs, *dm.outputs) for lab in labs
+                                   if lab is not None)
+            for lab in labels:
+                where = [(value_of(slots[j]), labs.index(lab), call.inputs[j])
+                         for j, labs in enumerate(dm.inputs) if lab in labs and j < len(slots)]
+                where += [((node.name, i), labs.index(lab), call.outputs[i])
+                          for i, labs in enumerate(dm.outputs) if lab in labs]
+                if any(m.dynamic[d] for _, d, m in where):
+                    continue
+                sizes = [m.shape[d] for _, d, m in where]
+                hinted = [(k, g) for k, (v, d, _) in enumerate(where) for g in grains[v][d]]
+                for units in label_units(sizes, hinted):
+                    if units % n == 0:
+                        continue
+                    for (v, d, _), size in zip(where, sizes):
+                        g = size // units
+                        if g > 1 and g not in grains[v][d]:
+                            grains[v][d].add(g)
+                            changed = True
+        if not changed:
+            break
+    return grains
 
 
 def build(captured: Captured, world_size: int) -> Candidates:
@@ -126,6 +173,7 @@ def build(captured: Captured, world_size: int) -> Candidates:
                         if call.inputs[j].shape[dj] == sum(b):
                             hints[p][(poi, dj)].add(b)
 
+    grains = _grain_hints(order, calls, dims, metas, value_of, n)
     nodes: dict[str, NodeCands] = {}
     unruled: dict[str, list[str]] = defaultdict(list)
     for node in order:
@@ -144,11 +192,13 @@ def build(captured: Captured, world_size: int) -> Candidates:
             if is_param and n > 1:
                 m = outs[0]
                 for d, size in enumerate(m.shape):
-                    if size % n == 0 and size >= n:
-                        strategies.append(Strategy((), Shard(d)))
+                    hinted = [(0, g) for g in sorted(grains.get((node.name, 0), {}).get(d, ()))]
+                    for units in label_units([size], hinted):
+                        strategies.append(Strategy((), make_shard(d, size, size // units, n)))
                     for b in sorted(hints.get(node.name, {}).get((0, d), ())):
                         if sum(b) == size and all(x % n == 0 and x >= n for x in b):
                             strategies.append(Strategy((), Shard(d, b)))
+                strategies = list(dict.fromkeys(strategies))
         elif node.op == "output":
             kind, strategies = "output", [Strategy(tuple(Replicate() for _ in slots), ())]
         else:
@@ -163,7 +213,12 @@ def build(captured: Captured, world_size: int) -> Candidates:
                                          for o in s.outputs()) for v in slots if v[0] in nodes):
                     unruled[_op_name(node)].append(module_path(node) or "<root>")
             else:
-                strategies = strategies_from_dims(call, dm, hints.get(node.name, {}))
+                ins_v = [value_of(a) for a in tensor_slots(node, metas)]
+
+                def grains_of(kind: str, i: int, d: int, _ins=ins_v, _me=node.name) -> set[int]:
+                    v = _ins[i] if kind == "in" else (_me, i)
+                    return grains.get(v, {}).get(d, set())
+                strategies = strategies_from_dims(call, dm, hints.get(node.name, {}), grains_of)
                 if rule and rule.extra and n > 1:
                     strategies += [s for s in rule.extra(call) if s not in strategies]
         nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import AutoTPError
-from .placements import Placement, Replicate, Shard, shard_tensor
+from .placements import Placement, Replicate, Shard, shard_ranges, shard_tensor
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -62,16 +62,9 @@ def empty_weights() -> Iterator[None]:
 
 
 def _ranges(p: Placement, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
-    """This rank's index ranges along the sharded dim, mirroring placements.shard_tensor
-    (torch.split into blocks, torch.chunk of each block)."""
-    if not isinstance(p, Shard):
-        return [(0, size)]
-    out, off = [], 0
-    for b in (p.blocks if p.blocks is not None else (size,)):
-        c = -(-b // world_size)
-        out.append((off + min(rank * c, b), off + min((rank + 1) * c, b)))
-        off += b
-    return out
+    """This rank's index ranges along the sharded dim: placements.shard_ranges, the one
+    definition shard_tensor also slices by (torch.chunk sizes, possibly uneven)."""
+    return shard_ranges(p, size, rank, world_size)
 
 
 class WeightSource:

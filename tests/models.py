@@ -55,6 +55,10 @@ def build(name: str, seed: int = 0):
     if name == "nanogpt":
         m, a = nanogpt.gpt(seed=seed)
         return m, a, {}, _ids(256, None)
+    if name in UNEVEN:  # sizes 3 doesn't divide: vocab 257; 4 heads and 2 kv heads
+        factory, vocab = UNEVEN[name]
+        m, a, kw = factory(seed=seed)
+        return m, a, kw, _ids(vocab, {k: v for k, v in kw.items() if k != "input_ids"})
     factory = {"gpt2": hf_models.gpt2, "llama": hf_models.llama, "bert": hf_models.bert}[name]
     m, a, kw = factory(seed=seed)
     return m, a, kw, _ids(256, {k: v for k, v in kw.items() if k != "input_ids"})
@@ -71,3 +75,5 @@ def first_tensor(out) -> torch.Tensor:
 
 
 MODELS = ["mlp", "odd", "nanogpt", "gpt2", "llama", "bert"]
+UNEVEN = {"gpt2_v257": (lambda seed: hf_models.gpt2(vocab=257, seed=seed), 257),
+          "llama_h4": (lambda seed: hf_models.llama(heads=4, kv_heads=2, hidden=64, seed=seed), 256)}

@@ -60,7 +60,12 @@ def test_plan_for_other_world_size_is_refused() -> None:
         choice_from_plan(build(capture(MLP(), (torch.randn(2, 3, 16),)), 4), p)
 
 
-def test_dims_that_do_not_divide_are_not_split() -> None:
+def test_dims_that_do_not_divide_split_unevenly() -> None:
+    """Issue 3: 6 and 10 don't divide 4, yet the weights split, in torch.chunk pieces
+    (10 -> 3, 3, 3, 1), and the result is exact."""
+    from autotp.placements import local_sizes, parse
+    from autotp.simulate import simulate
+
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -68,5 +73,10 @@ def test_dims_that_do_not_divide_are_not_split() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(torch.relu(self.a(x)))
-    p = autotp.plan(M(), (torch.randn(2, 3, 6),), world_size=4, objective="memory")
-    assert all(s.placement == "R" for s in p.params)  # 6 and 10 don't divide 4
+    m, x = M(), torch.randn(2, 3, 6)
+    p = autotp.plan(m, (x,), world_size=4, objective="memory")
+    split = {s.name: parse(s.placement) for s in p.params if s.placement != "R"}
+    assert "a.weight" in split and "b.weight" in split, p.params
+    assert local_sizes(split["a.weight"], 10, 4) == [3, 3, 3, 1]
+    for out in simulate(m, (x,), world_size=4, objective="memory"):
+        torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autotp
-from autotp.placements import Shard, shard_tensor
+from autotp.placements import Shard, local_sizes, parse, shard_tensor
 from dist_utils import run_ranks
 from models import MODELS, build, first_tensor
 
@@ -22,14 +22,38 @@ def loss(out) -> torch.Tensor:
     return sum(t.square().mean() for t in leaves)
 
 
-def _check_models(rank: int, world: int, names: list[str]) -> dict:
+def head_split_plan(model, args, kwargs, world: int) -> autotp.Plan:
+    """The least-memory plan with every attention weight split on head boundaries (pinned to
+    its uneven ``grain`` strategy: at world 3 the cost model alone prefers element splits)."""
+    from autotp.api import plan_details
+    from autotp.plans import make_plan
+    from autotp.solver import evaluate, solve
+    pl = plan_details(model, args, kwargs, world_size=world, objective="memory")
+    c = pl.candidates
+    pinned = {}
+    for name, nc in c.nodes.items():
+        if nc.kind == "param" and "self_attn" in str(nc.target):
+            grained = [i for i, st in enumerate(nc.strategies)
+                       if isinstance(st.output, Shard) and st.output.grain is not None]
+            if grained:
+                pinned[name] = grained[0]
+    assert pinned
+    choice = solve(c, pl.spec, "training", "memory", pinned=pinned)
+    return make_plan(c, choice, evaluate(c, choice, pl.spec), pl.spec.name, "memory", "training")
+
+
+def _check_models(rank: int, world: int, names: list[str], head_split: bool = False) -> dict:
     report = {}
     for name in names:
         model, args, kwargs, make = build(name)
         ref = copy.deepcopy(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tp = autotp.parallelize(model, args, kwargs, objective="memory")
+            if head_split:
+                given = head_split_plan(model, args, kwargs, world)
+                tp = autotp.parallelize(model, args, kwargs, plan=given)
+            else:
+                tp = autotp.parallelize(model, args, kwargs, objective="memory")
         # another batch size and sequence length than the example inputs
         torch.manual_seed(100)
         a2, k2 = make(3, 7)
@@ -63,7 +87,12 @@ def _check_models(rank: int, world: int, names: list[str]) -> dict:
         assert tp.collective_counts == planned, (name, tp.collective_counts, planned)
         local = sum(p.numel() for p in tp.parameters())
         full = sum(p.numel() for p in ref.parameters())
-        report[name] = dict(fwd_err=fwd_err, split_params=split, local=local, full=full,
+        grad_err = max(((p.grad - shard_tensor(ref_params[pn].grad, tp.placements[pn], rank, world))
+                        .abs().amax().item() for pn, p in tp.module.named_parameters()
+                        if p.grad is not None and ref_params[pn].grad is not None and p.numel()),
+                       default=0.0)
+        report[name] = dict(fwd_err=fwd_err, grad_err=grad_err, split_params=split, local=local, full=full,
+                            placements={k: str(v) for k, v in tp.placements.items()},
                             collectives=sum(planned.values()),
                             warnings=[str(w.message) for w in caught if "autotp" in str(w.message)])
     return report
@@ -82,6 +111,32 @@ def test_models_match_single_device(world: int) -> None:
     if world > 1:
         # cumsum has no rule: replicated, with a warning naming the op and module path
         assert any("aten.cumsum" in w and "<root>" in w for w in rep["odd"]["warnings"]), rep["odd"]
+
+
+@pytest.mark.parametrize("head_split", [False, True])
+def test_uneven_splits_match_single_device(head_split: bool) -> None:
+    """World size 3 doesn't divide GPT-2's vocab (257) nor Llama's 4 heads / 2 kv heads:
+    the weights still split (torch.chunk sizes), outputs, grads and weights after a step match
+    one device, and the collectives that ran are the plan's (checked in _check_models)."""
+    names = ["llama_h4"] if head_split else ["gpt2_v257", "llama_h4"]
+    reports = run_ranks(_check_models, 3, names, head_split)
+    for name in names:
+        per_rank = [rep[name]["local"] for rep in reports]
+        full = reports[0][name]["full"]
+        assert max(per_rank) < 0.45 * full, (name, per_rank, full)
+        assert len(set(per_rank)) > 1, (name, per_rank)  # really uneven: the last rank holds less
+        print(name, "head_split" if head_split else "memory", "params per rank", per_rank, "of", full,
+              "fwd err", max(r[name]["fwd_err"] for r in reports),
+              "grad err", max(r[name]["grad_err"] for r in reports))
+    if not head_split:
+        pl = reports[0]["gpt2_v257"]["placements"]
+        assert pl["transformer.wte.weight"].startswith("S("), pl  # the vocab is split
+    else:
+        pl = reports[0]["llama_h4"]["placements"]
+        # 4 heads of 16 on 3 ranks: heads 2, 2, 0 (rows 32, 32, 0), kv heads 1, 1, 0
+        for proj, rows in (("q", [32, 32, 0]), ("k", [16, 16, 0]), ("v", [16, 16, 0])):
+            place = parse(pl[f"model.layers.0.self_attn.{proj}_proj.weight"])
+            assert place.dim == 0 and local_sizes(place, 2 * rows[0], 3) == rows, (proj, place)
 
 
 def _apply_given_plan(rank: int, world: int) -> dict:

@@ -204,3 +204,27 @@ def test_data_parallel_gradient_sync_makes_sharding_pay() -> None:
              for p in replicas.params]
     sync = sum(dp_grad_sync_time(b, 8, spec) for b in local)
     assert replicas.comm_time_s >= sync > 0.1
+
+
+def test_llama_7b_shape_at_world_6_splits_heads_unevenly() -> None:
+    """32 heads on 6 ranks: torch.chunk's 6, 6, 6, 6, 6, 2 heads (grain 128 = head_dim),
+    the MLP's 11008 in 1835-row pieces: still Megatron's plan, not replication."""
+    from autotp.placements import local_sizes, parse
+    m, a, k = hf_models.llama(n_layer=2, hidden=4096, heads=32, kv_heads=32, intermediate=11008,
+                              vocab=32000, batch=1, seq=2048, meta=True, dtype=torch.bfloat16)
+    plan = autotp.plan(m, a, k, world_size=6, device="h100")
+    params = {p.name: parse(p.placement) for p in plan.params}
+    for layer in ("model.layers.0", "model.layers.1"):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            place = params[f"{layer}.self_attn.{proj}.weight"]
+            assert place.dim == 0 and local_sizes(place, 4096, 6) == [768] * 5 + [256], place
+        o = params[f"{layer}.self_attn.o_proj.weight"]
+        assert o.dim == 1 and local_sizes(o, 4096, 6) == [768] * 5 + [256], o
+        for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            place = params[f"{layer}.mlp.{proj}.weight"]
+            assert place.dim == dim and local_sizes(place, 11008, 6) == [1835] * 5 + [1833], place
+        fwd = [c for c in _layer_collectives(plan, layer) if c[1] == "forward"]
+        assert fwd == [("all_reduce", "forward", f"{layer}.self_attn.o_proj"),
+                       ("all_reduce", "forward", f"{layer}.mlp.down_proj")], fwd
+    # the largest rank's share: 6 of 32 heads, 1835 of 11008 MLP rows
+    assert plan.param_bytes_per_rank < 0.2 * plan.param_bytes_total

@@ -4,14 +4,16 @@ the original model. Profiles: HYPOTHESIS_PROFILE=ci (default) or long."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 
+import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 
 import autotp
-from autotp.placements import shard_tensor
+from autotp.placements import Shard, local_sizes, shard_tensor
 from autotp.simulate import run_ranks, simulated_modules
 from random_models import Arch, RandomLM, cases
 
@@ -54,6 +56,10 @@ def test_forward_equals_original(case: dict) -> None:
 # rounding (1e-9) can move a weight by up to lr either way; that tests rounding, not autotp.
 @given(cases())
 def test_grads_and_step_equal_original(case: dict) -> None:
+    _check_grads_and_step(case)
+
+
+def _check_grads_and_step(case: dict) -> list[autotp.ParallelModule]:
     ref, mods, ids = _setup(case)
     n = case["world"]
 
@@ -75,6 +81,28 @@ def test_grads_and_step_equal_original(case: dict) -> None:
         assert list(state) == list(ref.state_dict())
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(state[k], v, **TOL, msg=lambda m: f"{k}: {m}")
+    return mods
+
+
+_UNEVEN = Arch(hidden=12, heads=3, kv_heads=1, layers=2, ffn=20, vocab=30, mlp="swiglu",
+               norm="rms", fused_qkv=False, bias=True, rotary=True, causal=True, parallel=False,
+               tied=True, unruled=False, attention=True)
+
+
+@pytest.mark.parametrize("world,arch", [
+    (2, dataclasses.replace(_UNEVEN, heads=3, kv_heads=3, hidden=6, ffn=9, vocab=31)),
+    (4, dataclasses.replace(_UNEVEN, heads=5, kv_heads=5, hidden=10)),
+    (3, dataclasses.replace(_UNEVEN, heads=4, kv_heads=2, hidden=16)),
+    (5, dataclasses.replace(_UNEVEN, fused_qkv=True, tied=False, mlp="gelu", norm="layer"))])
+def test_uneven_splits_equal_original(world: int, arch: Arch) -> None:
+    """Sizes the world size doesn't divide (hidden 10 and vocab 30 on 4 ranks, ...) are split
+    in torch.chunk pieces, exactly."""
+    mods = _check_grads_and_step(dict(arch=arch, world=world, seed=0, example=(2, 4), run=(3, 5),
+                                      objective="memory"))
+    full = {k: v[0] for k, v in mods[0].state_meta.items()}
+    uneven = [k for k, p in mods[0].placements.items() if isinstance(p, Shard)
+              and len(set(local_sizes(p, full[k][p.dim % len(full[k])], world))) > 1]
+    assert uneven, mods[0].placements
 
 
 @settings(max_examples=25)

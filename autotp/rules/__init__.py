@@ -15,21 +15,29 @@ DimMap into candidate strategies:
   e.g. ``a + b``). A Partial plus a Replicate (a bias, a residual) is never offered.
 
 A dim labelled None can't be split (a normalized dim, a softmax dim, a broadcast size-1
-dim). A label is only offered when every dim carrying it is static (not batch/sequence) and
-divisible by the world size.
+dim). A label is only offered when every dim carrying it is static (not batch/sequence).
+
+Uneven splits: the dims carrying one label may differ in size (a view's hidden H*d and heads
+H, a repeat's kv heads and q heads); they are split together in ``units`` (by default the gcd
+of their sizes: H heads), each dim in ``grain = size / units`` elements. When the world size
+divides ``units`` this is the even split (``Shard(d)``); otherwise each rank gets torch.chunk's
+share of the units (``Shard(d, grain=g)``, see placements.py). Other unit counts come from
+*grain hints* (``unit_hints``, found by strategies.py): a matmul whose output a view splits into
+heads is offered the split on head boundaries as well as the element-wise one.
 
 Rules register per ATen overload with ``@register(op, ...)``; one file per op family.
 See docs/adding_an_op_rule.md.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch.fx as fx
 
 from ..capture import TensorMeta
-from ..placements import OutPlacement, Partial, Placement, Replicate, Shard
+from ..placements import OutPlacement, Partial, Placement, Replicate, Shard, local_size, make_shard
 
 Label = Hashable | None
 
@@ -121,17 +129,24 @@ def rule_for(node: fx.Node) -> Rule | None:
 # ---------------------------------------------------------------------------------------------
 # generic enumeration
 
-def _dim_ok(meta: TensorMeta, dim: int, blocks: tuple[int, ...] | None, n: int) -> bool:
+def _dim_ok(meta: TensorMeta, dim: int, blocks: tuple[int, ...], n: int) -> bool:
+    """A blocked split (fused QKV) is offered only when n divides every block."""
     if meta.dynamic[dim]:
         return False
-    size = meta.shape[dim]
-    if blocks is None:
-        return size % n == 0 and size >= n
-    return sum(blocks) == size and all(b % n == 0 and b >= n for b in blocks)
+    return sum(blocks) == meta.shape[dim] and all(b % n == 0 and b >= n for b in blocks)
+
+
+def label_units(sizes: Sequence[int], grains: Iterable[tuple[int, int]] = ()) -> list[int]:
+    """Unit counts a label whose dims have ``sizes`` may be split in: the gcd of the sizes,
+    plus ``size_i // g`` for each grain hint (i, g); every size must be a multiple."""
+    found = [math.gcd(*sizes)] + [sizes[i] // g for i, g in grains if g and sizes[i] % g == 0]
+    return [u for u in dict.fromkeys(found) if u >= 2 and all(s % u == 0 for s in sizes)]
 
 
 def strategies_from_dims(call: OpCall, dm: DimMap,
-                         out_hints: dict[tuple[int, int], set[tuple[int, ...]]]) -> list[Strategy]:
+                         out_hints: dict[tuple[int, int], set[tuple[int, ...]]],
+                         grains: Callable[[str, int, int], set[int]] | None = None) -> list[Strategy]:
+    """``grains(kind, i, d)``: grain hints on dim d of input slot / output i (kind "in"/"out")."""
     n = call.world_size
     n_in = len(dm.inputs)
     rep_out: OutPlacement = tuple(Replicate() for _ in dm.outputs) if dm.multi else Replicate()
@@ -150,14 +165,24 @@ def strategies_from_dims(call: OpCall, dm: DimMap,
             continue
         if any(d is None for d in out_dims) and any(d is not None for d in out_dims):
             continue
-        options: list[tuple[int, ...] | None] = [None]
+        dims = [("in", i, call.inputs[i], d) for i, d in enumerate(in_dims) if d is not None] + \
+               [("out", i, call.outputs[i], d) for i, d in enumerate(out_dims) if d is not None]
+        if any(m.dynamic[d] for _, _, m, d in dims):
+            continue
+        sizes = [m.shape[d] for _, _, m, d in dims]
+        hinted = [(k, g) for k, (kind, i, _, d) in enumerate(dims)
+                  for g in (grains(kind, i, d) if grains else ())]
+        for units in label_units(sizes, hinted):
+            pl = {(kind, i): make_shard(d, s, s // units, n) for (kind, i, _, d), s in zip(dims, sizes)}
+            ins = tuple(pl.get(("in", i), Replicate()) for i in range(n_in))
+            outs = tuple(pl.get(("out", i), Partial()) for i in range(len(out_dims)))
+            found.append(Strategy(ins, outs if dm.multi else outs[0]))
+        options: list[tuple[int, ...]] = []
         for oi, d in enumerate(out_dims):
             if d is not None:
                 options.extend(sorted(out_hints.get((oi, d), ())))
         for blocks in dict.fromkeys(options):
-            metas = [(call.inputs[i], d) for i, d in enumerate(in_dims) if d is not None] + \
-                    [(call.outputs[i], d) for i, d in enumerate(out_dims) if d is not None]
-            if not all(_dim_ok(m, d, blocks, n) for m, d in metas):
+            if not all(_dim_ok(m, d, blocks, n) for _, _, m, d in dims):
                 continue
             ins = tuple(Shard(d, blocks) if d is not None else Replicate() for d in in_dims)
             outs = tuple(Shard(d, blocks) if d is not None else Partial() for d in out_dims)
@@ -205,15 +230,15 @@ def norm_dims(dims: Iterable[int] | int, rank: int) -> list[int]:
 
 def scale_shape_arg(node: fx.Node, strategy: Strategy, n: int, rank: int = 0, index: int = 1) -> None:
     """Replace the global size at each output Shard dim of a shape-list argument (view,
-    reshape, expand) with the local size. -1 and symbolic sizes are left alone (symbolic
-    dims are never split)."""
+    reshape, expand) with this rank's local size (uneven splits differ per rank). -1 and
+    symbolic sizes are left alone (symbolic dims are never split)."""
     out = strategy.output
     if not isinstance(out, Shard):
         return
     shape = list(node.args[index])
     d = out.dim % len(shape)
     if isinstance(shape[d], int) and shape[d] != -1:
-        shape[d] = sum(b // n for b in out.blocks) if out.blocks else shape[d] // n
+        shape[d] = local_size(out, shape[d], n, rank)
         args = list(node.args)
         args[index] = shape
         node.args = tuple(args)

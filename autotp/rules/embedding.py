@@ -1,8 +1,10 @@
 """embedding(W[V, H], ids[...]) -> out[..., H].
 
 - Hidden split: W's dim 1 splits the output's last dim; the ids' dims pass through.
-- Vocab split (Megatron's vocab-parallel embedding): rank r holds rows [r V/n, (r+1) V/n) and
-  looks up only the ids that fall there, writing zeros for the others; the output is Partial
+- Vocab split (Megatron's vocab-parallel embedding): rank r holds its torch.chunk range of rows
+  (``shard_ranges``: [r V/n, (r+1) V/n) when n divides V, else ceil(V/n) rows per rank, the
+  last ranks fewer: GPT-2's 50257 on 3 ranks is 16753, 16753, 16751) and looks up only the ids
+  that fall there, writing zeros for the others; the output is Partial
   (the sum over ranks is the full lookup). With a tied LM head split by vocab columns, this is
   the split that keeps both uses of the weight local.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..placements import Partial, Replicate, Shard
+from ..placements import Partial, Replicate, Shard, shard_ranges
 from . import DimMap, OpCall, Strategy, register
 
 aten = torch.ops.aten
@@ -25,8 +27,7 @@ def _embedding(call: OpCall) -> DimMap:
 
 def _vocab_split(call: OpCall) -> list[Strategy]:
     w = call.inputs[0]
-    n = call.world_size
-    if w.dynamic[0] or w.shape[0] % n or w.shape[0] < n:
+    if w.dynamic[0] or w.shape[0] < 2:
         return []
     return [Strategy((Shard(0), Replicate()), Partial())]
 
@@ -45,8 +46,9 @@ def _localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> None:
     if strategy.inputs[0] != Shard(0):
         return
     weight, ids = node.args[0], node.args[1]
-    rows = int(weight.meta["val"].shape[0]) // n  # meta keeps the global shape
-    offset = rank * rows
+    # meta keeps the global shape
+    ((offset, end),) = shard_ranges(Shard(0), int(weight.meta["val"].shape[0]), rank, n)
+    rows = end - offset
     pad = node.args[2] if len(node.args) > 2 else -1
     local_pad = pad - offset if isinstance(pad, int) and 0 <= pad - offset < rows else -1
     node.target = vocab_parallel_embedding

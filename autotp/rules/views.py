@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..placements import Shard
+from ..placements import Shard, local_size, shard_ranges
 from . import DimMap, Label, OpCall, Strategy, norm_dims, register, scale_shape_arg
 
 aten = torch.ops.aten
@@ -187,7 +187,10 @@ def _split_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> Non
     if not (isinstance(src, Shard) and src.blocks is not None):
         return
     args = list(node.args)
-    args[1] = args[1] // n if isinstance(args[1], int) else [s // n for s in args[1]]
+    if isinstance(args[1], int):
+        args[1] = args[1] // n  # blocked splits are offered only when n divides every block
+    else:
+        args[1] = [b - a for a, b in shard_ranges(src, sum(args[1]), rank, n)]
     node.args = tuple(args)
 
 
@@ -197,7 +200,9 @@ register(aten.split.Tensor, aten.split_with_sizes.default, extra=_split_extra,
 
 # repeat_interleave(x, r, dim): each slice along dim repeated r times in place, so the n
 # contiguous chunks of the input map onto the n contiguous chunks of the output (GQA's
-# key/value head repetition keeps every query head with its key/value head).
+# key/value head repetition keeps every query head with its key/value head). The label's
+# dims differ in size (h_kv, r h_kv): unevenly they split in units of kv heads, the output in
+# grains of r (see label_units).
 def _repeat_interleave(call: OpCall) -> DimMap | None:
     if not isinstance(call.arg(1, "repeats"), int):
         return None  # per-element repeat counts: no rule
@@ -211,7 +216,8 @@ def _repeat_interleave(call: OpCall) -> DimMap | None:
 
 def _repeat_interleave_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> None:
     if isinstance(strategy.output, Shard) and node.kwargs.get("output_size") is not None:
-        node.kwargs = {**node.kwargs, "output_size": node.kwargs["output_size"] // n}
+        node.kwargs = {**node.kwargs,
+                       "output_size": local_size(strategy.output, node.kwargs["output_size"], n, rank)}
 
 
 register(aten.repeat_interleave.self_int, localize=_repeat_interleave_localize)(_repeat_interleave)
