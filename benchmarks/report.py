@@ -203,7 +203,12 @@ def _runtime_md(res: dict[str, Any], img: str) -> list[str]:
             f"Targets: autotp ≤ {TARGET_MEGATRON}× Megatron: "
             f"{r['train autotp/megatron']:.3f}× ({_verdict(r['train autotp/megatron'], TARGET_MEGATRON)}); "
             f"autotp ≤ {TARGET_PM}× parallelize_module: {r['train autotp/parallelize_module']:.3f}× "
-            f"({_verdict(r['train autotp/parallelize_module'], TARGET_PM)}) (training step).", "",
+            f"({_verdict(r['train autotp/parallelize_module'], TARGET_PM)}) (training step, "
+            "ratio of medians).", "",
+            "Median of the per-iteration ratios (each iteration's two times saw the same machine "
+            "load, so this is robust to load that drifts during the run), [p25–p75]: "
+            + "; ".join(f"{k}: {d['median']:.3f} [{d['p25']:.3f}–{d['p75']:.3f}]"
+                        for k, d in res.get("paired_ratios", {}).items()) + ".", "",
             "Collectives per step, counted while each variant runs (a `TorchDispatchMode` that sees "
             "c10d calls and DTensor's functional collectives alike; bytes of the full tensor on one "
             "rank):", "", "| variant | forward (no_grad) | training step (fwd + bwd) |", "|---|---|---|"]
@@ -272,12 +277,23 @@ def _plan_time_md(res: dict[str, Any], img: str) -> list[str]:
            f"intermediate {c['intermediate']}, vocab {c['vocab']}, bf16, input "
            f"{c['input'][0]} × {c['input'][1]}) on the meta device, world size {c['world_size']}, "
            f"device `{c['device']}`, `autotp.plan` wall time by stage.", "",
-           "| layers | capture s | strategies s | solve s | total s | graph nodes | params/rank vs total/N |",
-           "|---|---|---|---|---|---|---|"]
+           "| layers | capture s | strategies s | solve s | total s | graph nodes | params/rank vs total/N | collectives (Megatron: 4 per layer) | solver |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    from benchmarks.plan_time import solver_status
     for r in res["rows"]:
+        coll = f"{r['collectives']} ({4 * r['layers']})" if "collectives" in r else "n/a"
+        status = solver_status(r) if "solves" in r else "n/a"
         out.append(f"| {r['layers']} | {r['capture_s']:.1f} | {r['strategies_s']:.1f} | "
                    f"{r['solve_s']:.1f} | {r['total_s']:.1f} | {r['nodes']} | "
-                   f"{r['params_vs_total_over_n']:.4f}× |")
+                   f"{r['params_vs_total_over_n']:.4f}× | {coll} | {status} |")
+    stopped = [r for r in res["rows"] if "optimal" in r and not r["optimal"]]
+    if stopped:
+        out += ["", f"**The ILP solver stopped at its time limit** (HiGHS, `time_limit=120` s in "
+                f"`autotp/solver.py`) for {', '.join(str(r['layers']) for r in stopped)} layers and "
+                "autotp returned the incumbent without a warning: those plans are not proven optimal "
+                "(see the gap) and carry more collectives than Megatron's 4 per layer, and their "
+                "plan time is the time limit, not a property of the model. The fit below is "
+                "distorted by that plateau."]
     if "fit" in res:
         f = res["fit"]
         out += ["", f"Linear fit: **{f['s_per_layer']:.3f} s per layer + {f['intercept_s']:.2f} s**, "
@@ -362,7 +378,7 @@ def _cost_md(res: dict[str, Any], img: str) -> list[str]:
     for r in res["collectives"]:
         out.append(f"| {r['kind']} | {fmt_bytes(r['bytes'])} | {r['measured_ms']:.3f} | "
                    f"{r['predicted_ms']:.3f} | {r['error']:+.0%} |")
-    out += ["", f"|error| median **{res['collective_error_median']:.0%}**, worst "
+    out += ["", f"Absolute error: median **{res['collective_error_median']:.0%}**, worst "
             f"**{res['collective_error_max']:.0%}** (issue 3's target ±30%: "
             f"{'met' if res['collective_error_max'] <= TARGET_COLLECTIVE_ERR else 'missed'} for the worst point, "
             f"{'met' if res['collective_error_median'] <= TARGET_COLLECTIVE_ERR else 'missed'} for the median).", "",
@@ -381,7 +397,7 @@ def _cost_md(res: dict[str, Any], img: str) -> list[str]:
                        f"{d['error']:+.0%} | {d['measured_comm_ms']:.1f} | {d['predicted_comm_ms']:.1f} | "
                        f"{_pct(d['comm_error'])} | {d['predicted_compute_ms']:.1f} | {d['measured_rest_ms']:.1f} |")
     errs = [abs(r[m]["error"]) for r in res["steps"] for m in ("training", "inference")]
-    out += ["", f"Whole-step |error|: median {sorted(errs)[len(errs) // 2]:.0%}, worst {max(errs):.0%}.",
+    out += ["", f"Whole-step absolute error: median {sorted(errs)[len(errs) // 2]:.0%}, worst {max(errs):.0%}.",
             "", f"![cost model]({img})", "",
             "Where the error comes from: the compute model counts only matmuls, attention and "
             "embeddings (elementwise ops, norms, softmax and copies are taken as fused and free, "
@@ -421,8 +437,11 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         f = p["plan_time"]["fit"]
         t70 = p["plan_time"]["llama2_70b_s"]
         md.append(f"| plan time per layer (70B width), R² | {f['s_per_layer']:.3f} s, {f['r2']:.3f} | linear |")
+        stopped = [r["layers"] for r in p["plan_time"]["rows"] if "optimal" in r and not r["optimal"]]
         md.append(f"| Llama-2-70B plan time | "
-                  + (f"{t70:.1f} s" if t70 is not None else f"{f['predicted_80_s']:.1f} s (fit)") + " | |")
+                  + (f"{t70:.1f} s" if t70 is not None else f"{f['predicted_80_s']:.1f} s (fit)")
+                  + (f"; solver stopped by its time limit at {', '.join(map(str, stopped))} layers "
+                     "(plans not proven optimal)" if stopped else "") + " | |")
     if "plan_quality" in p:
         for name, mm in p["plan_quality"]["models"].items():
             rows = [r for r in mm["rows"] if r["objective"] == "memory"]
@@ -433,9 +452,9 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
     if "cost_model" in p:
         c = p["cost_model"]
         errs = [r[m_]["error"] for r in c["steps"] for m_ in ("training", "inference")]
-        md.append(f"| cost model per collective, |error| median / worst | "
+        md.append(f"| cost model per collective, abs. error median / worst | "
                   f"{c['collective_error_median']:.0%} / {c['collective_error_max']:.0%} | ±30% |")
-        md.append(f"| cost model per whole step, error | " + ", ".join(f"{e:+.0%}" for e in errs) + " | |")
+        md.append(f"| cost model per whole step, error (predicted − measured) / measured | " + ", ".join(f"{e:+.0%}" for e in errs) + " | |")
     if "runtime" in p:
         md.append(f"| tensor_parallel package | {p['runtime']['peer']} | |")
     md.append("")

@@ -29,7 +29,7 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
         res = runtime.run(iters=10 if quick else 30, peer=peer)
         print(runtime.report(res))
     elif name == "plan_time":
-        res = plan_time.run([4, 8, 16] if quick else [8, 16, 32, 48, 64, 80])
+        res = plan_time.run([4, 8, 16] if quick else [8, 16, 32, 64, 80])
         print(plan_time.report(res))
     elif name == "plan_quality":
         res = plan_quality.run([2, 4, 8], layers=2 if quick else None)

@@ -245,6 +245,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None:
             out["variants"][name] = {
                 "train_ms": stats([t * 1e3 for t in times[name]["train"]]) if times[name]["train"] else None,
                 "fwd_ms": stats([t * 1e3 for t in times[name]["fwd"]]),
+                "raw_ms": {k: [round(t * 1e3, 3) for t in ts] for k, ts in times[name].items()},
                 "collectives": coll.get(name)}
     dist.barrier()
     dist.destroy_process_group()
@@ -257,10 +258,15 @@ def run(world_size: int = 2, iters: int = 20, hidden: int = 512, layers: int = 2
     cfg = dict(iters=iters, hidden=hidden, layers=layers, batch=batch, seq=seq, warmup=warmup, peer=peer)
     res = spawn_collect(worker, world_size, cfg)
     v = res["variants"]
+    res["ratios"], res["paired_ratios"] = {}, {}
     for phase in ("train", "fwd"):
         for ref in ("megatron", "parallelize_module"):
             a, b = v["autotp"][f"{phase}_ms"], v[ref][f"{phase}_ms"]
-            res.setdefault("ratios", {})[f"{phase} autotp/{ref}"] = a["median"] / b["median"]
+            res["ratios"][f"{phase} autotp/{ref}"] = a["median"] / b["median"]
+            # the same iteration's two times saw the same load: the median of their ratios is
+            # robust to load that drifts during the run
+            pairs = zip(v["autotp"]["raw_ms"][phase], v[ref]["raw_ms"][phase])
+            res["paired_ratios"][f"{phase} autotp/{ref}"] = stats([x / y for x, y in pairs])
     return res
 
 
@@ -278,6 +284,8 @@ def report(res: dict[str, Any]) -> str:
         r1 = f"{tr['median'] / meg:.3f}" if tr else "n/a"
         r2 = f"{tr['median'] / pm:.3f}" if tr else "n/a"
         lines.append(f"{name:<27} {trs:>22} {fws:>22} {r1:>17} {r2:>11}")
+    lines.append("median of per-iteration ratios [p25-p75]: " + ", ".join(
+        f"{k} {d['median']:.3f} [{d['p25']:.3f}-{d['p75']:.3f}]" for k, d in res["paired_ratios"].items()))
     lines.append("collectives per step (forward only | forward + backward):")
     for name, d in v.items():
         col = d["collectives"]
