@@ -86,8 +86,10 @@ def analyse(plan, s: dict[str, Any]) -> dict[str, Any]:
         nbytes = DTYPE_BYTES
         for d in p.shape:
             nbytes *= d
-        if p.placement == "R" and nbytes > 0.01 * plan.param_bytes_total:
+        if p.placement == "R":
             replicated.append({"name": p.name, "shape": list(p.shape), "bytes": nbytes})
+    replicated_bytes = sum(p["bytes"] for p in replicated)
+    replicated = sorted(replicated, key=lambda p: -p["bytes"])[:4]  # the largest ones
     return {
         "world_size": n, "objective": plan.objective,
         "megatron_bytes_per_direction": mega, "megatron_count_per_direction": 2 * s["layers"],
@@ -99,7 +101,7 @@ def analyse(plan, s: dict[str, Any]) -> dict[str, Any]:
         "outside_bytes": sum(sum(v) for v in outside.values()),
         "param_bytes_per_rank": plan.param_bytes_per_rank, "param_bytes_total": plan.param_bytes_total,
         "params_vs_total_over_n": plan.param_bytes_per_rank / (plan.param_bytes_total / n),
-        "replicated_large_params": replicated,
+        "replicated_large_params": replicated, "replicated_bytes": replicated_bytes,
         "predicted_step_ms": plan.predicted_time_s * 1e3,
     }
 

@@ -79,6 +79,11 @@ def plot_plan_time(res: dict[str, Any], path: str) -> None:
         ax.bar(xs, ys, width=3.5, bottom=bottom, label=label)
         bottom += ys
     ax.plot(xs, [r["total_s"] for r in rows], "ko", label="total")
+    stopped = [r for r in rows if "optimal" in r and not r["optimal"]]
+    if stopped:
+        ax.plot([r["layers"] for r in stopped], [r["total_s"] for r in stopped], "rx", ms=12, mew=2,
+                label="solver stopped by its time limit (not proven optimal)")
+        ax.axhline(120, color="r", ls=":", lw=1)
     if "fit" in res:
         f = res["fit"]
         line = np.array([0, max(80, xs.max())])
@@ -330,9 +335,10 @@ def _quality_notes(s: dict[str, Any], r: dict[str, Any]) -> list[str]:
                              "avoids it with a vocab-parallel cross-entropy (the loss is not in this graph)")
     if r["objective"] == "time" and r["params_vs_total_over_n"] > 1.01:
         big = sorted(r["replicated_large_params"], key=lambda p: -p["bytes"])[:2]
-        notes.append("objective=time keeps some weights whole where the h100 cost model finds "
-                     "the split's collectives slower than the replicated compute ("
-                     + ", ".join(f"{p['name']} {fmt_bytes(p['bytes'])}" for p in big) + ")")
+        whole = f"{fmt_bytes(r['replicated_bytes'])} in all, " if "replicated_bytes" in r else ""
+        notes.append("objective=time keeps weights whole where the h100 cost model finds the "
+                     "split's collectives slower than the replicated compute (" + whole
+                     + "largest: " + ", ".join(f"{p['name']} {fmt_bytes(p['bytes'])}" for p in big) + ")")
     return notes
 
 
@@ -342,7 +348,15 @@ def _plan_quality_md(res: dict[str, Any], img: str) -> list[str]:
            "a transformer layer, against Megatron's closed form 2·L·b·s·h·bytes per direction "
            "(2 all-reduces per layer forward, 2 backward). **Outside** lists the rest. Parameter "
            "bytes per rank are against total/N. `objective=memory` splits every weight that can "
-           "be split (Megatron's setting); `objective=time` is the default.", ""]
+           "be split (Megatron's setting); `objective=time` is the default.", "",
+           "For reference, Megatron-LM outside the layers: its vocab-parallel embedding all-reduces "
+           "b·s·h forward, the LM head's input gradient is all-reduced (b·s·h) backward, and its "
+           "vocab-parallel cross-entropy reduces only b·s floats, because the logits never leave "
+           "their vocab shards. An autotp module returns what the model returns, replicated: for a "
+           "causal LM without labels, the full logits. autotp's embedding split by hidden plus an "
+           "all-gather moves (n−1)/n·b·s·h, half the ring traffic of Megatron's all-reduce; the "
+           "backward all-reduce in the root module of the Llama rows is the LM head's input "
+           "gradient, as in Megatron.", ""]
     for name, m in res["models"].items():
         s = m["shape"]
         out += [f"**{name}**: {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, ffn "
@@ -352,7 +366,8 @@ def _plan_quality_md(res: dict[str, Any], img: str) -> list[str]:
                 "| N | objective | layers fwd | vs Megatron | layers bwd | vs Megatron | outside the layers | params/rank vs total/N | notes |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            outside = "; ".join(f"{o['phase'][:3]} {o['kind']} {fmt_bytes(o['bytes'])} ({o['module']})"
+            outside = "; ".join(f"{'fwd' if o['phase'] == 'forward' else 'bwd'} {o['kind']} "
+                                f"{fmt_bytes(o['bytes'])} ({o['module']})"
                                 for o in r["outside"]) or "none"
             out.append(f"| {r['world_size']} | {r['objective']} | {fmt_bytes(r['layers_forward_bytes'])} "
                        f"| {r['forward_vs_megatron']:.3f}× | {fmt_bytes(r['layers_backward_bytes'])} | "
