@@ -100,9 +100,11 @@ def recorder():
         def __init__(self) -> None:
             super().__init__()
             self.log: list[tuple[str, int]] = []
+            self.ops = 0  # every ATen-level op dispatched, collectives included
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            self.ops += 1
             if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
                 name = func._opname
                 kind = _KIND.get(name)
@@ -121,15 +123,16 @@ def recorder():
     return Recorder()
 
 
-def summarize(log: list[tuple[str, int]]) -> dict[str, Any]:
-    """{"count": n, "bytes": total, "by_kind": {kind: {"count", "bytes", "sizes": {bytes: n}}}}"""
+def summarize(log: list[tuple[str, int]], ops: int | None = None) -> dict[str, Any]:
+    """{"count": n, "bytes": total, "by_kind": {kind: {"count", "bytes", "sizes": {bytes: n}}},
+    "ops": ATen ops dispatched}"""
     by: dict[str, dict[str, Any]] = {}
     for kind, nbytes in log:
         d = by.setdefault(kind, {"count": 0, "bytes": 0, "sizes": {}})
         d["count"] += 1
         d["bytes"] += nbytes
         d["sizes"][str(nbytes)] = d["sizes"].get(str(nbytes), 0) + 1
-    return {"count": len(log), "bytes": sum(b for _, b in log), "by_kind": by}
+    return {"count": len(log), "bytes": sum(b for _, b in log), "by_kind": by, "ops": ops}
 
 
 def fmt_collectives(s: dict[str, Any] | None) -> str:

@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--no-peer", action="store_true", help="skip the tensor_parallel package")
     ap.add_argument("--from-json", action="store_true", help="only redraw the report from --json")
+    ap.add_argument("--fresh", action="store_true",
+                    help="with --parts, drop the other parts' stored results instead of keeping them")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     ap.add_argument("--md", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--img-dir", default=os.path.join(ROOT, "docs", "benchmarks"))
@@ -59,11 +61,21 @@ def main() -> None:
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         results = {"machine": machine(), "quick": a.quick, "parts": {}}
+        if set(a.parts) != set(PARTS) and not a.fresh and os.path.exists(a.json):
+            with open(a.json) as f:  # keep the other parts; each carries its own machine line
+                old = json.load(f)
+            results["parts"] = {k: v for k, v in old.get("parts", {}).items() if k not in a.parts}
+            for v in results["parts"].values():
+                v.setdefault("machine", old.get("machine"))
+                v["kept_from_earlier_run"] = True
         print(describe(results["machine"]), flush=True)
         for name in a.parts:
             print(f"\n== {name} ==", flush=True)
             t = time.perf_counter()
+            mach = machine()
             results["parts"][name] = run_part(name, a.quick, not a.no_peer)
+            mach["load_end"] = load_average()
+            results["parts"][name]["machine"] = mach
             results["parts"][name]["wall_s"] = time.perf_counter() - t
             print(f"({name}: {time.perf_counter() - t:.0f} s)", flush=True)
         results["machine"]["load_end"] = load_average()

@@ -157,7 +157,7 @@ def _count(fn, m: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     rec = recorder()
     with rec:
         fn(m, x)
-    return summarize(rec.log)
+    return summarize(rec.log, rec.ops)
 
 
 def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -294,6 +294,9 @@ def report(res: dict[str, Any]) -> str:
             continue
         lines.append(f"  {name}: {fmt_collectives(col['forward'])} | "
                      f"{fmt_collectives(col['train']) if col['train'] else 'n/a (no backward)'}")
+    ops = ", ".join(f"{n} {d['collectives']['train']['ops']}" for n, d in v.items()
+                    if d["collectives"] and d["collectives"]["train"])
+    lines.append(f"  ATen ops per training step: {ops}")
     mc = res["megatron_closed_form"]
     lines.append(f"  Megatron closed form: {mc['all_reduce_forward']} + {mc['all_reduce_backward']} "
                  f"all_reduce of {mc['bytes_each']} B")
