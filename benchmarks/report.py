@@ -71,7 +71,7 @@ def plot_plan_time(res: dict[str, Any], path: str) -> None:
     plt = _plt()
     rows = res["rows"]
     xs = np.array([r["layers"] for r in rows])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     bottom = np.zeros(len(rows))
     for key, label in (("capture_s", "capture (torch.export)"), ("strategies_s", "strategies"),
                        ("solve_s", "solve (ILP)")):
@@ -92,7 +92,7 @@ def plot_plan_time(res: dict[str, Any], path: str) -> None:
     ax.set_xlabel("layers (Llama-2-70B width, meta device, world size 8)")
     ax.set_ylabel("plan time, s")
     ax.set_title("autotp.plan time against depth")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
