@@ -1,54 +1,191 @@
-"""Cost-model accuracy on this machine: calibrate the ring model on a gloo group, then print
-predicted against measured time per collective and size, side by side, from one run.
+"""Cost-model accuracy on this machine: calibrate the ring model on a gloo group, then compare
+predicted with measured time (1) per collective and size and (2) per whole step: a
+Llama-style model (benchmarks/runtime.py) planned with the calibrated spec, its plan's
+predicted training-step and forward time against the measured median of the autotp module
+running that plan, with the time spent inside collectives measured separately.
 
-    python benchmarks/collectives.py [--world-size 2] [--repeats 7]
+    python benchmarks/collectives.py [--world-size 2] [--repeats 7] [--iters 10]
 
-The fit uses the even-indexed repetitions' medians; the table compares with a second,
-independent measurement, so the error is out-of-sample."""
+(1) compares with a second, independent measurement taken after calibration, so the error is
+out-of-sample. Errors are (predicted - measured) / measured."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import statistics
 import sys
+import time
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import spawn_collect, stats  # noqa: E402
+
+# (hidden, layers, batch, seq) of the whole-step models
+STEP_CONFIGS = [(256, 2, 2, 64), (512, 2, 4, 128), (1024, 2, 4, 128)]
 
 
-def worker(rank: int, world: int, repeats: int) -> None:
+def _time_comm(comm) -> dict[str, float]:
+    """Wrap a DistComm instance's collectives with a stopwatch; returns the accumulator."""
+    acc = {"s": 0.0}
+    for name in ("all_reduce", "all_gather", "reduce_scatter"):
+        fn = getattr(comm, name)
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc["s"] += time.perf_counter() - t0
+        setattr(comm, name, timed)
+    return acc
+
+
+def _steps(spec, world: int, configs, iters: int) -> list[dict[str, Any]]:
+    import autotp
+    from autotp.api import plan_details
+    from benchmarks.runtime import Model
+    cases = []
+    for h, layers, b, s in configs:
+        torch.manual_seed(0)
+        model = Model(h, layers)
+        x = torch.randn(b, s, h)
+        case = {"hidden": h, "layers": layers, "batch": b, "seq": s}
+        for mode in ("training", "inference"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = plan_details(model, (x,), world_size=world, device=spec, objective="memory",
+                                 mode=mode).plan
+                m = autotp.parallelize(copy.deepcopy(model), (x,), plan=p, mode=mode)
+            case[mode] = {"plan": p, "module": m, "acc": _time_comm(m.comm), "times": [], "comm": []}
+        cases.append(case)
+
+    def once(c: dict[str, Any], mode: str) -> None:
+        d = c[mode]
+        d["acc"]["s"] = 0.0
+        dist.barrier()
+        t0 = time.perf_counter()
+        if mode == "training":
+            d["module"](c["x"]).square().mean().backward()
+        else:
+            with torch.no_grad():
+                d["module"](c["x"])
+        dist.barrier()
+        d["times"].append(time.perf_counter() - t0)
+        d["comm"].append(d["acc"]["s"])
+
+    for c in cases:
+        c["x"] = torch.randn(c["batch"], c["seq"], c["hidden"])
+    for it in range(iters + 1):  # the first round is a warm-up; interleaved over cases and modes
+        for c in cases:
+            for mode in ("training", "inference"):
+                once(c, mode)
+                if it == 0:
+                    c[mode]["times"].clear()
+                    c[mode]["comm"].clear()
+    out = []
+    for c in cases:
+        row = {k: c[k] for k in ("hidden", "layers", "batch", "seq")}
+        for mode in ("training", "inference"):
+            d, p = c[mode], c[mode]["plan"]
+            meas = statistics.median(d["times"])
+            comm = statistics.median(d["comm"])
+            row[mode] = {"measured_ms": stats([t * 1e3 for t in d["times"]]),
+                         "measured_comm_ms": comm * 1e3, "measured_rest_ms": (meas - comm) * 1e3,
+                         "predicted_ms": p.predicted_time_s * 1e3,
+                         "predicted_comm_ms": p.comm_time_s * 1e3,
+                         "predicted_compute_ms": p.compute_time_s * 1e3,
+                         "collectives": p.count(),
+                         "error": (p.predicted_time_s - meas) / meas,
+                         "comm_error": (p.comm_time_s - comm) / comm if comm > 0 else None}
+        out.append(row)
+    return out
+
+
+def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None:
     from autotp.calibrate import calibrate, measure_collectives, predicted
     from autotp.collectives import DistComm
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    spec, _ = calibrate(repeats=repeats)
-    fresh = measure_collectives(DistComm(), repeats=repeats)
+    spec, _ = calibrate(repeats=cfg["repeats"])
+    fresh = measure_collectives(DistComm(), repeats=cfg["repeats"])
+    steps = _steps(spec, world, [tuple(c) for c in cfg["step_configs"]], cfg["iters"])
+    out = None
     if rank == 0:
-        print(f"gloo, {world} ranks, {os.cpu_count()} cores: alpha = {spec.latency * 1e6:.0f} µs, "
-              f"beta = {spec.link_bandwidth / 1e9:.3f} GB/s (fit error median "
-              f"{spec.extra['fit_error_median']}, max {spec.extra['fit_error_max']})")
-        print(f"matmul fp32 {spec.flops['float32'] / 1e9:.1f} GFLOP/s, memory bandwidth "
-              f"{spec.memory_bandwidth / 1e9:.1f} GB/s")
-        print(f"{'collective':<15} {'bytes':>10} {'measured':>11} {'predicted':>11} {'error':>8}")
-        worst = 0.0
+        rows = []
         for p in fresh:
             pr = predicted(p, world, spec)
-            err = (pr - p.seconds) / p.seconds
-            worst = max(worst, abs(err))
-            print(f"{p.kind:<15} {p.nbytes:>10} {p.seconds * 1e3:>9.3f}ms {pr * 1e3:>9.3f}ms {err:>+7.0%}")
-        print(f"worst |error| {worst:.0%} (target ±30%)")
+            rows.append({"kind": p.kind, "bytes": p.nbytes, "measured_ms": p.seconds * 1e3,
+                         "predicted_ms": pr * 1e3, "error": (pr - p.seconds) / p.seconds})
+        errs = [abs(r["error"]) for r in rows]
+        out = {"config": {**cfg, "world_size": world},
+               "spec": {"latency_us": spec.latency * 1e6, "link_GBps": spec.link_bandwidth / 1e9,
+                        "per_kind": {k: {"latency_us": a * 1e6, "link_GBps": b / 1e9}
+                                     for k, (a, b) in spec.collectives.items()},
+                        "matmul_fp32_GFLOPs": spec.flops["float32"] / 1e9,
+                        "memory_GBps": spec.memory_bandwidth / 1e9,
+                        "fit_error_median": float(spec.extra["fit_error_median"]),
+                        "fit_error_max": float(spec.extra["fit_error_max"])},
+               "collectives": rows,
+               "collective_error_median": statistics.median(errs), "collective_error_max": max(errs),
+               "steps": steps}
     dist.barrier()
     dist.destroy_process_group()
+    return out
+
+
+def run(world_size: int = 2, repeats: int = 7, iters: int = 10,
+        step_configs: list[tuple[int, int, int, int]] = STEP_CONFIGS) -> dict[str, Any]:
+    cfg = {"repeats": repeats, "iters": iters, "step_configs": [list(c) for c in step_configs]}
+    return spawn_collect(worker, world_size, cfg)
+
+
+def report(res: dict[str, Any]) -> str:
+    from benchmarks.common import fmt_bytes
+    s = res["spec"]
+    lines = [f"gloo, {res['config']['world_size']} ranks: alpha = {s['latency_us']:.0f} µs, beta = "
+             f"{s['link_GBps']:.3f} GB/s over all kinds; per kind: "
+             + ", ".join(f"{k} {v['latency_us']:.0f} µs / {v['link_GBps']:.3f} GB/s"
+                         for k, v in s["per_kind"].items())
+             + f"; fit error median {s['fit_error_median']:.0%}, max {s['fit_error_max']:.0%}",
+             f"matmul fp32 {s['matmul_fp32_GFLOPs']:.1f} GFLOP/s, copy {s['memory_GBps']:.1f} GB/s",
+             f"{'collective':<15} {'bytes':>10} {'measured':>11} {'predicted':>11} {'error':>8}"]
+    for r in res["collectives"]:
+        lines.append(f"{r['kind']:<15} {fmt_bytes(r['bytes']):>10} {r['measured_ms']:>9.3f}ms "
+                     f"{r['predicted_ms']:>9.3f}ms {r['error']:>+7.0%}")
+    lines.append(f"|error| median {res['collective_error_median']:.0%}, worst "
+                 f"{res['collective_error_max']:.0%} (target ±30%)")
+    lines.append("whole step (autotp module running the plan made with the calibrated spec; "
+                 f"{res['config']['iters']} interleaved iterations, medians):")
+    lines.append(f"{'model':<22} {'mode':<10} {'measured':>9} {'predicted':>10} {'error':>7} "
+                 f"{'comm meas':>10} {'comm pred':>10} {'comm err':>9} {'compute pred':>13}")
+    for r in res["steps"]:
+        name = f"h{r['hidden']} L{r['layers']} {r['batch']}x{r['seq']}"
+        for mode in ("training", "inference"):
+            d = r[mode]
+            ce = f"{d['comm_error']:+.0%}" if d["comm_error"] is not None else "n/a"
+            lines.append(f"{name:<22} {mode:<10} {d['measured_ms']['median']:>7.1f}ms "
+                         f"{d['predicted_ms']:>8.1f}ms {d['error']:>+7.0%} {d['measured_comm_ms']:>8.1f}ms "
+                         f"{d['predicted_comm_ms']:>8.1f}ms {ce:>9} {d['predicted_compute_ms']:>11.1f}ms")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10)
     a = ap.parse_args()
-    from autotp.launch import spawn
-    spawn(worker, a.world_size, a.repeats)
+    from benchmarks.common import describe, load_average, machine
+    mach = machine()
+    res = run(a.world_size, a.repeats, a.iters)
+    mach["load_end"] = load_average()
+    print(describe(mach))
+    print(report(res))
 
 
 if __name__ == "__main__":

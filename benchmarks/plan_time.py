@@ -1,8 +1,12 @@
 """Plan time against layer count for Llama-2-70B-width models on the meta device (hidden 8192,
 64 heads, 8 kv heads, intermediate 28672, vocab 32000, bf16, input (1, 2048), world size 8,
-h100), split into capture (torch.export), strategies and solve, with a linear fit.
+h100), split into capture (torch.export), strategies and solve, with a linear fit and the
+80-layer (Llama-2-70B) plan time.
 
-    python benchmarks/plan_time.py [--layers 8 16 32 80]"""
+    python benchmarks/plan_time.py [--layers 8 16 32 64 80]
+
+Also records the plan's collective count (Megatron: 4 per layer, 2 forward + 2 backward) and
+what the ILP solver reported (optimal, or stopped by its time limit with a gap)."""
 from __future__ import annotations
 
 import argparse
@@ -10,44 +14,111 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+WORLD = 8
 
-def main() -> None:
+
+class _SolverLog:
+    """Records what HiGHS reported for each solve (optimal, or stopped by the time limit with
+    a gap) by wrapping autotp.solver's milp for the duration; autotp itself does not say."""
+
+    def __enter__(self) -> list[dict[str, Any]]:
+        import autotp.solver as solver
+        self._solver, self._orig, self.log = solver, solver.milp, []
+
+        def milp(*a, **k):
+            t0 = time.perf_counter()
+            r = self._orig(*a, **k)
+            self.log.append({"status": int(r.status), "message": str(r.message),
+                             "gap": float(getattr(r, "mip_gap", float("nan")) or 0.0),
+                             "seconds": time.perf_counter() - t0, "variables": len(a[0])})
+            return r
+        solver.milp = milp
+        return self.log
+
+    def __exit__(self, *exc: object) -> None:
+        self._solver.milp = self._orig
+
+
+def plan_once(n_layer: int) -> dict[str, Any]:
     import torch
     from autotp.api import plan_details
     from examples.hf_models import llama
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32, 80])
+    model, args, kwargs = llama(n_layer=n_layer, hidden=8192, heads=64, kv_heads=8,
+                                intermediate=28672, vocab=32000, batch=1, seq=2048, meta=True,
+                                dtype=torch.bfloat16)
+    marks = [("start", time.perf_counter())]
+    with warnings.catch_warnings(), _SolverLog() as solves:
+        warnings.simplefilter("ignore")
+        pd = plan_details(model, args, kwargs, world_size=WORLD, device="h100",
+                          progress=lambda stage: marks.append((stage, time.perf_counter())))
+    marks.append(("end", time.perf_counter()))
+    t = [marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1)]
+    p = pd.plan
+    return {"layers": n_layer, "capture_s": t[1], "strategies_s": t[2], "solve_s": t[3],
+            "total_s": marks[-1][1] - marks[0][1], "nodes": len(pd.candidates.nodes),
+            "collectives": p.count(), "collectives_per_layer_megatron": 4,
+            "solves": solves, "optimal": all(x["status"] == 0 for x in solves),
+            "params_vs_total_over_n": p.param_bytes_per_rank / (p.param_bytes_total / WORLD)}
+
+
+def run(layers: list[int] = (8, 16, 32, 64, 80)) -> dict[str, Any]:
+    rows = [plan_once(n) for n in layers]
+    out: dict[str, Any] = {"config": {"hidden": 8192, "heads": 64, "kv_heads": 8,
+                                      "intermediate": 28672, "vocab": 32000, "dtype": "bfloat16",
+                                      "input": [1, 2048], "world_size": WORLD, "device": "h100"},
+                           "rows": rows}
+    if len(rows) > 1:
+        xs = np.array([r["layers"] for r in rows], dtype=float)
+        ys = np.array([r["total_s"] for r in rows])
+        slope, icpt = np.polyfit(xs, ys, 1)
+        pred = np.polyval([slope, icpt], xs)
+        r2 = 1 - ((ys - pred) ** 2).sum() / ((ys - ys.mean()) ** 2).sum()
+        out["fit"] = {"s_per_layer": float(slope), "intercept_s": float(icpt), "r2": float(r2),
+                      "predicted_80_s": float(slope * 80 + icpt)}
+    seventy = [r for r in rows if r["layers"] == 80]
+    out["llama2_70b_s"] = seventy[0]["total_s"] if seventy else None
+    return out
+
+
+def solver_status(r: dict[str, Any]) -> str:
+    if r["optimal"]:
+        return "optimal"
+    worst = max(r["solves"], key=lambda x: x["gap"])
+    return f"stopped: {worst['message'].split('.')[0]} after {worst['seconds']:.0f} s, gap {worst['gap']:.1%}"
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [f"{'layers':>6} {'capture':>9} {'strategies':>11} {'solve':>8} {'total':>8} {'nodes':>7} "
+             f"{'params/rank vs total/8':>23} {'collectives':>11}  solver"]
+    for r in res["rows"]:
+        lines.append(f"{r['layers']:>6} {r['capture_s']:>8.1f}s {r['strategies_s']:>10.1f}s "
+                     f"{r['solve_s']:>7.1f}s {r['total_s']:>7.1f}s {r['nodes']:>7} "
+                     f"{r['params_vs_total_over_n']:>22.4f}x {r['collectives']:>11}  {solver_status(r)}")
+    if "fit" in res:
+        f = res["fit"]
+        lines.append(f"linear fit: {f['s_per_layer']:.3f} s/layer + {f['intercept_s']:.2f} s "
+                     f"(R^2 = {f['r2']:.3f}); Llama-2-70B (80 layers): "
+                     + (f"{res['llama2_70b_s']:.1f} s measured" if res["llama2_70b_s"] else
+                        f"{f['predicted_80_s']:.1f} s by the fit"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32, 64, 80])
     a = ap.parse_args()
-    print(f"{'layers':>6} {'capture':>9} {'strategies':>11} {'solve':>8} {'total':>8} {'nodes':>7} "
-          f"{'params/rank vs total/8':>23}")
-    totals = []
-    for n_layer in a.layers:
-        model, args, kwargs = llama(n_layer=n_layer, hidden=8192, heads=64, kv_heads=8,
-                                    intermediate=28672, vocab=32000, batch=1, seq=2048, meta=True,
-                                    dtype=torch.bfloat16)
-        marks = [("start", time.perf_counter())]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pd = plan_details(model, args, kwargs, world_size=8, device="h100",
-                              progress=lambda stage: marks.append((stage, time.perf_counter())))
-        marks.append(("end", time.perf_counter()))
-        t = [marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1)]
-        cap, strat, solve = t[1], t[2], t[3]
-        total = marks[-1][1] - marks[0][1]
-        totals.append(total)
-        p = pd.plan
-        print(f"{n_layer:>6} {cap:>8.1f}s {strat:>10.1f}s {solve:>7.1f}s {total:>7.1f}s "
-              f"{len(pd.candidates.nodes):>7} {p.param_bytes_per_rank / (p.param_bytes_total / 8):>22.4f}x")
-    if len(a.layers) > 1:
-        slope, icpt = np.polyfit(a.layers, totals, 1)
-        pred = np.polyval([slope, icpt], a.layers)
-        r2 = 1 - ((np.array(totals) - pred) ** 2).sum() / ((np.array(totals) - np.mean(totals)) ** 2).sum()
-        print(f"linear fit: {slope:.3f} s/layer + {icpt:.2f} s (R^2 = {r2:.3f}); target for 80 layers: <= 10 s")
+    from benchmarks.common import describe, load_average, machine
+    mach = machine()
+    res = run(a.layers)
+    mach["load_end"] = load_average()
+    print(describe(mach))
+    print(report(res))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """Runtime of the autotp module against a hand-written Megatron-style tensor-parallel model
 and PyTorch's parallelize_module (ColwiseParallel / RowwiseParallel plan, torchtitan style),
-same Llama-style model and weights, gloo, interleaved repetitions, medians and ratios.
+same Llama-style model and weights, gloo, interleaved repetitions, medians and ratios, and the
+collectives each one issues (counted as they run, by a dispatch mode that sees c10d and
+functional collectives alike). If the `tensor_parallel` package imports, it runs too: on the
+process group (forward only: its collectives are not differentiable there) and as thread
+shards in rank 0's process (trains; no torch.distributed), see peer_tensor_parallel.py.
 
     python benchmarks/runtime.py [--world-size 2] [--iters 20] [--hidden 512] [--layers 2]
 
-All three are first checked to compute the same outputs as the single-process model."""
+Every variant is first checked to compute the same outputs as the single-process model."""
 from __future__ import annotations
 
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import fmt_collectives, recorder, stats, summarize, spawn_collect  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -138,60 +144,185 @@ def torch_tp(model: Model):
     return parallelize_module(m, mesh, plan)
 
 
-def worker(rank: int, world: int, a: argparse.Namespace) -> None:
+def _train(m: nn.Module, x: torch.Tensor) -> None:
+    m(x).square().mean().backward()
+
+
+def _fwd(m: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        m(x)
+
+
+def _count(fn, m: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    rec = recorder()
+    with rec:
+        fn(m, x)
+    return summarize(rec.log, rec.ops)
+
+
+def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None:
     import autotp
+    from benchmarks import peer_tensor_parallel as peer
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = Model(a.hidden, a.layers)
-    x = torch.randn(a.batch, a.seq, a.hidden)
+    model = Model(cfg["hidden"], cfg["layers"])
+    x = torch.randn(cfg["batch"], cfg["seq"], cfg["hidden"])
     want = model(x)
-    variants = {"autotp": autotp.parallelize(copy.deepcopy(model), (x,), objective="memory"),
-                "megatron": megatron(model), "parallelize_module": torch_tp(model)}
-    for name, m in variants.items():
-        err = (m(x) - want).abs().max().item()
+    variants: dict[str, nn.Module] = {
+        "autotp": autotp.parallelize(copy.deepcopy(model), (x,), objective="memory"),
+        "megatron": megatron(model), "parallelize_module": torch_tp(model)}
+    fwd_only: set[str] = set()
+    rank0_only: set[str] = set()
+    notes: dict[str, str] = {}
+    tp, peer_note = peer.load() if cfg.get("peer", True) else (None, "skipped (--no-peer)")
+    if tp is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            variants["tensor_parallel (gloo)"] = peer.distributed_shard(copy.deepcopy(model), tp)
+            fwd_only.add("tensor_parallel (gloo)")
+            try:  # is it really forward-only? record what backward says
+                _train(variants["tensor_parallel (gloo)"], x)
+                fwd_only.discard("tensor_parallel (gloo)")
+            except RuntimeError as e:
+                notes["tensor_parallel (gloo)"] = f"backward fails: {e}"
+            if rank == 0:
+                variants["tensor_parallel (threads)"] = peer.threaded(copy.deepcopy(model), tp, world)
+                rank0_only.add("tensor_parallel (threads)")
+                notes["tensor_parallel (threads)"] = (
+                    f"{world} thread shards in rank 0's process while rank 1 waits in a barrier; "
+                    "collectives are in-memory cat/sum, not gloo")
+    names = [n for n in variants]
+    all_names = names if rank == 0 else names + ["tensor_parallel (threads)"] * bool(tp)
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            err = (variants[name](x) - want).abs().max().item()
         assert err < 1e-4, (name, err)
-    times: dict[str, dict[str, list[float]]] = {k: {"train": [], "fwd": []} for k in variants}
-    for _ in range(a.iters):  # interleaved: each iteration times every variant once
-        for name, m in variants.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            m(x).square().mean().backward()
-            dist.barrier()
-            times[name]["train"].append(time.perf_counter() - t0)
-            with torch.no_grad():
-                dist.barrier()
-                t0 = time.perf_counter()
-                m(x)
-                dist.barrier()
-                times[name]["fwd"].append(time.perf_counter() - t0)
+    # collectives, counted on one extra untimed step of each
+    coll: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name in rank0_only:
+            continue
+        m = variants[name]
+        fwd = _count(_fwd, m, x)
+        train = None if name in fwd_only else _count(_train, m, x)
+        coll[name] = {"forward": fwd, "train": train}
+    times: dict[str, dict[str, list[float]]] = {k: {"train": [], "fwd": []} for k in all_names}
+
+    def timed(name: str, phase: str) -> None:
+        here = name in variants
+        dist.barrier()
+        t0 = time.perf_counter()
+        if here:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                (_train if phase == "train" else _fwd)(variants[name], x)
+        dist.barrier()
+        times[name][phase].append(time.perf_counter() - t0)
+
+    for it in range(cfg["warmup"] + cfg["iters"]):
+        # interleaved, and the order rotated every iteration so no variant always runs first
+        k = it % len(all_names)
+        for name in all_names[k:] + all_names[:k]:
+            if name not in fwd_only:
+                timed(name, "train")
+            timed(name, "fwd")
+        if it < cfg["warmup"]:
+            times = {k: {"train": [], "fwd": []} for k in all_names}
+    out = None
     if rank == 0:
-        med = {k: {p: statistics.median(v) * 1e3 for p, v in d.items()} for k, d in times.items()}
-        print(f"Llama-style, hidden {a.hidden}, {a.layers} layers, batch {a.batch} x seq {a.seq}, "
-              f"gloo world {world}, {a.iters} interleaved iterations, medians:")
-        print(f"{'':<20} {'fwd+bwd ms':>11} {'fwd ms':>9} {'fwd+bwd vs megatron':>20} {'vs parallelize_module':>22}")
-        for k in variants:
-            print(f"{k:<20} {med[k]['train']:>11.2f} {med[k]['fwd']:>9.2f} "
-                  f"{med[k]['train'] / med['megatron']['train']:>20.3f} "
-                  f"{med[k]['train'] / med['parallelize_module']['train']:>22.3f}")
         p = variants["autotp"].plan
-        print(f"autotp collectives per step: {p.count('all_reduce', 'forward')} all_reduce forward, "
-              f"{p.count('all_reduce', 'backward')} all_reduce backward, {p.count() } in all")
+        out = {"config": {**cfg, "world_size": world, "torch_threads": torch.get_num_threads(),
+                          "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+               "variants": {}, "peer": peer_note, "notes": notes,
+               "autotp_plan": {"forward": p.count(phase="forward"), "backward": p.count(phase="backward"),
+                               "all_reduce": p.count("all_reduce")},
+               "megatron_closed_form": {"all_reduce_forward": 2 * cfg["layers"],
+                                        "all_reduce_backward": 2 * cfg["layers"],
+                                        "bytes_each": cfg["batch"] * cfg["seq"] * cfg["hidden"] * 4}}
+        for name in all_names:
+            out["variants"][name] = {
+                "train_ms": stats([t * 1e3 for t in times[name]["train"]]) if times[name]["train"] else None,
+                "fwd_ms": stats([t * 1e3 for t in times[name]["fwd"]]),
+                "raw_ms": {k: [round(t * 1e3, 3) for t in ts] for k, ts in times[name].items()},
+                "collectives": coll.get(name)}
     dist.barrier()
     dist.destroy_process_group()
+    return out
+
+
+def run(world_size: int = 2, iters: int = 20, hidden: int = 512, layers: int = 2, batch: int = 4,
+        seq: int = 128, warmup: int = 2, peer: bool = True) -> dict[str, Any]:
+    """Spawn the ranks, return rank 0's results (times in ms, collectives per step)."""
+    cfg = dict(iters=iters, hidden=hidden, layers=layers, batch=batch, seq=seq, warmup=warmup, peer=peer)
+    res = spawn_collect(worker, world_size, cfg)
+    v = res["variants"]
+    res["ratios"], res["paired_ratios"] = {}, {}
+    for phase in ("train", "fwd"):
+        for ref in ("megatron", "parallelize_module"):
+            a, b = v["autotp"][f"{phase}_ms"], v[ref][f"{phase}_ms"]
+            res["ratios"][f"{phase} autotp/{ref}"] = a["median"] / b["median"]
+            # the same iteration's two times saw the same load: the median of their ratios is
+            # robust to load that drifts during the run
+            pairs = zip(v["autotp"]["raw_ms"][phase], v[ref]["raw_ms"][phase])
+            res["paired_ratios"][f"{phase} autotp/{ref}"] = stats([x / y for x, y in pairs])
+    return res
+
+
+def report(res: dict[str, Any]) -> str:
+    c, v = res["config"], res["variants"]
+    lines = [f"Llama-style, hidden {c['hidden']}, {c['layers']} layers, batch {c['batch']} x seq "
+             f"{c['seq']}, gloo world {c['world_size']}, OMP_NUM_THREADS={c['OMP_NUM_THREADS']}, "
+             f"{c['iters']} interleaved iterations (after {c['warmup']} warm-up), medians [p25-p75]:",
+             f"{'':<27} {'fwd+bwd ms':>22} {'fwd ms':>22} {'fwd+bwd/megatron':>17} {'fwd+bwd/pm':>11}"]
+    meg, pm = v["megatron"]["train_ms"]["median"], v["parallelize_module"]["train_ms"]["median"]
+    for name, d in v.items():
+        tr, fw = d["train_ms"], d["fwd_ms"]
+        trs = f"{tr['median']:.1f} [{tr['p25']:.1f}-{tr['p75']:.1f}]" if tr else "n/a"
+        fws = f"{fw['median']:.1f} [{fw['p25']:.1f}-{fw['p75']:.1f}]"
+        r1 = f"{tr['median'] / meg:.3f}" if tr else "n/a"
+        r2 = f"{tr['median'] / pm:.3f}" if tr else "n/a"
+        lines.append(f"{name:<27} {trs:>22} {fws:>22} {r1:>17} {r2:>11}")
+    lines.append("median of per-iteration ratios [p25-p75]: " + ", ".join(
+        f"{k} {d['median']:.3f} [{d['p25']:.3f}-{d['p75']:.3f}]" for k, d in res["paired_ratios"].items()))
+    lines.append("collectives per step (forward only | forward + backward):")
+    for name, d in v.items():
+        col = d["collectives"]
+        if col is None:
+            lines.append(f"  {name}: none over torch.distributed (in-process threads)")
+            continue
+        lines.append(f"  {name}: {fmt_collectives(col['forward'])} | "
+                     f"{fmt_collectives(col['train']) if col['train'] else 'n/a (no backward)'}")
+    ops = ", ".join(f"{n} {d['collectives']['train']['ops']}" for n, d in v.items()
+                    if d["collectives"] and d["collectives"]["train"])
+    lines.append(f"  ATen ops per training step: {ops}")
+    mc = res["megatron_closed_form"]
+    lines.append(f"  Megatron closed form: {mc['all_reduce_forward']} + {mc['all_reduce_backward']} "
+                 f"all_reduce of {mc['bytes_each']} B")
+    lines.append(f"tensor_parallel: {res['peer']}")
+    for name, note in res["notes"].items():
+        lines.append(f"  {name}: {note}")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--no-peer", action="store_true", help="skip the tensor_parallel package")
     a = ap.parse_args()
-    from autotp.launch import spawn
-    spawn(worker, a.world_size, a)
+    from benchmarks.common import describe, load_average, machine
+    mach = machine()
+    res = run(a.world_size, a.iters, a.hidden, a.layers, a.batch, a.seq, a.warmup, not a.no_peer)
+    mach["load_end"] = load_average()
+    print(describe(mach))
+    print(report(res))
 
 
 if __name__ == "__main__":
