@@ -21,6 +21,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -113,63 +114,142 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
 # ---------------------------------------------------------------------------------------------
 
 class _Program:
-    """The 0/1 program over Candidates, built once and solved with different objectives."""
+    """The 0/1 program over some nodes of Candidates, built once and solved with different
+    objectives and pins. Variables, in order of creation:
 
-    def __init__(self, c: Candidates, spec: DeviceSpec, mode: str):
+    x[v, s]  binary, one per (node, strategy) of ``names``; one-hot per node.
+    e[u, P]  binary, one per placement P of an *external* value (its producer is not in the
+             program; a caller pins one): one-hot per value.
+    w[b, k]  binary, one per table entry k of a block (a run of identical layers solved
+             separately, see decompose.py); one-hot per block.
+    y        continuous, the joint indicator of (producer placement P, consumer's (Q, G)) on
+             one edge, when both sides have a choice: sum_Q y = X(P), sum_P y = Y(Q, G).
+    z        continuous, one per (value, P, Q, G) with a positive cost: z >= every consumer's
+             joint indicator of that key, so the transition is paid once.
+
+    X(P) of a value is a sum of x (its producer's strategies with output P), of e, or of w.
+    With binary x, the marginal rows force y to be the product X(P) * Y(Q, G): the program is
+    exactly Alpa's, and its LP relaxation is the local-marginal one, much tighter than
+    z >= x + x' - 1 (which let HiGHS branch for minutes on 16 layers)."""
+
+    def __init__(self, c: Candidates, spec: DeviceSpec, mode: str, names: Iterable[str] | None = None,
+                 externals: dict[Value, Sequence[Placement]] | None = None,
+                 blocks: Sequence = ()):
         self.c = c
-        self.index: dict[tuple[str, int], int] = {}
-        for name, nc in c.nodes.items():
-            for s in range(len(nc.strategies)):
-                self.index[(name, s)] = len(self.index)
-        self.n_x = len(self.index)
-        self.time: list[float] = [0.0] * self.n_x
-        self.mem: list[float] = [0.0] * self.n_x
-        for (name, s), i in self.index.items():
-            self.time[i] = _node_time(c, name, s, spec, mode)
-            self.mem[i] = _param_mem(c, name, s)
+        self.names = list(c.nodes) if names is None else list(names)
+        inside = set(self.names)
+        self.time: list[float] = []
+        self.mem: list[float] = []
+        self.integral: list[int] = []
         self.rows: list[tuple[dict[int, float], float, float]] = []
-        self._one_hot()
-        self._edges(spec, mode)
+        self.index: dict[tuple[str, int], int] = {}
+        groups: dict[Value, dict[Placement, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for name in self.names:
+            nc = c.nodes[name]
+            row = {}
+            for s, st in enumerate(nc.strategies):
+                i = self._var(_node_time(c, name, s, spec, mode), _param_mem(c, name, s), 1)
+                self.index[(name, s)] = i
+                row[i] = 1.0
+                for oi, p in enumerate(st.outputs()):
+                    groups[(name, oi)][p].append(i)
+            self.rows.append((row, 1.0, 1.0))
+        self.ext_index: dict[tuple[Value, Placement], int] = {}
+        for value, places in (externals or {}).items():
+            row = {}
+            for p in dict.fromkeys(places):
+                i = self._var(0.0, 0.0, 1)
+                self.ext_index[(value, p)] = i
+                groups[value][p].append(i)
+                row[i] = 1.0
+            self.rows.append((row, 1.0, 1.0))
+        self.block_index: list[list[int]] = []
+        for b in blocks:
+            ws = [self._var(e.time, e.mem, 1) for e in b.entries]
+            self.block_index.append(ws)
+            self.rows.append(({i: 1.0 for i in ws}, 1.0, 1.0))
+            for k, value in enumerate(b.outs):
+                for e, i in zip(b.entries, ws):
+                    groups[value][e.b[k]].append(i)
+        for b, ws in zip(blocks, self.block_index):  # block inputs equal their producers' outputs
+            for values, pick in ((b.ins, lambda e, k: e.a[k]), (b.shared, lambda e, k: e.sigma[k])):
+                for k, value in enumerate(values):
+                    by_p: dict[Placement, dict[int, float]] = defaultdict(dict)
+                    for e, i in zip(b.entries, ws):
+                        by_p[pick(e, k)][i] = 1.0
+                    for p, xs in groups[value].items():
+                        for i in xs:
+                            by_p[p][i] = by_p[p].get(i, 0.0) - 1.0
+                    for row in by_p.values():
+                        self.rows.append((row, 0.0, 0.0))
+        self.n_x = len(self.time)
+        self._edges(spec, mode, groups, inside)
+        self.n = len(self.time)
 
-    def _one_hot(self) -> None:
-        for name, nc in self.c.nodes.items():
-            self.rows.append(({self.index[(name, s)]: 1.0 for s in range(len(nc.strategies))}, 1.0, 1.0))
+    def _var(self, time: float, mem: float, integral: int) -> int:
+        self.time.append(time)
+        self.mem.append(mem)
+        self.integral.append(integral)
+        return len(self.time) - 1
 
-    def _edges(self, spec: DeviceSpec, mode: str) -> None:
+    def _edges(self, spec: DeviceSpec, mode: str, groups: dict, inside: set[str]) -> None:
         c = self.c
         zkey: dict[tuple, int] = {}
+
+        def pay(key: tuple, cost: float, ind: dict[int, float]) -> None:
+            if key not in zkey:
+                zkey[key] = self._var(cost, 0.0, 0)
+            row = {zkey[key]: 1.0}
+            for i, v in ind.items():
+                row[i] = row.get(i, 0.0) - v
+            self.rows.append((row, 0.0, np.inf))
+
         for value, cons in c.consumers.items():
-            u, oi = value
-            by_p: dict[Placement, list[int]] = defaultdict(list)
-            for s, st in enumerate(c.nodes[u].strategies):
-                by_p[st.outputs()[oi]].append(self.index[(u, s)])
+            by_p = groups.get(value)
+            if not by_p:
+                continue
             nbytes = c.bytes_of(value)
-            is_param = c.nodes[u].kind == "param"
+            is_param = c.nodes[value[0]].kind == "param"
+            emode = _edge_mode(c, value, mode)
             for name, slot in cons:
+                if name not in inside:
+                    continue
                 by_t: dict[tuple[Placement, Placement], list[int]] = defaultdict(list)
                 for s, st in enumerate(c.nodes[name].strategies):
                     by_t[(st.inputs[slot], st.grad_placement(slot))].append(self.index[(name, s)])
-                for p, xs_u in by_p.items():
-                    for (q, g), xs_c in by_t.items():
+                cost: dict[tuple, float | None] = {}
+                for p in by_p:
+                    for (q, g) in by_t:
                         t = transition(p, q, g, is_param)
-                        row = {i: 1.0 for i in xs_u + xs_c}
+                        cost[(p, q, g)] = None if t is None else \
+                            transition_time(t, nbytes, c.world_size, spec, emode)
+                if len(by_p) == 1 or len(by_t) == 1:
+                    # one side is fixed: the joint indicator is the other side's sum
+                    for (p, q, g), t in cost.items():
+                        side = by_t[(q, g)] if len(by_p) == 1 else by_p[p]
                         if t is None:
-                            self.rows.append((row, -np.inf, 1.0))
-                            continue
-                        cost = transition_time(t, nbytes, c.world_size, spec,
-                                               _edge_mode(c, value, mode))
-                        if cost <= 0:
-                            continue
-                        key = (value, p, q, g)
-                        if key not in zkey:
-                            zkey[key] = self.n_x + len(zkey)
-                            self.time.append(cost)
-                            self.mem.append(0.0)
-                        row[zkey[key]] = -1.0
-                        self.rows.append((row, -np.inf, 1.0))
-        self.n = self.n_x + len(zkey)
+                            self.rows.append(({i: 1.0 for i in side}, 0.0, 0.0))
+                        elif t > 0:
+                            pay((value, p, q, g), t, {i: 1.0 for i in side})
+                    continue
+                ys: dict[tuple, int] = {}
+                for (p, q, g), t in cost.items():
+                    if t is not None:
+                        ys[(p, q, g)] = y = self._var(0.0, 0.0, 0)
+                        if t > 0:
+                            pay((value, p, q, g), t, {y: 1.0})
+                for p, xs in by_p.items():
+                    row = {y: 1.0 for (pp, _, _), y in ys.items() if pp == p}
+                    for i in xs:
+                        row[i] = -1.0
+                    self.rows.append((row, 0.0, 0.0))
+                for (q, g), xs in by_t.items():
+                    row = {y: 1.0 for (_, qq, gg), y in ys.items() if (qq, gg) == (q, g)}
+                    for i in xs:
+                        row[i] = -1.0
+                    self.rows.append((row, 0.0, 0.0))
 
-    def solve(self, weights: list[float], extra: list[tuple[dict[int, float], float, float]],
+    def solve(self, weights: Sequence[float], extra: list[tuple[dict[int, float], float, float]],
               time_limit: float) -> np.ndarray | None:
         rows = self.rows + extra
         r, cidx, vals, lb, ub = [], [], [], [], []
@@ -181,13 +261,16 @@ class _Program:
             lb.append(lo)
             ub.append(hi)
         a = coo_matrix((vals, (r, cidx)), shape=(len(rows), self.n)).tocsr()
-        res = milp(np.asarray(weights), constraints=LinearConstraint(a, lb, ub),
-                   integrality=np.ones(self.n), bounds=Bounds(0, 1),
+        res = milp(np.asarray(weights, dtype=float), constraints=LinearConstraint(a, lb, ub),
+                   integrality=np.asarray(self.integral), bounds=Bounds(0, 1),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-7})
         if res.x is None:
             if res.status == 2:  # infeasible
                 return None
             raise AutoTPError(f"the plan solver failed: {res.message}")
+        if res.status == 1:
+            log.warning("the plan solver hit its time limit (%.0f s): the plan may not be optimal",
+                        time_limit)
         return res.x
 
     def choice(self, x: np.ndarray) -> Choice:
