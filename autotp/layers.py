@@ -300,8 +300,8 @@ def _segments(g: fx.Graph, stack: Stack) -> _Segments:
             if u is not None:
                 attrs[u][str(node.target)[len(_prefix(stack)) + len(str(u)) + 1:]] = node
             continue
-        if node.op == "call_module" and u is not None:
-            raise Unsupported(f"call_module {node.target} inside a layer")
+        if node.op == "call_module":  # export's input guards: they borrow a layer's metadata
+            u = None
         if u is None:
             if cur < 0:
                 pre.append(node)
@@ -502,7 +502,12 @@ def capture_cut(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack
     stacks = tuple(s for s in stacks if s.size > KEEP + 1)
     if not stacks:
         raise Unsupported("no stack deeper than the layers a cut capture keeps")
-    _verify(model, args, kwargs, stacks)
+    try:
+        _verify(model, args, kwargs, stacks)
+    except Unsupported:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the cut model means: export it all
+        raise Unsupported(f"the cut model does not run on fake tensors: {type(e).__name__}: {e}") from e
     with _cut(model, stacks):
         gm = export(model, args, kwargs).module()
     g = gm.graph
