@@ -1,9 +1,11 @@
 """Public entry points: plan, parallelize, gather_state_dict."""
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,21 @@ def _check_args(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise AutoTPError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
     return tuple(example_inputs), dict(example_kwargs or {})
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while planning: torch.export and the graphs of
+    an 80-layer model make hundreds of thousands of objects, which every collection scans
+    again (a third of the plan time of Llama-2-70B). Reference counting still frees what
+    is not in a cycle; peak memory measured the same. The previous state is restored."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -71,12 +88,13 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
         kwargs = {k: to_meta(v) for k, v in kwargs.items()}
     note = progress or (lambda _stage: None)
     spec = get_device(device)
-    note("capturing the model with torch.export")
-    captured = capture(model, args, kwargs)
-    note("building candidate strategies")
-    c = build(captured, world_size)
-    note("solving")
-    p, choice = _plan_from(c, spec, objective, mode, memory_budget)
+    with _gc_paused():
+        note("capturing the model with torch.export")
+        captured = capture(model, args, kwargs)
+        note("building candidate strategies")
+        c = build(captured, world_size)
+        note("solving")
+        p, choice = _plan_from(c, spec, objective, mode, memory_budget)
     return Planned(p, c, choice, spec)
 
 
@@ -163,12 +181,14 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
             "use autotp.plan(...) to plan without processes")
     args, kwargs = _check_args(example_inputs, example_kwargs)
     comm = DistComm(group)
-    captured = capture(model, args, kwargs)
-    c = build(captured, comm.world_size)
+    with _gc_paused():
+        captured = capture(model, args, kwargs)
+        c = build(captured, comm.world_size)
     backend = dist.get_backend(group)
     if plan is None:
         spec = get_device(device, backend)
-        p, choice = _plan_from(c, spec, objective, mode, None)
+        with _gc_paused():
+            p, choice = _plan_from(c, spec, objective, mode, None)
         # every rank solves the same program; rank 0's plan is authoritative all the same
         box = [p.to_json() if comm.rank == 0 else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)

@@ -77,11 +77,11 @@ class Layer(nn.Module):
         super().__init__()
         self.up = nn.Linear(h, 4 * h)
         self.down = nn.Linear(4 * h, h)
-        self.index, self.act = index, act
+        self.index, self.act, self.special = index, act, 4  # layer 4 is special
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.down(getattr(F, self.act)(self.up(x)))
-        return x + (2.0 * y if self.index == 4 else y)  # layer 4 is special
+        return x + (2.0 * y if self.index == self.special else y)
 
 
 class Stacked(nn.Module):
@@ -104,7 +104,7 @@ class Stacked(nn.Module):
         return self.p9(x)
 
 
-@pytest.mark.parametrize("case", ["index", "attribute", "by_count", "uniform"])
+@pytest.mark.parametrize("case", ["index", "attribute", "by_count", "uniform", "index_read_same"])
 def test_cut_capture_falls_back_when_layers_differ(case: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16)
@@ -118,12 +118,16 @@ def test_cut_capture_falls_back_when_layers_differ(case: str) -> None:
         m = Stacked(by_count=True)
         for layer in m.zq:
             layer.index = 0
+    elif case == "index_read_same":  # each layer reads its own index, to the same effect
+        m = Stacked()
+        for layer in m.zq:
+            layer.special = -1
     else:
         m = Stacked()
         for layer in m.zq:
             layer.index = 0
     cut, full = _both(m, (x,))
-    assert cut.cut == (case == "uniform")
+    assert cut.cut == (case in ("uniform", "index_read_same"))
     _same_graph(cut, full)
 
 
@@ -279,3 +283,20 @@ def test_layers_solved_once_match_random_architectures(arch, world: int, objecti
         c = build(capture(RandomLM(arch), (torch.randint(0, arch.vocab, (2, 5)),)), world)
     assert find_runs(c), arch
     _compare(c, spec, mode, objective)
+
+
+def test_parallel_model_from_cut_capture_equals_original() -> None:
+    """The whole pipeline on a cut capture: each layer's replicated nodes read that layer's
+    own weights (a mix-up of layers would change the output)."""
+    torch.manual_seed(0)
+    model, (idx,) = nanogpt.gpt(n_layer=6, n_embd=32, n_head=4)
+    model.eval()
+    cap = capture(model, (idx,))
+    assert cap.cut
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = autotp.simulate(model, (idx,), world_size=2, objective="memory")
+    with torch.no_grad():
+        want = model(idx)
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
