@@ -2,17 +2,28 @@
 then least time) under the memory budget. Exact: a 0/1 integer program solved by HiGHS
 (scipy.optimize.milp), in the formulation of Alpa's intra-operator pass:
 
-    x[v,s] in {0,1}, sum_s x[v,s] = 1                      one strategy per node  (_one_hot)
-    minimize   sum compute(v,s) x[v,s] + sum cost(e) z[e]                        (_objective)
-    z[u,P,c,Q,G] >= sum_{s: out(s)=P} x[u,s] + sum_{t: need(t)=(Q,G)} x[c,t] - 1  (_edges)
-    sum_{s: out(s)=P} x[u,s] + sum_{t: need(t)=(Q,G)} x[c,t] <= 1   for impossible (P,Q,G)
-    sum param_bytes(v,s) * state_factor * x[v,s] <= memory budget                (_memory)
+    x[v,s] in {0,1}, sum_s x[v,s] = 1                      one strategy per node  (_Program)
+    minimize   sum compute(v,s) x[v,s] + sum cost(k) z[k]                      (solve, _weight)
+    per edge u -> (c, slot), with X(P) = sum_{s: out(s)=P} x[u,s] and
+    Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (_Program._edges)
+      y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
+      z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
+    sum param_bytes(v,s) * x[v,s] <= memory budget / state_factor               (solve)
 
-A z variable is shared by every consumer of one producer value that needs the same (Q, G):
-the rewrite issues one collective for all of them, and the model charges it once.
+With binary x the marginal rows make y the product X(P) * Y(Q,G), so this is Alpa's program;
+its LP relaxation is the local-marginal one, tight enough that HiGHS usually finds an
+integral LP optimum (``_Program.solve`` tries the LP first and accepts it when integral).
+The older ``z >= X(P) + Y(Q,G) - 1`` relaxation let HiGHS branch past its time limit on 32
+Llama layers. A z variable is shared by every consumer of one producer value that needs the
+same (Q, G): the rewrite issues one collective for all of them, and the model charges it once.
+
+Runs of identical layers (decompose.py) are solved once per boundary state and joined by a
+min-plus product; ``solve`` uses that when the memory bound does not bind and solves the
+whole program when it does, so the result is the optimum either way.
 ``objective="memory"`` is lexicographic: first least parameter bytes, then least time among
-plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least. ``evaluate`` is the one definition of a plan's cost; the program
-is its linearization, and ``brute_force`` (tests) enumerates it directly.
+plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least. ``evaluate`` is
+the one definition of a plan's cost; the program is its linearization, and ``brute_force``
+(tests) enumerates it directly.
 """
 from __future__ import annotations
 
