@@ -620,32 +620,54 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
             emit_copies()
     if last_attr_t is None:
         raise Unsupported("the layers have no parameters")
-    # parameters and buffers of layers KEEP..L-1 under their own names
+    # parameters, buffers (and tensor attributes the graph reads) of layers KEEP..L-1 under
+    # their own names, where the cut model's last layer was
     container = gm.get_submodule(stack.path)
     src = list(model.get_submodule(stack.path)._modules.values())
-    mods = {k: v for k, v in container._modules.items() if not k.isdigit() or int(k) < KEEP}
-    for i in range(KEEP, stack.size):
-        holder = nn.Module()
-        for rel, p in src[i].named_parameters():
-            _attach(holder, rel, p, True)
-        for rel, b in src[i].named_buffers():
-            _attach(holder, rel, b, False)
-        mods[str(i)] = holder
+    mods: dict[str, nn.Module] = {}
+    for k, v in container._modules.items():
+        if k != str(KEEP):
+            mods[k] = v
+            continue
+        for i in range(KEEP, stack.size):
+            holder = nn.Module()
+            for rel, p in src[i].named_parameters():
+                _attach(holder, rel, p, "param")
+            for rel, b in src[i].named_buffers():
+                _attach(holder, rel, b, "buffer")
+            for rel in n_attrs_t:
+                if not _has(holder, rel):
+                    _attach(holder, rel, src[i].get_submodule(rel.rpartition(".")[0]) if "." in rel
+                            else src[i], "attribute")
+            mods[str(i)] = holder
     object.__setattr__(container, "_modules", mods)
     return new
 
 
-def _attach(root: nn.Module, dotted: str, t: torch.Tensor, is_param: bool) -> None:
+def _has(root: nn.Module, dotted: str) -> bool:
+    obj: Any = root
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _attach(root: nn.Module, dotted: str, t: Any, kind: str) -> None:
+    """Put ``t`` at ``dotted`` under ``root`` as a parameter, a buffer, or (kind "attribute",
+    ``t`` the module holding it) a plain attribute copied from that module."""
     *path, name = dotted.split(".")
     mod = root
     for part in path:
         if part not in mod._modules:
             mod.add_module(part, nn.Module())
         mod = mod._modules[part]
-    if is_param:
+    if kind == "param":
         mod.register_parameter(name, t)
-    else:
+    elif kind == "buffer":
         mod.register_buffer(name, t)
+    else:
+        setattr(mod, name, getattr(t, name))
 
 
 def capture_cut(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack, ...],

@@ -300,3 +300,39 @@ def test_parallel_model_from_cut_capture_equals_original() -> None:
         want = model(idx)
     for out in outs:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+class ScaledBlock(nn.Module):
+    """A block with a plain tensor attribute (not a buffer) that its forward reads."""
+
+    def __init__(self, h: int, scale: float):
+        super().__init__()
+        self.lin = nn.Linear(h, h)
+        self.scale = torch.full((h,), scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(x) * self.scale
+
+
+def test_cut_capture_of_a_sequential_root_with_tensor_attributes() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(*(ScaledBlock(8, 1.0 + i) for i in range(6)))
+    x = torch.randn(2, 3, 8)
+    cut, full = _both(m, (x,))
+    assert not cut.cut or _describe(cut) == _describe(full)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.gm(x), m(x))
+        torch.testing.assert_close(full.gm(x), m(x))
+
+
+def test_cut_capture_of_a_sequential_root() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(*(Layer(8) for _ in range(6)))
+    for layer in m:
+        layer.special = -1
+    x = torch.randn(2, 3, 8)
+    cut, full = _both(m, (x,))
+    assert cut.cut and cut.stacks[0].path == ""
+    _same_graph(cut, full)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.gm(x), m(x))
