@@ -150,7 +150,7 @@ def find_runs(c: Candidates, pinned: set[str] | frozenset[str] = frozenset()) ->
     """Runs of two or more identical consecutive layers; layers with pinned nodes are left out."""
     runs: list[Run] = []
     for units in c.layers:
-        shapes = [None if pinned & set(u) else _shape(c, u, units[i - 1] if i else None)
+        shapes = [None if not u or pinned & set(u) else _shape(c, u, units[i - 1] if i else None)
                   for i, u in enumerate(units)]
         i = 0
         while i < len(units):

@@ -554,7 +554,19 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
         if rel not in sg.attrs[t]:
             raise Unsupported("the last layer reads other parameters")
     n_attrs_t = sg.attrs[t]
-    last_attr_t = max(n_attrs_t.values(), key=sg.attr_order.index) if n_attrs_t else None
+    if not n_attrs_t:
+        raise Unsupported("the layers have no parameters")
+    # the template's get_attr nodes in contiguous groups (export lists parameters, then
+    # buffers): each layer's copies go after the group they copy, as a full export has them
+    tpl_attrs = set(n_attrs_t.values())
+    groups: dict[fx.Node, list[fx.Node]] = {}  # last node of a group -> the group
+    run: list[fx.Node] = []
+    for n in sg.attr_order + [None]:
+        if n in tpl_attrs:
+            run.append(n)
+        elif run:
+            groups[run[-1]] = run
+            run = []
     tpl = sg.segs[t]
     tpl_pos = {n: i for i, n in enumerate(tpl)}
     prev_pos = {n: i for i, n in enumerate(sg.segs[t - 1])}
@@ -613,13 +625,12 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
             env[node] = c
             continue
         env[node] = new.node_copy(node, lambda a: env[a])
-        if node is last_attr_t:
+        if node in groups:
             for i in range(KEEP, last):
-                layer_attrs[i] = {rel: attr(f"{stack.layer(i)}.{rel}", n) for rel, n in n_attrs_t.items()}
+                layer_attrs.setdefault(i, {}).update(
+                    {tpl_attr_rel[n]: attr(f"{stack.layer(i)}.{tpl_attr_rel[n]}", n) for n in groups[node]})
         if tpl and node is tpl[-1]:
             emit_copies()
-    if last_attr_t is None:
-        raise Unsupported("the layers have no parameters")
     # parameters, buffers (and tensor attributes the graph reads) of layers KEEP..L-1 under
     # their own names, where the cut model's last layer was
     container = gm.get_submodule(stack.path)
@@ -688,7 +699,12 @@ def capture_cut(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack
         gm = export(model, args, kwargs).module()
     g = gm.graph
     for s in stacks:
-        g = _expand(gm, g, model, s)
+        try:
+            g = _expand(gm, g, model, s)
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - a graph this pass doesn't know: export it all
+            raise Unsupported(f"replicating {s.path or 'the layers'} failed: {type(e).__name__}: {e}") from e
     return gm, g
 
 

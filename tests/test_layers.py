@@ -336,3 +336,15 @@ def test_cut_capture_of_a_sequential_root() -> None:
     _same_graph(cut, full)
     with torch.no_grad():
         torch.testing.assert_close(cut.gm(x), m(x))
+
+
+@settings(max_examples=int(os.environ.get("LAYER_EXAMPLES", "8")) // 2, deadline=None,
+          derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(archs())
+def test_cut_capture_of_random_architectures(arch) -> None:
+    torch.manual_seed(0)
+    arch = dataclasses.replace(arch, layers=6)
+    model = RandomLM(arch)
+    cut, full = _both(model, (torch.randint(0, arch.vocab, (2, 5)),))
+    assert cut.cut, arch
+    _same_graph(cut, full)
