@@ -243,9 +243,9 @@ def _chain(run: Run, table: dict[tuple, Cell]) -> Block:
     by_sa: dict[tuple, dict] = {}
     for (sigma, paid, a, b), cell in table.items():
         by_sa.setdefault((sigma, paid, a), {})[b] = cell
-    for sigma, paid, a0 in by_sa:
+    for (sigma, paid, a0), first in by_sa.items():
         # best[b] = (cost, cells) over the layers so far
-        best = {b: (cell.cost, (cell,)) for b, cell in by_sa[(sigma, paid, a0)].items()}
+        best = {b: (cell.cost, (cell,)) for b, cell in first.items()}
         for _ in run.units[1:]:
             nxt: dict = {}
             for b, (cost, cells) in best.items():

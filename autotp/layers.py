@@ -7,21 +7,27 @@ module. Names mean nothing here; the test is the module tree.
 
 torch.export costs about 0.15 s per Llama-70B layer on a 2-core machine (fake tensors,
 symbolic shapes, fx bookkeeping), so capture exports the model with every stack of more than
-``len(KEEP)`` layers cut to layers 0, 1, 2 and L-1 (the container's children are swapped for
+KEEP + 1 = 4 layers cut to layers 0, 1, 2 and L-1 (the container's children are swapped for
 the export and put back in a ``finally``), then rebuilds the full-depth graph:
 
-1. ``_segments``: the cut graph is  pre | layer 0 | layer 1 | layer 2 | layer L-1 | post  in
+1. ``_verify`` (before the export): the model's Python code must do at full depth what it
+   does cut. One forward of the cut model on fake tensors records every torch call outside
+   the layers and each layer call as one event (where each argument came from: the previous
+   layer's output, the n-th call before the layers, a parameter; other values by value), and
+   which attributes each kept layer's modules read (``_watch``). One forward of the full model
+   with every layer stubbed (it returns fresh tensors shaped like its representative's
+   output) must record the same, layer for layer (layers 3..L-2 against layer 2): the code
+   around the layers and what each layer is given. A layer runs its representative's code
+   (same class) on the same arguments; if no attribute in which it differs from its
+   representative (HF's ``layer_idx``) was read by the representative, it runs the same
+   calls; else it runs alone on meta tensors and its calls are compared (``_layer_events``).
+   Assumed: a layer's forward depends on its class, its own attributes and parameters and its
+   arguments, not on mutable global state or ``vars(self)``.
+2. ``_segments``: the cut graph is  pre | layer 0 | layer 1 | layer 2 | layer L-1 | post  in
    node order (a layer's segment also holds the nodes between it and the next layer, as the
    parent's loop emits them). Layer 2's segment must be a copy of layer 1's (``_shape_of``):
    the same ops, arguments, shapes and module paths, with references to its own parameters by
    relative name, to the previous layer at the same offsets and to anything else identical.
-2. ``_verify``: the model's Python code must do at full depth what it did cut. One forward
-   of the full model and one of the cut model on fake tensors (cheap: no graph, no symbolic
-   shapes) record every torch call per layer (function, non-tensor arguments, where each
-   tensor came from: the same layer, the previous one, before the stack, which parameter).
-   Layers 3..L-2 must record what cut layer 2 did, layer L-1 what the cut model's last layer
-   did, and the code before and after the same. A layer-index-dependent branch, a list
-   indexed by a config count or a different attribute anywhere shows up as a difference.
 3. ``_expand``: layer 2's segment is copied for layers 3..L-2 (its references to the
    previous layer moved to the previous copy), the last layer's nodes are renamed L-1 and
    the parameters of layers 3..L-1 are attached under their own names.
@@ -272,7 +278,7 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack, ...
     return rec, calls
 
 
-@contextlib.contextmanager
+@contextmanager
 def _watch(model: nn.Module, ids: dict[int, Any], read: Callable[[object, str], None]) -> Iterator[None]:
     """Log every attribute read of the modules in ``ids`` (their class is swapped for a
     subclass whose ``__getattribute__`` logs, and put back)."""
@@ -612,16 +618,15 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
             env[node] = attr(f"{stack.layer(last)}.{attr_rel[node]}", node)
             continue
         if node in last_seg or node in sg.post:
-            prev = copies_prev
+            in_last = node in last_seg
 
-            def arg(a: fx.Node) -> fx.Node:
-                if a in tpl_pos and node in last_seg:
-                    return prev[tpl_pos[a]]
-                return env[a]
+            def arg(a: fx.Node, in_last: bool = in_last) -> fx.Node:
+                # the last layer reads the previous layer: now the last copy
+                return copies_prev[tpl_pos[a]] if in_last and a in tpl_pos else env[a]
             c = new.create_node(node.op, node.target, fx.map_arg(node.args, arg),
                                 fx.map_arg(node.kwargs, arg), name=node.name, type_expr=node.type)
             c.meta = _rename_stack(node.meta, stack.layer(KEEP), stack.layer(last)) \
-                if node in last_seg else node.meta
+                if in_last else node.meta
             env[node] = c
             continue
         env[node] = new.node_copy(node, lambda a: env[a])
@@ -693,7 +698,7 @@ def capture_cut(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack
         _verify(model, args, kwargs, stacks)
     except Unsupported:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure of the cut model means: export it all
+    except Exception as e:  # any failure of the cut model means: export it all
         raise Unsupported(f"the cut model does not run on fake tensors: {type(e).__name__}: {e}") from e
     with _cut(model, stacks):
         gm = export(model, args, kwargs).module()
@@ -703,7 +708,7 @@ def capture_cut(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack
             g = _expand(gm, g, model, s)
         except Unsupported:
             raise
-        except Exception as e:  # noqa: BLE001 - a graph this pass doesn't know: export it all
+        except Exception as e:  # a graph this pass doesn't know: export it all
             raise Unsupported(f"replicating {s.path or 'the layers'} failed: {type(e).__name__}: {e}") from e
     return gm, g
 
@@ -724,4 +729,4 @@ def canonical_names(g: fx.Graph) -> fx.Graph:
     return new
 
 
-__all__ = ["Stack", "Unsupported", "find_stacks", "capture_cut", "canonical_names", "kept"]
+__all__ = ["Stack", "Unsupported", "canonical_names", "capture_cut", "find_stacks", "kept"]

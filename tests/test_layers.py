@@ -10,9 +10,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
+from random_models import RandomLM, archs
 from torch import nn
 
 import autotp
@@ -23,7 +24,6 @@ from autotp.devices import PRESETS, DeviceSpec
 from autotp.solver import _mem, _weight, evaluate, solve
 from autotp.strategies import build
 from examples import hf_models, nanogpt
-from random_models import RandomLM, archs
 
 
 def _describe(cap) -> list[tuple]:
@@ -171,7 +171,7 @@ def test_layers_solved_once_match_the_whole_graph_llama(llama_4, mode: str, obje
     _compare(c, spec, mode, objective)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small(name: str):
     m, a, k = (hf_models.gpt2 if name == "gpt2" else hf_models.llama)(n_layer=4)
     return build(capture(m, a, k), 2)
