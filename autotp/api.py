@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import gc
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,21 @@ def _check_args(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise AutoTPError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
     return tuple(example_inputs), dict(example_kwargs or {})
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while planning: torch.export and the graphs of
+    an 80-layer model make hundreds of thousands of objects, which every collection scans
+    again (a third of the plan time of Llama-2-70B). Reference counting still frees what
+    is not in a cycle; peak memory measured the same. The previous state is restored."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -105,17 +121,18 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
         raise AutoTPError(f"world_size must be a positive int, got {world_size!r}")
     note = progress or (lambda _stage: None)
     spec = get_device(device)
-    note("capturing the model with torch.export")
-    if _on_meta(model):
-        with buffers_on_meta(model):
-            captured = capture(model, *_to_meta(args, kwargs))
-    else:
-        captured = capture(model, args, kwargs)
-    note("building candidate strategies")
-    c = build(captured, world_size)
-    c.dp_size = data_parallel
-    note("solving")
-    p, choice = _plan_from(c, spec, objective, mode, memory_budget)
+    with _gc_paused():
+        note("capturing the model with torch.export")
+        if _on_meta(model):
+            with buffers_on_meta(model):
+                captured = capture(model, *_to_meta(args, kwargs))
+        else:
+            captured = capture(model, args, kwargs)
+        note("building candidate strategies")
+        c = build(captured, world_size)
+        c.dp_size = data_parallel
+        note("solving")
+        p, choice = _plan_from(c, spec, objective, mode, memory_budget)
     return Planned(p, c, choice, spec)
 
 
@@ -243,19 +260,21 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
             "load its slices (build the model under autotp.empty_weights())")
     source = open_weights(weights) if weights is not None else None
     here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    if on_meta:
-        with buffers_on_meta(model) as real_buffers:
-            captured = capture(model, *_to_meta(args, kwargs))
-        retarget_device(captured.gm, torch.device("meta"), here)
-    else:
-        real_buffers = {}
-        captured = capture(model, args, kwargs)
-    c = build(captured, comm.world_size)
+    with _gc_paused():
+        if on_meta:
+            with buffers_on_meta(model) as real_buffers:
+                captured = capture(model, *_to_meta(args, kwargs))
+            retarget_device(captured.gm, torch.device("meta"), here)
+        else:
+            real_buffers = {}
+            captured = capture(model, args, kwargs)
+        c = build(captured, comm.world_size)
     if dp_group is not None:
         c.dp_size = dist.get_world_size(dp_group)
     if plan is None:
         spec = get_device(device, backend)
-        p, choice = _plan_from(c, spec, objective, mode, None)
+        with _gc_paused():
+            p, choice = _plan_from(c, spec, objective, mode, None)
         # every rank solves the same program; rank 0's plan is authoritative all the same
         # (on a mesh: global rank 0's, so that data-parallel replicas hold the same shards)
         bgroup = None if dp_group is not None else group

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .layers import Stack, Unsupported, canonical_names, capture_cut, find_stacks
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -69,6 +70,8 @@ class Captured:
     mode_sensitive: tuple[str, ...]  # nodes whose result depends on train/eval (dropout p>0 ...)
     inputs_requiring_grad: frozenset[str] = frozenset()  # placeholders whose example requires grad
     state_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # key -> global (shape, dtype)
+    stacks: tuple[Stack, ...] = ()  # containers of identical layers (layers.py)
+    cut: bool = False  # exported with the stacks cut to a few layers, then replicated
 
 
 def module_path(node: fx.Node) -> str:
@@ -193,15 +196,15 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.E
 # ---------------------------------------------------------------------------------------------
 # normalization passes
 
-def _drop_asserts(gm: fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
+def _drop_asserts(g: fx.Graph) -> None:
+    for node in list(g.nodes):
         if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(node)
+            g.erase_node(node)
 
 
-def _merge_tied_get_attrs(gm: fx.GraphModule) -> None:
+def _merge_tied_get_attrs(gm: fx.GraphModule, g: fx.Graph) -> None:
     first: dict[int, fx.Node] = {}
-    for node in list(gm.graph.nodes):
+    for node in list(g.nodes):
         if node.op != "get_attr":
             continue
         obj = _fetch_attr(gm, node.target)
@@ -210,14 +213,13 @@ def _merge_tied_get_attrs(gm: fx.GraphModule) -> None:
         keep = first.setdefault(id(obj), node)
         if keep is not node:
             node.replace_all_uses_with(keep)
-            gm.graph.erase_node(node)
+            g.erase_node(node)
         elif not node.users:
-            gm.graph.erase_node(node)
+            g.erase_node(node)
             del first[id(obj)]
 
 
-def _split_bias(gm: fx.GraphModule) -> None:
-    g = gm.graph
+def _split_bias(g: fx.Graph) -> None:
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
@@ -268,17 +270,30 @@ def _node_meta(node: fx.Node) -> Any:
     return None
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
+            cut: bool = True) -> Captured:
+    """Export ``model`` and normalize the graph. ``cut``: export stacks of identical layers
+    for a few layers and replicate them (layers.py); the result is the same graph, faster."""
     kwargs = dict(kwargs or {})
     if not isinstance(args, tuple):
         args = (args,)
-    ep = _export(model, args, kwargs)
-    gm = ep.module()
-    _drop_asserts(gm)
-    _merge_tied_get_attrs(gm)
-    _split_bias(gm)
+    stacks = find_stacks(model)
+    got = None
+    if cut:
+        try:
+            got = capture_cut(model, args, kwargs, stacks, _export)
+        except (Unsupported, CaptureError) as e:
+            log.info("autotp: exporting every layer of %s: %s", type(model).__name__, e)
+    if got is None:
+        gm = _export(model, args, kwargs).module()
+        g = gm.graph
+    else:
+        gm, g = got
+    _drop_asserts(g)
+    _merge_tied_get_attrs(gm, g)
+    _split_bias(g)
+    gm.graph = canonical_names(g)  # recompiles
     gm.graph.lint()
-    gm.recompile()
 
     metas = {n.name: _node_meta(n) for n in gm.graph.nodes}
     for n in gm.graph.nodes:  # get_attr nodes carry no "val" in ep.module(): read the tensor
@@ -300,7 +315,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
                             if isinstance(v, torch.Tensor) and v.requires_grad)
     return Captured(gm=gm, metas=metas, state_keys=state_keys, inputs_requiring_grad=grad_inputs,
                     param_names=frozenset(n for n, _ in gm.named_parameters(remove_duplicate=False)),
-                    training=model.training, mode_sensitive=sensitive,
+                    training=model.training, mode_sensitive=sensitive, stacks=stacks, cut=got is not None,
                     state_meta={k: (tuple(v.shape), v.dtype) for k, v in state.items()})
 
 

@@ -2,17 +2,28 @@
 then least time) under the memory budget. Exact: a 0/1 integer program solved by HiGHS
 (scipy.optimize.milp), in the formulation of Alpa's intra-operator pass:
 
-    x[v,s] in {0,1}, sum_s x[v,s] = 1                      one strategy per node  (_one_hot)
-    minimize   sum compute(v,s) x[v,s] + sum cost(e) z[e]                        (_objective)
-    z[u,P,c,Q,G] >= sum_{s: out(s)=P} x[u,s] + sum_{t: need(t)=(Q,G)} x[c,t] - 1  (_edges)
-    sum_{s: out(s)=P} x[u,s] + sum_{t: need(t)=(Q,G)} x[c,t] <= 1   for impossible (P,Q,G)
-    sum param_bytes(v,s) * state_factor * x[v,s] <= memory budget                (_memory)
+    x[v,s] in {0,1}, sum_s x[v,s] = 1                      one strategy per node  (_Program)
+    minimize   sum compute(v,s) x[v,s] + sum cost(k) z[k]                      (solve, _weight)
+    per edge u -> (c, slot), with X(P) = sum_{s: out(s)=P} x[u,s] and
+    Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (_Program._edges)
+      y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
+      z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
+    sum param_bytes(v,s) * x[v,s] <= memory budget / state_factor               (solve)
 
-A z variable is shared by every consumer of one producer value that needs the same (Q, G):
-the rewrite issues one collective for all of them, and the model charges it once.
+With binary x the marginal rows make y the product X(P) * Y(Q,G), so this is Alpa's program;
+its LP relaxation is the local-marginal one, tight enough that HiGHS usually finds an
+integral LP optimum (``_Program.solve`` tries the LP first and accepts it when integral).
+The older ``z >= X(P) + Y(Q,G) - 1`` relaxation let HiGHS branch past its time limit on 32
+Llama layers. A z variable is shared by every consumer of one producer value that needs the
+same (Q, G): the rewrite issues one collective for all of them, and the model charges it once.
+
+Runs of identical layers (decompose.py) are solved once per boundary state and joined by a
+min-plus product; ``solve`` uses that when the memory bound does not bind and solves the
+whole program when it does, so the result is the optimum either way.
 ``objective="memory"`` is lexicographic: first least parameter bytes, then least time among
-plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least. ``evaluate`` is the one definition of a plan's cost; the program
-is its linearization, and ``brute_force`` (tests) enumerates it directly.
+plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least. ``evaluate`` is
+the one definition of a plan's cost; the program is its linearization, and ``brute_force``
+(tests) enumerates it directly.
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -32,6 +44,7 @@ from .devices import DeviceSpec
 from .errors import AutoTPError, InfeasiblePlanError
 from .placements import Placement
 from .strategies import Candidates, Value
+from .decompose import find_runs, solve_runs
 
 log = logging.getLogger(__name__)
 Choice = dict[str, int]
@@ -122,82 +135,186 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
 # ---------------------------------------------------------------------------------------------
 
 class _Program:
-    """The 0/1 program over Candidates, built once and solved with different objectives."""
+    """The 0/1 program over some nodes of Candidates, built once and solved with different
+    objectives and pins. Variables, in order of creation:
 
-    def __init__(self, c: Candidates, spec: DeviceSpec, mode: str):
-        self.c = c
-        self.index: dict[tuple[str, int], int] = {}
-        for name, nc in c.nodes.items():
-            for s in range(len(nc.strategies)):
-                self.index[(name, s)] = len(self.index)
-        self.n_x = len(self.index)
-        self.time: list[float] = [0.0] * self.n_x
-        self.mem: list[float] = [0.0] * self.n_x
-        for (name, s), i in self.index.items():
-            self.time[i] = _node_time(c, name, s, spec, mode) + _dp_time(c, name, s, spec, mode)
-            self.mem[i] = _param_mem(c, name, s)
+    x[v, s]  binary, one per (node, strategy) of ``names``; one-hot per node.
+    e[u, P]  binary, one per placement P of an *external* value (its producer is not in the
+             program; a caller pins one): one-hot per value.
+    w[b, k]  binary, one per entry k of a block (a run of identical layers solved separately,
+             see decompose.py); one-hot per block.
+    y        continuous, the joint indicator of (producer placement P, consumer's (Q, G)) on
+             one edge, when both sides have a choice: sum_Q y = X(P), sum_P y = Y(Q, G).
+    z        continuous, one per key (value, P, Q, G) with a positive cost: z >= every
+             consumer's joint indicator of that key (and every block entry that uses it), so
+             the transition is paid once.
+
+    X(P) of a value is a sum of x (its producer's strategies with output P), of e, or of w.
+    With binary x, the marginal rows force y to be the product X(P) * Y(Q, G): the program is
+    exactly Alpa's, and its LP relaxation is the local-marginal one, much tighter than
+    z >= x + x' - 1 (with which HiGHS branched for minutes on 16 layers)."""
+
+    def __init__(self, c: Candidates, spec: DeviceSpec, mode: str, names: Iterable[str] | None = None,
+                 externals: dict[Value, Sequence[Placement]] | None = None,
+                 blocks: Sequence = ()):
+        self.c, self.spec, self.mode = c, spec, mode
+        self.names = list(c.nodes) if names is None else list(names)
+        self.time: list[float] = []
+        self.mem: list[float] = []
+        self.integral: list[int] = []
         self.rows: list[tuple[dict[int, float], float, float]] = []
-        self._one_hot()
-        self._edges(spec, mode)
+        self.index: dict[tuple[str, int], int] = {}
+        self.zkey: dict[tuple, int] = {}
+        self._base: tuple | None = None
+        groups: dict[Value, dict[Placement, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for name in self.names:
+            nc = c.nodes[name]
+            row = {}
+            for s, st in enumerate(nc.strategies):
+                i = self._var(_node_time(c, name, s, spec, mode) + _dp_time(c, name, s, spec, mode),
+                              _param_mem(c, name, s), 1)
+                self.index[(name, s)] = i
+                row[i] = 1.0
+                for oi, p in enumerate(st.outputs()):
+                    groups[(name, oi)][p].append(i)
+            self.rows.append((row, 1.0, 1.0))
+        self.ext_index: dict[tuple[Value, Placement], int] = {}
+        for value, places in (externals or {}).items():
+            row = {}
+            for p in dict.fromkeys(places):
+                i = self._var(0.0, 0.0, 1)
+                self.ext_index[(value, p)] = i
+                groups[value][p].append(i)
+                row[i] = 1.0
+            self.rows.append((row, 1.0, 1.0))
+        self.block_index: list[list[int]] = []
+        for b in blocks:
+            ws = [self._var(e.time, e.mem, 1) for e in b.entries]
+            self.block_index.append(ws)
+            self.rows.append(({i: 1.0 for i in ws}, 1.0, 1.0))
+            for k, value in enumerate(b.outs):
+                for e, i in zip(b.entries, ws):
+                    groups[value][e.b[k]].append(i)
+        for b, ws in zip(blocks, self.block_index):  # block inputs equal their producers' outputs
+            for values, pick in ((b.ins, lambda e, k: e.a[k]), (b.shared, lambda e, k: e.sigma[k])):
+                for k, value in enumerate(values):
+                    by_p: dict[Placement, dict[int, float]] = defaultdict(dict)
+                    for e, i in zip(b.entries, ws):
+                        by_p[pick(e, k)][i] = 1.0
+                    for p, xs in groups[value].items():
+                        for i in xs:
+                            by_p[p][i] = by_p[p].get(i, 0.0) - 1.0
+                    for row in by_p.values():
+                        self.rows.append((row, 0.0, 0.0))
+        self._edges(groups, set(self.names))
+        for b, ws in zip(blocks, self.block_index):  # transitions a block's layers pay once
+            for key in dict.fromkeys(k for e in b.entries for k in e.paid):
+                self._pay(key, {i: 1.0 for e, i in zip(b.entries, ws) if key in e.paid})
+        self.n = len(self.time)
 
-    def _one_hot(self) -> None:
-        for name, nc in self.c.nodes.items():
-            self.rows.append(({self.index[(name, s)]: 1.0 for s in range(len(nc.strategies))}, 1.0, 1.0))
+    def _var(self, time: float, mem: float, integral: int) -> int:
+        self.time.append(time)
+        self.mem.append(mem)
+        self.integral.append(integral)
+        return len(self.time) - 1
 
-    def _edges(self, spec: DeviceSpec, mode: str) -> None:
+    def key_cost(self, key: tuple) -> float | None:
+        """Cost of the transition (value, P, Q, G); None when impossible."""
+        value, p, q, g = key
         c = self.c
-        zkey: dict[tuple, int] = {}
+        t = transition(p, q, g, c.nodes[value[0]].kind == "param")
+        if t is None:
+            return None
+        pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)
+        return transition_time(t, c.bytes_of(value), c.world_size, self.spec,
+                               _edge_mode(c, value, self.mode), pad)
+
+    def _pay(self, key: tuple, ind: dict[int, float]) -> None:
+        """z[key] >= ind: the key's cost is paid when the indicator is on."""
+        if key not in self.zkey:
+            self.zkey[key] = self._var(self.key_cost(key) or 0.0, 0.0, 0)
+        row = {self.zkey[key]: 1.0}
+        for i, v in ind.items():
+            row[i] = row.get(i, 0.0) - v
+        self.rows.append((row, 0.0, np.inf))
+
+    def _edges(self, groups: dict, inside: set[str]) -> None:
+        c = self.c
         for value, cons in c.consumers.items():
-            u, oi = value
-            by_p: dict[Placement, list[int]] = defaultdict(list)
-            for s, st in enumerate(c.nodes[u].strategies):
-                by_p[st.outputs()[oi]].append(self.index[(u, s)])
-            nbytes = c.bytes_of(value)
-            is_param = c.nodes[u].kind == "param"
+            by_p = groups.get(value)
+            if not by_p:
+                continue
             for name, slot in cons:
+                if name not in inside:
+                    continue
                 by_t: dict[tuple[Placement, Placement], list[int]] = defaultdict(list)
                 for s, st in enumerate(c.nodes[name].strategies):
                     by_t[(st.inputs[slot], st.grad_placement(slot))].append(self.index[(name, s)])
-                for p, xs_u in by_p.items():
-                    for (q, g), xs_c in by_t.items():
-                        t = transition(p, q, g, is_param)
-                        row = {i: 1.0 for i in xs_u + xs_c}
+                cost = {(p, q, g): self.key_cost((value, p, q, g)) for p in by_p for (q, g) in by_t}
+                if len(by_p) == 1 or len(by_t) == 1:
+                    # one side is fixed: the joint indicator is the other side's sum
+                    for (p, q, g), t in cost.items():
+                        side = by_t[(q, g)] if len(by_p) == 1 else by_p[p]
                         if t is None:
-                            self.rows.append((row, -np.inf, 1.0))
-                            continue
-                        pad = pad_factor((p, q, g), c.nodes[u].metas[oi].shape, c.world_size)
-                        cost = transition_time(t, nbytes, c.world_size, spec,
-                                               _edge_mode(c, value, mode), pad)
-                        if cost <= 0:
-                            continue
-                        key = (value, p, q, g)
-                        if key not in zkey:
-                            zkey[key] = self.n_x + len(zkey)
-                            self.time.append(cost)
-                            self.mem.append(0.0)
-                        row[zkey[key]] = -1.0
-                        self.rows.append((row, -np.inf, 1.0))
-        self.n = self.n_x + len(zkey)
+                            self.rows.append(({i: 1.0 for i in side}, 0.0, 0.0))
+                        elif t > 0:
+                            self._pay((value, p, q, g), {i: 1.0 for i in side})
+                    continue
+                ys: dict[tuple, int] = {}
+                for (p, q, g), t in cost.items():
+                    if t is not None:
+                        ys[(p, q, g)] = y = self._var(0.0, 0.0, 0)
+                        if t > 0:
+                            self._pay((value, p, q, g), {y: 1.0})
+                for p, xs in by_p.items():
+                    row = {y: 1.0 for (pp, _, _), y in ys.items() if pp == p}
+                    for i in xs:
+                        row[i] = -1.0
+                    self.rows.append((row, 0.0, 0.0))
+                for (q, g), xs in by_t.items():
+                    row = {y: 1.0 for (_, qq, gg), y in ys.items() if (qq, gg) == (q, g)}
+                    for i in xs:
+                        row[i] = -1.0
+                    self.rows.append((row, 0.0, 0.0))
 
-    def solve(self, weights: list[float], extra: list[tuple[dict[int, float], float, float]],
-              time_limit: float) -> np.ndarray | None:
-        rows = self.rows + extra
+    @staticmethod
+    def _coo(rows: list[tuple[dict[int, float], float, float]], first: int = 0) -> tuple:
         r, cidx, vals, lb, ub = [], [], [], [], []
-        for k, (row, lo, hi) in enumerate(rows):
-            for i, v in row.items():
-                r.append(k)
-                cidx.append(i)
-                vals.append(v)
+        for k, (row, lo, hi) in enumerate(rows, first):
+            r.extend([k] * len(row))
+            cidx.extend(row.keys())
+            vals.extend(row.values())
             lb.append(lo)
             ub.append(hi)
-        a = coo_matrix((vals, (r, cidx)), shape=(len(rows), self.n)).tocsr()
-        res = milp(np.asarray(weights), constraints=LinearConstraint(a, lb, ub),
-                   integrality=np.ones(self.n), bounds=Bounds(0, 1),
+        return r, cidx, vals, lb, ub
+
+    def solve(self, weights: Sequence[float], extra: list[tuple[dict[int, float], float, float]],
+              time_limit: float) -> np.ndarray | None:
+        if self._base is None:
+            self._base = self._coo(self.rows)
+        b = self._base
+        e = self._coo(extra, len(self.rows))
+        a = coo_matrix((b[2] + e[2], (b[0] + e[0], b[1] + e[1])),
+                       shape=(len(self.rows) + len(extra), self.n)).tocsr()
+        w = np.asarray(weights, dtype=float)
+        cons = LinearConstraint(a, b[3] + e[3], b[4] + e[4])
+        # the local-marginal relaxation is often integral: then its optimum is the program's
+        lp = milp(w, constraints=cons, bounds=Bounds(0, 1), options={"time_limit": time_limit})
+        if lp.status == 2:
+            return None
+        if lp.x is not None and lp.status == 0:
+            xi = lp.x[np.asarray(self.integral, dtype=bool)]
+            if np.all(np.minimum(xi, 1.0 - xi) < 1e-9):
+                return lp.x
+        res = milp(w, constraints=cons, integrality=np.asarray(self.integral), bounds=Bounds(0, 1),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-7})
         if res.x is None:
             if res.status == 2:  # infeasible
                 return None
             raise AutoTPError(f"the plan solver failed: {res.message}")
+        if res.status == 1:
+            log.warning("the plan solver hit its time limit (%.0f s): the plan may not be optimal",
+                        time_limit)
         return res.x
 
     def choice(self, x: np.ndarray) -> Choice:
@@ -208,42 +325,75 @@ class _Program:
         return out
 
 
+SCALE_T = 1e6  # seconds -> microseconds keeps HiGHS' tolerances meaningful
+SCALE_M = 1e-6  # bytes -> MB
+
+
+def _weight(kind: str) -> Callable[[float, float], float]:
+    """Objective units of (seconds, parameter bytes): "memory" minimizes parameter MB;
+    "time" minimizes microseconds, ties (a weight stored whole and sliced for use vs stored
+    split) going to less parameter memory at 0.1 us per GB, far below any collective."""
+    if kind == "memory":
+        return lambda t, m: m * SCALE_M
+    return lambda t, m: t * SCALE_T + TIE_BREAK_US_PER_MB * m * SCALE_M
+
+
+def _mem(c: Candidates, choice: Choice) -> float:
+    return sum(_param_mem(c, n, s) for n, s in choice.items())
+
+
 def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: str = "time",
           memory_budget: float | None = None, time_limit: float = 120.0,
-          pinned: dict[str, int] | None = None) -> Choice:
+          pinned: dict[str, int] | None = None, layers: bool = True) -> Choice:
     """The optimal Choice; ``pinned`` fixes some nodes' strategies (``autotp explain`` asks
-    for the best plan given each candidate of a node)."""
+    for the best plan given each candidate of a node). ``layers``: solve runs of identical
+    layers once (decompose.py); the result is optimal either way."""
     if mode not in MODES:
         raise AutoTPError(f"mode must be one of {MODES}, got {mode!r}")
     if objective not in ("time", "memory"):
         raise AutoTPError(f"objective must be 'time' or 'memory', got {objective!r}")
-    prog = _Program(c, spec, mode)
-    scale_t = 1e6  # seconds -> microseconds keeps HiGHS' tolerances meaningful
-    scale_m = 1e-6  # bytes -> MB
+    pinned = dict(pinned or {})
     factor = TRAINING_STATE_FACTOR if mode == "training" else 1
-    time_w = [t * scale_t for t in prog.time]
-    mem_row = {i: m * scale_m for i, m in enumerate(prog.mem) if m}
-    extra: list[tuple[dict[int, float], float, float]] = [
-        ({prog.index[(name, s)]: 1.0}, 1.0, 1.0) for name, s in (pinned or {}).items()]
+    budget = spec.memory_bytes if memory_budget is None else memory_budget
+    runs = find_runs(c, set(pinned)) if layers else []
+    programs: list[_Program] = []
+
+    def whole(kind: str, bound_mb: float | None) -> Choice | None:
+        if not programs:
+            programs.append(_Program(c, spec, mode))
+        prog = programs[0]
+        w = _weight(kind)
+        extra = [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
+        if bound_mb is not None:
+            extra.append(({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf, bound_mb))
+        x = prog.solve([w(t, m) for t, m in zip(prog.time, prog.mem)], extra, time_limit)
+        return None if x is None else prog.choice(x)
+
+    def best(kind: str, bound_mb: float | None = None) -> Choice | None:
+        """The optimum with parameter MB <= bound_mb: by layers when the bound doesn't bind."""
+        if runs:
+            choice = solve_runs(c, spec, mode, runs, kind, _weight(kind), pinned, time_limit)
+            if choice is None:  # infeasible without the bound: infeasible with it
+                return None
+            if bound_mb is None or _mem(c, choice) * SCALE_M <= bound_mb:
+                return choice
+            log.info("the memory bound binds: solving the whole graph instead of one layer per class")
+        return whole(kind, bound_mb)
+
     if objective == "memory":
-        x = prog.solve([m * scale_m for m in prog.mem], list(extra), time_limit)
-        if x is None:
+        choice = best("memory")
+        if choice is None:
             raise InfeasiblePlanError("no plan satisfies the pinned strategies")
-        best = float(np.dot(prog.mem, x)) * scale_m
-        total = sum(max(prog.mem[prog.index[(v, s)]] for s in range(len(nc.strategies)))
-                    for v, nc in c.nodes.items()) * scale_m
-        extra.append((mem_row, -np.inf, best + MEMORY_SLACK * total + 1e-6))
-    else:
-        budget = spec.memory_bytes if memory_budget is None else memory_budget
-        extra.append((mem_row, -np.inf, budget / factor * scale_m))
-    # ties in time (a weight stored whole and sliced for use vs stored split) go to the plan
-    # with less parameter memory: 0.1 us per GB, far below any collective or matmul
-    x = prog.solve([t + TIE_BREAK_US_PER_MB * m * scale_m for t, m in zip(time_w, prog.mem)],
-                   extra, time_limit)
-    if x is None:
-        xm = prog.solve([m * scale_m for m in prog.mem], [], time_limit)
-        least = float(np.dot(prog.mem, xm)) * factor if xm is not None else math.inf
-        budget = spec.memory_bytes if memory_budget is None else memory_budget
+        least = _mem(c, choice) * SCALE_M
+        total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
+                    for v, nc in c.nodes.items()) * SCALE_M
+        choice = best("time", least + MEMORY_SLACK * total + 1e-6)
+        assert choice is not None, "the least-memory plan satisfies its own bound"
+        return choice
+    choice = best("time", budget / factor * SCALE_M)
+    if choice is None:
+        xm = best("memory")
+        least = _mem(c, xm) * factor if xm is not None else math.inf
         total = sum(c.nodes[n].metas[0].nbytes for n in c.nodes if c.nodes[n].kind == "param")
         need_n = max(2, math.ceil(total * factor / max(budget, 1)))
         raise InfeasiblePlanError(
@@ -251,7 +401,7 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
             f"({mode}): the least any plan needs is {least / 1e9:.2f} GB per rank. "
             f"Use a world size of at least {need_n}, a device with more memory, "
             f"or mode='inference'.")
-    return prog.choice(x)
+    return choice
 
 
 def brute_force(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: str = "time",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class Candidates:
     unruled: dict[str, list[str]] = field(default_factory=dict)  # op -> module paths
     needs_grad: frozenset[str] = frozenset()  # nodes whose value has a gradient in training
     dp_size: int = 1  # data-parallel replicas of this tensor-parallel group (a 2-D mesh)
+    # per stack of identical layers (capture's Captured.stacks), per layer, its decision
+    # nodes in graph order: the solver solves runs of identical layers once (decompose.py)
+    layers: tuple[tuple[tuple[str, ...], ...], ...] = ()
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # solver tables
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
@@ -246,4 +251,18 @@ def build(captured: Captured, world_size: int) -> Candidates:
         warnings.warn(msg, stacklevel=3)
         log.info(msg)
     return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled),
-                      frozenset(needs_grad))
+                      frozenset(needs_grad), _layer_units(nodes, captured.stacks))
+
+
+def _layer_units(nodes: dict[str, NodeCands], stacks: tuple) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """Per stack, per layer, the decision nodes whose module lies in that layer, in order."""
+    out = []
+    for st in stacks:
+        pat = re.compile(re.escape(st.path + "." if st.path else "") + r"(\d+)(?:\.|$)")
+        units: list[list[str]] = [[] for _ in range(st.size)]
+        for name, nc in nodes.items():
+            m = pat.match(nc.module)
+            if m and int(m.group(1)) < st.size:
+                units[int(m.group(1))].append(name)
+        out.append(tuple(tuple(u) for u in units))
+    return tuple(out)

@@ -101,7 +101,7 @@ def plot_plan_time(res: dict[str, Any], path: str) -> None:
 def plot_plan_quality(res: dict[str, Any], path: str) -> None:
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    labels, fwd, bwd, labels2, pm, pt = [], [], [], [], [], []
+    labels, fwd, bwd, pm, pt = [], [], [], [], []
     for name, m in res["models"].items():
         short = name.split()[0].split("-")[0]
         for r in m["rows"]:
@@ -481,7 +481,7 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         t70 = p["plan_time"]["llama2_70b_s"]
         md.append(f"| plan time per layer (70B width), R² | {f['s_per_layer']:.3f} s, {f['r2']:.3f} | linear |")
         stopped = [r["layers"] for r in p["plan_time"]["rows"] if "optimal" in r and not r["optimal"]]
-        md.append(f"| Llama-2-70B plan time | "
+        md.append("| Llama-2-70B plan time | "
                   + (f"{t70:.1f} s" if t70 is not None else f"{f['predicted_80_s']:.1f} s (fit)")
                   + (f"; solver stopped by its time limit at {', '.join(map(str, stopped))} layers "
                      "(plans not proven optimal)" if stopped else "") + " | |")
@@ -497,7 +497,7 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         errs = [r[m_]["error"] for r in c["steps"] for m_ in ("training", "inference")]
         md.append(f"| cost model per collective, abs. error median / worst | "
                   f"{c['collective_error_median']:.0%} / {c['collective_error_max']:.0%} | ±30% |")
-        md.append(f"| cost model per whole step, error (predicted − measured) / measured | " + ", ".join(f"{e:+.0%}" for e in errs) + " | |")
+        md.append("| cost model per whole step, error (predicted − measured) / measured | " + ", ".join(f"{e:+.0%}" for e in errs) + " | |")
     if "runtime" in p:
         md.append(f"| tensor_parallel package | {p['runtime']['peer']} | |")
     md.append("")

@@ -139,6 +139,13 @@ def test_uneven_splits_match_single_device(head_split: bool) -> None:
             assert place.dim == 0 and local_sizes(place, 2 * rows[0], 3) == rows, (proj, place)
 
 
+def test_deep_models_cut_capture_match_single_device() -> None:
+    """Six layers: captured cut to four and replicated, solved one layer per class."""
+    rep = run_ranks(_check_models, 2, ["gpt2_6", "llama_6"])[0]
+    for name in ("gpt2_6", "llama_6"):
+        assert rep[name]["local"] < 0.6 * rep[name]["full"], (name, rep[name])
+
+
 def _apply_given_plan(rank: int, world: int) -> dict:
     model, args, kwargs, make = build("gpt2")
     ref = copy.deepcopy(model)
