@@ -52,11 +52,11 @@ class Candidates:
     consumers: dict[Value, list[tuple[str, int]]] = field(default_factory=dict)
     unruled: dict[str, list[str]] = field(default_factory=dict)  # op -> module paths
     needs_grad: frozenset[str] = frozenset()  # nodes whose value has a gradient in training
-    dp_size: int = 1  # data-parallel replicas of this tensor-parallel group (a 2-D mesh)
     # per stack of identical layers (capture's Captured.stacks), per layer, its decision
     # nodes in graph order: the solver solves runs of identical layers once (decompose.py)
     layers: tuple[tuple[tuple[str, ...], ...], ...] = ()
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # solver tables
+    dp_size: int = 1  # data-parallel replicas of this tensor-parallel group (a 2-D mesh)
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
