@@ -123,11 +123,7 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
     spec = get_device(device)
     with _gc_paused():
         note("capturing the model with torch.export")
-        if _on_meta(model):
-            with buffers_on_meta(model):
-                captured = capture(model, *_to_meta(args, kwargs))
-        else:
-            captured = capture(model, args, kwargs)
+        captured, _ = _capture(model, args, kwargs)
         note("building candidate strategies")
         c = build(captured, world_size)
         c.dp_size = data_parallel
@@ -261,13 +257,9 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
     source = open_weights(weights) if weights is not None else None
     here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     with _gc_paused():
+        captured, real_buffers = _capture(model, args, kwargs)
         if on_meta:
-            with buffers_on_meta(model) as real_buffers:
-                captured = capture(model, *_to_meta(args, kwargs))
             retarget_device(captured.gm, torch.device("meta"), here)
-        else:
-            real_buffers = {}
-            captured = capture(model, args, kwargs)
         c = build(captured, comm.world_size)
     if dp_group is not None:
         c.dp_size = dist.get_world_size(dp_group)
@@ -329,9 +321,16 @@ def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device
     return load
 
 
-def _to_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Captured, dict[str, torch.Tensor]]:
+    """Capture ``model``; one whose parameters are on meta is captured wholly on meta (inputs
+    and buffers moved there). Returns the capture and the model's real buffers by name."""
+    if not _on_meta(model):
+        return capture(model, args, kwargs), {}
     to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+    with buffers_on_meta(model) as real_buffers:
+        captured = capture(model, tuple(to_meta(a) for a in args),
+                           {k: to_meta(v) for k, v in kwargs.items()})
+    return captured, real_buffers
 
 
 def _fill_buffers(gm: torch.fx.GraphModule, real: dict[str, torch.Tensor], source: WeightSource | None,

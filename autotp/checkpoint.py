@@ -40,8 +40,8 @@ from .api import ParallelModule
 from .capture import fetch_attr
 from .collectives import DistComm, gather_shards
 from .errors import AutoTPError
-from .placements import Placement, Replicate, Shard, shard_tensor
-from .weights import _ranges, write_safetensors
+from .placements import Placement, Replicate, Shard, local_size, shard_ranges, shard_tensor
+from .weights import nbytes, write_safetensors
 
 LAYOUT = "autotp_layout.json"
 
@@ -102,7 +102,7 @@ def save_pretrained(tp: ParallelModule, path: str | os.PathLike, *, config: Any 
         folder.mkdir(parents=True, exist_ok=True)
     state = unique_state(tp)
     entries = [(keys[0], *tp.state_meta[keys[0]]) for keys, _, _ in state]
-    sizes = [torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in entries]
+    sizes = [nbytes(s, d) for _, s, d in entries]
     # files: greedy by size, in order (HF's layout)
     files: list[list[int]] = [[]]
     acc = 0
@@ -166,7 +166,7 @@ def _pieces(local: torch.Tensor, place: Placement, global_shape: tuple[int, ...]
         return [("", DTensor.from_local(local, mesh, [DShard(d)], shape=torch.Size(global_shape),
                                         stride=_stride(global_shape)))]
     out = []
-    lens = [b - a for a, b in _ranges(place, global_shape[d], rank, n)]
+    lens = [b - a for a, b in shard_ranges(place, global_shape[d], rank, n)]
     for j, (piece, b) in enumerate(zip(local.split(lens, dim=d), place.blocks)):
         shape = global_shape[:d] + (b,) + global_shape[d + 1:]
         out.append((f"#block{j}", DTensor.from_local(piece.contiguous(), mesh, [DShard(d)],
@@ -311,7 +311,7 @@ def _targets(prefix: str, place: Placement, shape: tuple[int, ...], target: torc
         parts = []
         for s in block_shapes:
             local = list(s)
-            local[d] = sum(b - a for a, b in _ranges(Shard(d), s[d], rank, n))
+            local[d] = local_size(Shard(d), s[d], n, rank)
             parts.append(DTensor.from_local(tensor_like(tuple(local)), mesh, [DShard(d)],
                                             shape=torch.Size(s), stride=_stride(s)))
         return ({f"{prefix}#block{j}": v for j, v in enumerate(parts)},

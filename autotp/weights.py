@@ -61,12 +61,6 @@ def empty_weights() -> Iterator[None]:
         handle.remove()
 
 
-def _ranges(p: Placement, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
-    """This rank's index ranges along the sharded dim: placements.shard_ranges, the one
-    definition shard_tensor also slices by (torch.chunk sizes, possibly uneven)."""
-    return shard_ranges(p, size, rank, world_size)
-
-
 class WeightSource:
     """Named full tensors, read a slice at a time."""
 
@@ -131,7 +125,7 @@ class SafetensorsSource(WeightSource):
         if not shape:
             p = Replicate()
         dim = p.dim % len(shape) if isinstance(p, Shard) else 0
-        ranges = _ranges(p, shape[dim] if shape else 1, rank, world_size)
+        ranges = shard_ranges(p, shape[dim] if shape else 1, rank, world_size)
         local_len = sum(b - a for a, b in ranges)
         local_shape = shape[:dim] + (local_len,) + shape[dim + 1:] if shape else ()
         out = torch.empty(local_shape, dtype=dtype)
@@ -203,6 +197,10 @@ def _from_index(index: Path) -> SafetensorsSource:
     return SafetensorsSource([index.parent / f for f in files], str(index.parent))
 
 
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
 def write_safetensors(path: str | os.PathLike, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
                       tensors: Iterator[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``entries`` (name, shape, dtype) to ``path``, taking the data tensor by tensor
@@ -210,7 +208,7 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[tuple[str, tupl
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     off = 0
     for name, shape, dtype in entries:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        n = nbytes(shape, dtype)
         header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
