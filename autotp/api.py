@@ -224,7 +224,8 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
                 device: "str | DeviceSpec | None" = None, objective: str = "time",
                 plan: Plan | None = None, group: dist.ProcessGroup | None = None,
                 mode: str = "training", weights: Any = None,
-                mesh: DeviceMesh | None = None) -> ParallelModule:
+                mesh: DeviceMesh | None = None,
+                memory_budget: float | None = None) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
@@ -235,7 +236,12 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
     ``mesh`` (instead of ``group``): a DeviceMesh with a dim named ``"tp"`` and optionally one
     more (e.g. ``init_device_mesh("cuda", (nodes, 8), mesh_dim_names=("dp", "tp"))``): tensor
     parallelism inside "tp", data parallelism (DDP) across the other dim. Each data-parallel
-    replica is given its own slice of the global batch; ``example_inputs`` is such a slice."""
+    replica is given its own slice of the global batch; ``example_inputs`` is such a slice.
+
+    ``memory_budget``: bytes per rank the plan must fit (state + activations at the example
+    inputs' sizes; default: the device's memory). When it binds the solver splits more,
+    e.g. norm regions on the sequence dim (then the sequence length must stay divisible by
+    the world size)."""
     if not dist.is_available() or not dist.is_initialized():
         raise ProcessGroupError(
             "autotp.parallelize needs an initialized torch.distributed process group: launch "
@@ -266,7 +272,7 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
     if plan is None:
         spec = get_device(device, backend)
         with _gc_paused():
-            p, choice = _plan_from(c, spec, objective, mode, None)
+            p, choice = _plan_from(c, spec, objective, mode, memory_budget)
         # every rank solves the same program; rank 0's plan is authoritative all the same
         # (on a mesh: global rank 0's, so that data-parallel replicas hold the same shards)
         bgroup = None if dp_group is not None else group

@@ -206,7 +206,13 @@ def print_table(pd, out: Console = out) -> None:
     out.print(f"parameters per rank: {_bytes(p.param_bytes_per_rank)} "
               f"(total/N = {_bytes(ideal)}, {p.param_bytes_per_rank / max(ideal, 1):.3f}× of it; "
               f"total {_bytes(p.param_bytes_total)})")
-    out.print("activation memory: not modelled yet")
+    act = ("kept for the backward" if p.mode == "training" else "peak of one op's inputs and output")
+    out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} (activations {_bytes(p.activation_bytes_per_rank)}, "
+              f"{act}; {'4 bytes of state per parameter byte' if p.mode == 'training' else 'parameters'})")
+    seq = len(p.sequence_split)
+    if seq:
+        out.print(f"sequence parallel: {seq} ops run on a split batch/sequence dim (the memory budget "
+                  f"binds); inputs must keep that dim divisible by {p.world_size}")
     out.print(f"communication per step: forward {_bytes(fwd)}, backward {_bytes(bwd)} "
               f"({len(p.collectives)} collectives)")
     out.print(f"predicted step time: {_time(p.predicted_time_s)} (compute {_time(p.compute_time_s)}, "

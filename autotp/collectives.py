@@ -25,7 +25,10 @@ Uneven shards (torch.chunk sizes, see placements.py): gloo's and NCCL's all_gath
 reduce_scatter need equal sizes, so each piece is zero-padded along the shard dim to the
 largest rank's size (rank 0's) and trimmed after; the Comm always sees equal shapes. The
 all-gather needs the global size along the dim to know every rank's size: ``Redistribute``
-keeps the value's global shape (shard dims are static).
+keeps the value's global shape. A dynamic (batch/sequence) dim has no fixed size; it is only
+ever split evenly (sequence-parallel regions), so its shape entry is None, the all-gather
+takes every piece to be this rank's size, and ``Redistribute`` checks when it splits such a
+dim that the world size divides it (else the pieces would be uneven and the gather wrong).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .cost import convert_ops, dual
+from .errors import AutoTPError
 from .placements import Placement, Shard, local_sizes, rank_major, shard_tensor, unshard
 
 
@@ -158,11 +162,26 @@ class Redistribute(nn.Module):
     dims are static), so uneven pieces can be gathered."""
 
     def __init__(self, comm: Comm, src: Placement, dst: Placement, grad_src: Placement,
-                 shape: tuple | None = None):
+                 shape: tuple | None = None, where: str = ""):
         super().__init__()
         self.comm = comm
         self.src, self.dst, self.grad_src, self.grad_dst = src, dst, grad_src, dual(src)
         self.shape = tuple(shape) if shape is not None else None
+        self.where = where  # the value and module, for error messages
+
+    def _check_even(self, x: torch.Tensor) -> None:
+        """A dynamic dim split here must divide evenly (see the module docstring)."""
+        p = self.dst
+        if not isinstance(p, Shard) or self.src == p or self.shape is None:
+            return  # (split on another dim or not at all, x is whole along p.dim)
+        d = p.dim % x.dim()
+        n = self.comm.world_size
+        if self.shape[d] is None and x.shape[d] % n:
+            raise AutoTPError(
+                f"{self.where}: this plan splits dim {d} (a batch or sequence dim, size "
+                f"{x.shape[d]} now) {n} ways (sequence parallelism), which needs it divisible by "
+                f"{n}. Pad the batch/sequence to a multiple of {n}, or plan with a larger "
+                f"memory_budget so that the solver keeps this region whole.")
 
     def size_of(self, p: Placement) -> int | None:
         if not isinstance(p, Shard) or self.shape is None:
@@ -171,6 +190,7 @@ class Redistribute(nn.Module):
         return s if isinstance(s, int) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_even(x)
         if not torch.is_grad_enabled() or not x.requires_grad:
             return convert(x, self.src, self.dst, self.comm, "forward", self.size_of(self.src))
         return _Redistribute.apply(x, self)

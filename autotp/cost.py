@@ -11,8 +11,19 @@ Compute is a roofline per rank on the op's local shapes, for matmuls, attention 
 embeddings (elementwise ops are assumed fused into their producer and cost nothing):
     t = max(flops_local / peak_flops(dtype), bytes_local / memory_bandwidth)
 Training counts the backward as 2x the forward compute and adds the conjugate collective of
-every transition (see ``transition``). Memory per rank is the parameter bytes (x4 in training:
-parameter, gradient and two Adam moments).
+every transition (see ``transition``).
+
+Memory per rank (``memory_bytes``) is the persistent state plus activations:
+    training   4 * parameter bytes (parameter, gradient, two Adam moments)
+               + the values autograd keeps for the backward: every op on the gradient path
+                 (views excepted, ``saves_inputs``) keeps its inputs as it consumes them,
+                 one copy per (value, placement) however many ops read it
+    inference  parameter bytes + the largest working set of one op (its inputs and output,
+               ``working_bytes``)
+all at local sizes: a value split n ways counts 1/n (the largest rank's share when uneven), a
+Partial value counts whole. Activations are what make Megatron's sequence parallelism pay:
+norms and residual adds on a sequence-split value keep 1/n of their inputs (the all-gathered
+copy a column-parallel matmul reads is kept whole).
 
 Uneven splits (torch.chunk sizes, see placements.py) are costed at the largest rank, which sets
 the step time and the memory that must fit: compute and parameter bytes scale by the largest
@@ -168,6 +179,32 @@ def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
     alpha = spec.inter_latency or spec.latency
     beta = spec.inter_link_bandwidth or spec.link_bandwidth
     return alpha + 2.0 * (dp - 1) / dp * local_bytes / beta
+
+
+# ops whose output is a view of (or aliases) their input: they keep no new activation memory
+VIEW_OPS = frozenset((aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                      aten.expand.default, aten.t.default, aten.transpose.int, aten.permute.default,
+                      aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                      aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
+                      aten.detach.default, aten.split.Tensor, aten.split_with_sizes.default,
+                      aten.unflatten.int, aten.flatten.using_ints, aten.contiguous.default))
+
+
+def local_bytes(meta, p: Placement, n: int) -> float:
+    """Bytes of a value placed ``p`` on the rank holding the most of it."""
+    return meta.nbytes * shard_fraction(p, meta.shape, n)
+
+
+def saves_inputs(target: object) -> bool:
+    """Whether an op on the gradient path keeps its inputs for the backward (views don't)."""
+    return target not in VIEW_OPS
+
+
+def working_bytes(ins: tuple, outs: tuple, strategy: Strategy, n: int) -> float:
+    """Inference activation memory while one op runs: its inputs as it needs them, and its
+    outputs."""
+    return sum(local_bytes(m, p, n) for m, p in zip((*ins, *outs), (*strategy.inputs, *strategy.outputs()))
+               if m is not None)
 
 
 def param_bytes(nbytes: int, p: Placement, n: int, shape: tuple[int, ...] | None = None) -> float:

@@ -15,7 +15,14 @@ class PlanError(AutoTPError):
 
 
 class InfeasiblePlanError(PlanError):
-    """No plan satisfies the memory budget."""
+    """No plan satisfies the memory budget. ``least_bytes``: the least memory per rank any plan
+    needs at this world size; ``min_world_size``: the smallest world size that could fit."""
+
+    def __init__(self, message: str, least_bytes: float | None = None,
+                 min_world_size: int | None = None):
+        super().__init__(message)
+        self.least_bytes = least_bytes
+        self.min_world_size = min_world_size
 
 
 class ProcessGroupError(AutoTPError):

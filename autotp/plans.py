@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from .cost import MODES
-from .placements import format_out
+from .placements import Shard, format_out
 from .solver import Choice, Evaluation
 from .strategies import Candidates
 
@@ -54,6 +54,13 @@ class Plan:
     decisions: tuple[Decision, ...]
     collectives: tuple[Collective, ...]
     params: tuple[ParamShard, ...]
+    # per rank, by the cost model: activations (training: kept for the backward; inference:
+    # the largest working set of one op) and everything (state + activations)
+    activation_bytes_per_rank: int = 0
+    memory_bytes_per_rank: int = 0
+    # ops whose output is split on a dynamic (batch/sequence) dim: sequence parallelism; the
+    # module then needs that dim divisible by the world size at run time
+    sequence_split: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -65,6 +72,7 @@ class Plan:
         d = {k: v for k, v in d.items() if k in known}
         d["decisions"] = tuple(Decision(**{**x, "inputs": tuple(x["inputs"])}) for x in d["decisions"])
         d["collectives"] = tuple(Collective(**x) for x in d["collectives"])
+        d["sequence_split"] = tuple(d.get("sequence_split", ()))
         d["params"] = tuple(ParamShard(x["name"], tuple(x["shape"]), x["placement"]) for x in d["params"])
         return Plan(**d)
 
@@ -78,10 +86,14 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
     assert mode in MODES
     decisions = []
     params = []
+    seq = []
     total = 0
     for name, nc in c.nodes.items():
         st = nc.strategies[choice[name]]
         decisions.append(Decision(name, nc.module, nc.op, tuple(map(str, st.inputs)), format_out(st.output)))
+        if nc.kind == "op" and any(isinstance(o, Shard) and m is not None and m.dynamic[o.dim % len(m.shape)]
+                                   for o, m in zip(st.outputs(), nc.metas)):
+            seq.append(name)
         if nc.kind == "param":
             total += nc.metas[0].nbytes
             params.append(ParamShard(str(nc.target), nc.metas[0].shape, str(st.output)))
@@ -105,4 +117,6 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
                 if op != "slice":
                     collectives.append(Collective(op, phase, e.nbytes, module, e.value[0]))
     return Plan(c.world_size, device, objective, mode, int(round(ev.param_bytes)) + unused, total,
-                ev.time_s, ev.compute_s, ev.comm_s, tuple(decisions), tuple(collectives), tuple(params))
+                ev.time_s, ev.compute_s, ev.comm_s, tuple(decisions), tuple(collectives), tuple(params),
+                int(round(ev.activation_bytes)),
+                int(round(ev.memory_bytes + unused * (4 if mode == "training" else 1))), tuple(seq))

@@ -98,7 +98,10 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
             if key not in made:
                 target = f"autotp_redistribute_{count}"
                 count += 1
-                gm.add_submodule(target, Redistribute(comm, p, q, g, metas[a.name].shape))
+                meta = metas[a.name]
+                shape = tuple(None if dyn else size for size, dyn in zip(meta.shape, meta.dynamic))
+                where = f"{a.name} ({c.nodes[c.followers.get(a.name, (a.name, 0))[0]].module or '<root>'})"
+                gm.add_submodule(target, Redistribute(comm, p, q, g, shape, where))
                 with graph.inserting_before(node):
                     made[key] = graph.call_module(target, (a,))
                 made[key].meta = dict(a.meta)

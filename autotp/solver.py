@@ -8,7 +8,11 @@ then least time) under the memory budget. Exact: a 0/1 integer program solved by
     Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (_Program._edges)
       y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
       z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
-    sum param_bytes(v,s) * x[v,s] <= memory budget / state_factor               (solve)
+    memory per rank <= memory budget                                           (_budget_rows)
+      training:  sum 4 param_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
+                 k[u,Q] >= sum_{t: need(t)=Q} x[c,t] for every op c that keeps value u
+      inference: sum param_bytes(v,s) x[v,s] + U m <= budget, and for every op v
+                 sum_s working_bytes(v,s) x[v,s] <= U m    (m in [0, 1]: the peak is a max)
 
 With binary x the marginal rows make y the product X(P) * Y(Q,G), so this is Alpa's program;
 its LP relaxation is the local-marginal one, tight enough that HiGHS usually finds an
@@ -21,7 +25,9 @@ Runs of identical layers (decompose.py) are solved once per boundary state and j
 min-plus product; ``solve`` uses that when the memory bound does not bind and solves the
 whole program when it does, so the result is the optimum either way.
 ``objective="memory"`` is lexicographic: first least parameter bytes, then least time among
-plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least. ``evaluate`` is
+plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least; both under the
+budget. Activations enter only through the budget: when it binds, the solver keeps fewer of
+them (a sequence-split norm region keeps 1/n of its outputs), never to save time. ``evaluate`` is
 the one definition of a plan's cost; the program is its linearization, and ``brute_force``
 (tests) enumerates it directly.
 """
@@ -39,7 +45,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from .cost import (MODES, TRAINING_STATE_FACTOR, Transition, compute_time, dp_grad_sync_time,
-                   pad_factor, param_bytes, transition, transition_time)
+                   local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time,
+                   working_bytes)
 from .devices import DeviceSpec
 from .errors import AutoTPError, InfeasiblePlanError
 from .placements import Placement
@@ -72,6 +79,8 @@ class Evaluation:
     comm_s: float
     param_bytes: float  # per rank
     edges: tuple[EdgeCost, ...]
+    activation_bytes: float = 0.0  # per rank: saved for the backward, or the inference peak
+    memory_bytes: float = 0.0  # per rank: state (params, grads, optimizer) + activations
 
     @property
     def time_s(self) -> float:
@@ -98,6 +107,51 @@ def _param_mem(c: Candidates, name: str, s: int) -> float:
     if nc.kind != "param":
         return 0.0
     return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
+
+
+def state_factor(mode: str) -> int:
+    return TRAINING_STATE_FACTOR if mode == "training" else 1
+
+
+def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
+    """Training: per activation value, the (op, slot)s that keep it for the backward."""
+    out: dict[Value, list[tuple[str, int]]] = {}
+    if mode != "training":
+        return out
+    for value, cons in c.consumers.items():
+        if c.nodes[value[0]].kind in ("param", "buffer"):
+            continue  # parameters are counted as state
+        keep = [(n, slot) for n, slot in cons if c.nodes[n].kind == "op" and n in c.needs_grad
+                and saves_inputs(c.nodes[n].target)]
+        if keep:
+            out[value] = keep
+    return out
+
+
+def _working(c: Candidates, name: str, s: int) -> float:
+    """Inference: bytes live while op ``name`` runs with strategy ``s``."""
+    nc = c.nodes[name]
+    if nc.kind != "op":
+        return 0.0
+    ins = tuple(c.nodes[v[0]].metas[v[1]] for v in nc.slots)
+    return working_bytes(ins, nc.metas, nc.strategies[s], c.world_size)
+
+
+def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
+    """State bytes per rank (parameters; in training also gradients and optimizer states)."""
+    return state_factor(mode) * _param_mem(c, name, s)
+
+
+def memory_bytes(c: Candidates, choice: Choice, mode: str) -> tuple[float, float]:
+    """(activation bytes, total memory bytes) per rank of a full assignment."""
+    state = sum(_footprint(c, v, s, mode) for v, s in choice.items())
+    if mode == "training":
+        kept = {(value, c.nodes[n].strategies[choice[n]].inputs[slot])
+                for value, keep in _keepers(c, mode).items() for n, slot in keep}
+        act = sum(local_bytes(c.nodes[v[0]].metas[v[1]], q, c.world_size) for v, q in kept)
+    else:
+        act = max([0.0] + [_working(c, v, s) for v, s in choice.items()])
+    return act, state + act
 
 
 def _edge_mode(c: Candidates, value: Value, mode: str) -> str:
@@ -129,7 +183,8 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
                               transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode),
                                               pad)))
     comm = sum(e.time_s for e in edges) + sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items())
-    return Evaluation(compute, comm, mem, tuple(edges))
+    act, total = memory_bytes(c, choice, mode)
+    return Evaluation(compute, comm, mem, tuple(edges), act, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +221,10 @@ class _Program:
         self.index: dict[tuple[str, int], int] = {}
         self.zkey: dict[tuple, int] = {}
         self._base: tuple | None = None
+        self.peak: int | None = None  # inference peak-activation variable (budget_rows)
+        self.peak_scale = 0.0
+        self.kept: dict[int, float] | None = None  # training: kept-activation variables
+        self.foot: dict[int, float] = {}
         groups: dict[Value, dict[Placement, list[int]]] = defaultdict(lambda: defaultdict(list))
         for name in self.names:
             nc = c.nodes[name]
@@ -211,6 +270,71 @@ class _Program:
             for key in dict.fromkeys(k for e in b.entries for k in e.paid):
                 self._pay(key, {i: 1.0 for e, i in zip(b.entries, ws) if key in e.paid})
         self.n = len(self.time)
+
+    def budget_rows(self, budget: float | None) -> list[tuple[dict[int, float], float, float]]:
+        """Rows bounding memory per rank by ``budget`` bytes (None: only the inference peak's
+        definition, for the least-memory objective). In MB. Inference needs a peak variable
+        ``m`` (scaled by an upper bound U of any op's working set so that m is in [0, 1])."""
+        c, mode = self.c, self.mode
+        foot = {i: _footprint(c, n, s, mode) * SCALE_M for (n, s), i in self.index.items()}
+        rows = []
+        if mode == "training":
+            if self.kept is None:
+                self.kept = self._kept_vars()
+            for i, mb in self.kept.items():
+                foot[i] = foot.get(i, 0.0) + mb
+        if mode == "inference":
+            if self.peak is None:
+                work = {i: _working(c, n, s) * SCALE_M for (n, s), i in self.index.items()}
+                self.peak_scale = max([1e-6] + list(work.values()))
+                self.peak = self._var(0.0, 0.0, 0)
+                self.n = len(self.time)
+                self._base = None
+                for name in self.names:
+                    row = {self.index[(name, s)]: work[self.index[(name, s)]]
+                           for s in range(len(c.nodes[name].strategies))}
+                    if any(row.values()):
+                        row[self.peak] = -self.peak_scale
+                        self.rows.append((row, -np.inf, 0.0))
+            foot[self.peak] = self.peak_scale
+        if budget is not None:
+            rows.append(({i: v for i, v in foot.items() if v}, -np.inf, budget * SCALE_M))
+        self.foot = foot
+        return rows
+
+    def _kept_vars(self) -> dict[int, float]:
+        """Training activations: MB per variable. A value one op keeps puts its bytes (at the
+        placement that op needs) on the op's strategies; a value several ops keep gets a
+        variable k[u, Q] >= each keeper's indicator of needing Q, so it is counted once per
+        placement however many ops keep it."""
+        c = self.c
+        out: dict[int, float] = defaultdict(float)
+        for value, keep in _keepers(c, self.mode).items():
+            keep = [(n, slot) for n, slot in keep if (n, 0) in self.index]
+            meta = c.nodes[value[0]].metas[value[1]]
+            size = {}
+            for n, slot in keep:
+                for s, st in enumerate(c.nodes[n].strategies):
+                    q = st.inputs[slot]
+                    if q not in size:
+                        size[q] = local_bytes(meta, q, c.world_size) * SCALE_M
+            if len(keep) == 1:
+                n, slot = keep[0]
+                for s, st in enumerate(c.nodes[n].strategies):
+                    out[self.index[(n, s)]] += size[st.inputs[slot]]
+                continue
+            for q, mb in size.items():
+                k = self._var(0.0, 0.0, 0)
+                out[k] = mb
+                for n, slot in keep:
+                    row = {k: 1.0}
+                    for s, st in enumerate(c.nodes[n].strategies):
+                        if st.inputs[slot] == q:
+                            row[self.index[(n, s)]] = -1.0
+                    self.rows.append((row, 0.0, np.inf))
+        self.n = len(self.time)
+        self._base = None
+        return dict(out)
 
     def _var(self, time: float, mem: float, integral: int) -> int:
         self.time.append(time)
@@ -353,54 +477,62 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
     if objective not in ("time", "memory"):
         raise AutoTPError(f"objective must be 'time' or 'memory', got {objective!r}")
     pinned = dict(pinned or {})
-    factor = TRAINING_STATE_FACTOR if mode == "training" else 1
     budget = spec.memory_bytes if memory_budget is None else memory_budget
     runs = find_runs(c, set(pinned)) if layers else []
     programs: list[_Program] = []
 
-    def whole(kind: str, bound_mb: float | None) -> Choice | None:
+    def whole(kind: str, bound_mb: float | None, limit: float | None) -> Choice | None:
+        """kind "time" / "memory" (parameter MB) / "footprint" (memory per rank)."""
         if not programs:
             programs.append(_Program(c, spec, mode))
         prog = programs[0]
-        w = _weight(kind)
-        extra = [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
+        extra = prog.budget_rows(limit)
+        extra += [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
         if bound_mb is not None:
             extra.append(({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf, bound_mb))
-        x = prog.solve([w(t, m) for t, m in zip(prog.time, prog.mem)], extra, time_limit)
+        if kind == "footprint":
+            w = [prog.foot.get(i, 0.0) for i in range(prog.n)]
+        else:
+            wf = _weight(kind)
+            w = [wf(t, m) for t, m in zip(prog.time, prog.mem)]
+        x = prog.solve(w, extra, time_limit)
         return None if x is None else prog.choice(x)
 
-    def best(kind: str, bound_mb: float | None = None) -> Choice | None:
-        """The optimum with parameter MB <= bound_mb: by layers when the bound doesn't bind."""
+    def best(kind: str, bound_mb: float | None = None, limit: float | None = None) -> Choice | None:
+        """The optimum with parameter MB <= bound_mb and memory per rank <= limit bytes: by
+        layers when neither binds."""
         if runs:
             choice = solve_runs(c, spec, mode, runs, kind, _weight(kind), pinned, time_limit)
-            if choice is None:  # infeasible without the bound: infeasible with it
+            if choice is None:  # infeasible without the bounds: infeasible with them
                 return None
-            if bound_mb is None or _mem(c, choice) * SCALE_M <= bound_mb:
+            if (bound_mb is None or _mem(c, choice) * SCALE_M <= bound_mb) and \
+                    (limit is None or memory_bytes(c, choice, mode)[1] <= limit):
                 return choice
             log.info("the memory bound binds: solving the whole graph instead of one layer per class")
-        return whole(kind, bound_mb)
+        return whole(kind, bound_mb, limit)
 
     if objective == "memory":
-        choice = best("memory")
-        if choice is None:
-            raise InfeasiblePlanError("no plan satisfies the pinned strategies")
-        least = _mem(c, choice) * SCALE_M
-        total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
-                    for v, nc in c.nodes.items()) * SCALE_M
-        choice = best("time", least + MEMORY_SLACK * total + 1e-6)
-        assert choice is not None, "the least-memory plan satisfies its own bound"
-        return choice
-    choice = best("time", budget / factor * SCALE_M)
+        choice = best("memory", None, budget)
+        if choice is not None:
+            least = _mem(c, choice) * SCALE_M
+            total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
+                        for v, nc in c.nodes.items()) * SCALE_M
+            choice = best("time", least + MEMORY_SLACK * total + 1e-6, budget)
+            assert choice is not None, "the least-memory plan satisfies its own bound"
+    else:
+        choice = best("time", None, budget)
     if choice is None:
-        xm = best("memory")
-        least = _mem(c, xm) * factor if xm is not None else math.inf
-        total = sum(c.nodes[n].metas[0].nbytes for n in c.nodes if c.nodes[n].kind == "param")
-        need_n = max(2, math.ceil(total * factor / max(budget, 1)))
+        if pinned and best("time") is None:
+            raise InfeasiblePlanError("no plan satisfies the pinned strategies")
+        least_choice = whole("footprint", None, None)
+        least = memory_bytes(c, least_choice, mode)[1] if least_choice is not None else math.inf
+        n = c.world_size
+        need_n = max(n + 1, math.ceil(n * least / max(budget, 1)))
         raise InfeasiblePlanError(
-            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {c.world_size} "
-            f"({mode}): the least any plan needs is {least / 1e9:.2f} GB per rank. "
-            f"Use a world size of at least {need_n}, a device with more memory, "
-            f"or mode='inference'.")
+            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "
+            f"any plan needs is {least / 1e9:.2f} GB per rank (state and activations). Use a "
+            f"world size of at least {need_n}, a device with more memory, a smaller batch or "
+            f"sequence, or mode='inference'.", least, need_n)
     return choice
 
 
@@ -412,17 +544,14 @@ def brute_force(c: Candidates, spec: DeviceSpec, mode: str = "training", objecti
     sizes = [len(c.nodes[n].strategies) for n in names]
     if math.prod(sizes) > limit:
         raise ValueError(f"{math.prod(sizes)} assignments exceed the brute-force limit")
-    factor = TRAINING_STATE_FACTOR if mode == "training" else 1
     budget = spec.memory_bytes if memory_budget is None else memory_budget
     feasible = []
     for combo in itertools.product(*(range(k) for k in sizes)):
         choice = dict(zip(names, combo))
         ev = evaluate(c, choice, spec, mode)
-        if ev is not None:
+        if ev is not None and ev.memory_bytes <= budget:
             feasible.append((choice, ev))
-    if objective == "time":
-        feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes * factor <= budget]
-    else:
+    if objective == "memory" and feasible:
         least = min(ev.param_bytes for _, ev in feasible)
         total = sum(c.nodes[v].metas[0].nbytes for v in names if c.nodes[v].kind == "param")
         feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes <= least + MEMORY_SLACK * total + 1]

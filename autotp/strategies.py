@@ -119,6 +119,12 @@ def _grain_hints(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str,
     return grains
 
 
+def _static_shard(nc: NodeCands, oi: int) -> bool:
+    meta = nc.metas[oi]
+    return any(isinstance(o, Shard) and meta is not None and not meta.dynamic[o.dim % len(meta.shape)]
+               for st in nc.strategies for o in st.outputs()[oi:oi + 1])
+
+
 def build(captured: Captured, world_size: int) -> Candidates:
     gm, metas = captured.gm, captured.metas
     n = world_size
@@ -214,8 +220,9 @@ def build(captured: Captured, world_size: int) -> Candidates:
             if dm is None:
                 fallback = True
                 strategies = replicate_only(len(slots), len(outs) if isinstance(meta, tuple) else None)
-                if n > 1 and any(any(isinstance(o, Shard) for s in nodes[v[0]].strategies
-                                         for o in s.outputs()) for v in slots if v[0] in nodes):
+                # worth a warning when an input may be split on a static dim (a split of a
+                # batch/sequence dim is only chosen when memory binds)
+                if n > 1 and any(_static_shard(nodes[v[0]], v[1]) for v in slots if v[0] in nodes):
                     unruled[_op_name(node)].append(module_path(node) or "<root>")
             else:
                 ins_v = [value_of(a) for a in tensor_slots(node, metas)]

@@ -21,7 +21,7 @@ from autotp.api import _plan_from
 from autotp.capture import capture, module_path
 from autotp.decompose import find_runs, solve_runs
 from autotp.devices import PRESETS, DeviceSpec
-from autotp.solver import _mem, _weight, evaluate, solve
+from autotp.solver import _weight, evaluate, solve
 from autotp.strategies import build
 from examples import hf_models, nanogpt
 
@@ -200,10 +200,12 @@ class _Messages(logging.Handler):
 def test_binding_memory_budget_solves_the_whole_graph(llama_4) -> None:
     c = build(llama_4, 8)
     spec = PRESETS["h100"]
-    free = evaluate(c, solve(c, spec, "training"), spec).param_bytes
-    least = _mem(c, solve_runs(c, spec, "training", find_runs(c), "memory", _weight("memory"), {}, 60.0))
+    free = evaluate(c, solve(c, spec, "training"), spec).memory_bytes
+    with pytest.raises(autotp.InfeasiblePlanError) as info:
+        solve(c, spec, "training", memory_budget=1.0)
+    least = info.value.least_bytes
     assert least < free
-    budget = 4 * (least + free) / 2  # training: 4 bytes of state per parameter byte
+    budget = (least + free) / 2  # state and activations per rank
     logger = logging.getLogger("autotp.solver")
     seen, level = _Messages(), logger.level
     logger.addHandler(seen)

@@ -198,3 +198,69 @@ def test_random_architectures_on_real_gloo() -> None:
         for world in (2, 3):
             run_ranks(_random_case_on_gloo, world, dict(arch=arch, seed=1))
     check()
+
+
+def _sp_budget(name: str, world: int) -> tuple[float, autotp.Plan]:
+    """A memory budget between the least any plan needs and what the least-parameter plan
+    (Megatron's) uses: the solver must keep fewer activations, i.e. split norm regions on the
+    sequence dim."""
+    model, args, kwargs, _ = build(name)
+    free = autotp.plan(model, args, kwargs, world_size=world, device="cpu-gloo", objective="memory")
+    with pytest.raises(autotp.InfeasiblePlanError) as info:
+        autotp.plan(model, args, kwargs, world_size=world, device="cpu-gloo", memory_budget=1.0)
+    least = info.value.least_bytes
+    assert least < free.memory_bytes_per_rank
+    budget = least + 0.25 * (free.memory_bytes_per_rank - least)
+    tight = autotp.plan(model, args, kwargs, world_size=world, device="cpu-gloo", memory_budget=budget)
+    assert tight.memory_bytes_per_rank <= budget < free.memory_bytes_per_rank
+    assert tight.sequence_split and not free.sequence_split
+    return budget, tight
+
+
+def _check_sequence_parallel(rank: int, world: int, name: str, budget: float) -> dict:
+    model, args, kwargs, make = build(name)
+    ref = copy.deepcopy(model)
+    tp = autotp.parallelize(model, args, kwargs, memory_budget=budget)
+    torch.manual_seed(100)
+    a2, k2 = make(3, 8)  # another batch; the sequence stays divisible by the world size
+    full_out, full_ref = tp(*a2, **k2), ref(*a2, **k2)
+    out, want = first_tensor(full_out), first_tensor(full_ref)
+    torch.testing.assert_close(out, want, **TOL)
+    loss(full_out).backward()
+    loss(full_ref).backward()
+    ref_params = dict(ref.named_parameters())
+    grad_err = 0.0
+    for pname, p in tp.module.named_parameters():
+        want_g = shard_tensor(ref_params[pname].grad, tp.placements[pname], rank, world)
+        torch.testing.assert_close(p.grad, want_g, **TOL)
+        grad_err = max(grad_err, (p.grad - want_g).abs().max().item())
+    torch.optim.SGD(tp.parameters(), lr=0.5).step()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    state = autotp.gather_state_dict(tp)
+    for key, v in ref.state_dict().items():
+        torch.testing.assert_close(state[key], v, **TOL)
+    counts = dict(tp.collective_counts)
+    planned = {}
+    for c in tp.plan.collectives:
+        planned[(c.kind, c.phase)] = planned.get((c.kind, c.phase), 0) + 1
+    assert counts == planned, (counts, planned)
+    with pytest.raises(autotp.AutoTPError, match="divisible by"):
+        a3, k3 = make(1, 7)  # an odd sequence length (and batch x sequence) can't split 2 ways
+        tp(*a3, **k3)
+    return dict(fwd_err=(out - want).abs().max().item(), grad_err=grad_err, counts=counts)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_sequence_parallel_when_activations_bind(name: str) -> None:
+    """Megatron's sequence parallelism, found by the solver: with a budget that only fits if
+    fewer activations are kept, norms and residual adds run on sequence-split values
+    (reduce-scatter after the row-parallel matmul, all-gather before the column-parallel
+    one); outputs, grads and weights after a step equal one device's, on real processes."""
+    budget, tight = _sp_budget(name, 2)
+    assert tight.count("reduce_scatter", "forward") > 0 and tight.count("all_gather", "forward") > 0
+    rep = run_ranks(_check_sequence_parallel, 2, name, budget)
+    for r in rep:
+        assert r["counts"].get(("reduce_scatter", "forward"), 0) > 0, r
+    print(name, "budget", int(budget), "plan memory", tight.memory_bytes_per_rank,
+          "fwd err", max(r["fwd_err"] for r in rep), "grad err", max(r["grad_err"] for r in rep),
+          "collectives", rep[0]["counts"])

@@ -15,7 +15,14 @@ DimMap into candidate strategies:
   e.g. ``a + b``). A Partial plus a Replicate (a bias, a residual) is never offered.
 
 A dim labelled None can't be split (a normalized dim, a softmax dim, a broadcast size-1
-dim). A label is only offered when every dim carrying it is static (not batch/sequence).
+dim). A label on dynamic dims (batch, sequence: symbolic in the captured graph) is offered only
+by rules that set ``dynamic_ok`` (elementwise ops, norms, reductions: Megatron's sequence-
+parallel regions), only evenly (``Shard(d)``, when the world size divides the example size),
+and only the largest such dim of the op (the sequence rather than the batch, at the example
+sizes; the last on a tie), so that one region splits one dim. The rewritten module checks at
+run time that the world size still divides it (collectives.py). Views,
+matmuls and attention never split a dynamic dim: their shape arguments and causal masks
+would have to follow it.
 
 Uneven splits: the dims carrying one label may differ in size (a view's hidden H*d and heads
 H, a repeat's kv heads and q heads); they are split together in ``units`` (by default the gcd
@@ -97,6 +104,7 @@ class DimMap:
     partial_any: tuple[int, ...] = ()
     partial_all: bool = False
     multi: bool = False  # the op returns a tuple of tensors
+    dynamic_ok: bool = False  # labels on dynamic (batch/sequence) dims may be split evenly
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,22 @@ def _dim_ok(meta: TensorMeta, dim: int, blocks: tuple[int, ...], n: int) -> bool
     return sum(blocks) == meta.shape[dim] and all(b % n == 0 and b >= n for b in blocks)
 
 
+def _dynamic_label(call: OpCall, dm: DimMap, labels: list) -> Label:
+    """The one label on dynamic dims an op may split: the largest at the example sizes, the
+    last of the output's dims on a tie (see the module docstring)."""
+    best, key = None, None
+    for labs, metas in ((dm.outputs, call.outputs), (dm.inputs, call.inputs)):
+        for labs_i, m in zip(labs, metas):
+            for d, lab in enumerate(labs_i):
+                if lab is not None and m is not None and m.dynamic[d]:
+                    k = (m.shape[d], d)
+                    if key is None or k > key:
+                        best, key = lab, k
+        if best is not None:
+            return best
+    return best
+
+
 def label_units(sizes: Sequence[int], grains: Iterable[tuple[int, int]] = ()) -> list[int]:
     """Unit counts a label whose dims have ``sizes`` may be split in: the gcd of the sizes,
     plus ``size_i // g`` for each grain hint (i, g); every size must be a multiple."""
@@ -158,6 +182,7 @@ def strategies_from_dims(call: OpCall, dm: DimMap,
             if lab is not None and lab not in labels:
                 labels.append(lab)
 
+    dyn_pick = _dynamic_label(call, dm, labels) if dm.dynamic_ok else None
     for lab in labels if n > 1 else []:
         in_dims = [labs.index(lab) if lab in labs else None for labs in dm.inputs]
         out_dims = [labs.index(lab) if lab in labs else None for labs in dm.outputs]
@@ -167,9 +192,14 @@ def strategies_from_dims(call: OpCall, dm: DimMap,
             continue
         dims = [("in", i, call.inputs[i], d) for i, d in enumerate(in_dims) if d is not None] + \
                [("out", i, call.outputs[i], d) for i, d in enumerate(out_dims) if d is not None]
-        if any(m.dynamic[d] for _, _, m, d in dims):
-            continue
         sizes = [m.shape[d] for _, _, m, d in dims]
+        if any(m.dynamic[d] for _, _, m, d in dims):
+            if lab == dyn_pick and len(set(sizes)) == 1 and sizes[0] % n == 0 and sizes[0] >= n:
+                pl = {(kind, i): Shard(d) for kind, i, _, d in dims}
+                ins = tuple(pl.get(("in", i), Replicate()) for i in range(n_in))
+                outs = tuple(pl.get(("out", i), Partial()) for i in range(len(out_dims)))
+                found.append(Strategy(ins, outs if dm.multi else outs[0]))
+            continue
         hinted = [(k, g) for k, (kind, i, _, d) in enumerate(dims)
                   for g in (grains(kind, i, d) if grains else ())]
         for units in label_units(sizes, hinted):

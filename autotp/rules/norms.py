@@ -16,7 +16,7 @@ def _layer_norm(call: OpCall) -> DimMap:
     lead = tuple(("b", j) for j in range(len(x.shape) - k))
     xl = lead + (None,) * k
     params = tuple(tuple(None for _ in m.shape) for m in call.inputs[1:])
-    return DimMap((xl, *params), (xl,))
+    return DimMap((xl, *params), (xl,), dynamic_ok=True)
 
 
 @register(aten.rms_norm.default)
@@ -29,7 +29,7 @@ def _softmax(call: OpCall) -> DimMap:
     r = len(call.inputs[0].shape)
     d = call.arg(1, "dim") % r
     labels = tuple(("b", j) if j != d else None for j in range(r))
-    return DimMap((labels,), (labels,))
+    return DimMap((labels,), (labels,), dynamic_ok=True)
 
 
 def _reduce(call: OpCall, contract: bool) -> DimMap:
@@ -41,7 +41,7 @@ def _reduce(call: OpCall, contract: bool) -> DimMap:
     outs = tuple((None if j in reduced else ins[j]) for j in range(r) if keep or j not in reduced)
     con = frozenset(ins[j] for j in reduced) if contract else frozenset()
     return DimMap(((ins if contract else tuple(None if j in reduced else ins[j] for j in range(r))),),
-                  (outs,), contract=con, partial_any=(0,))
+                  (outs,), contract=con, partial_any=(0,), dynamic_ok=True)
 
 
 @register(aten.sum.dim_IntList, aten.sum.default)
@@ -57,4 +57,4 @@ def _mean(call: OpCall) -> DimMap:
 @register(aten.amax.default, aten.amin.default)
 def _max(call: OpCall) -> DimMap:
     d = _reduce(call, contract=False)
-    return DimMap(d.inputs, d.outputs)
+    return DimMap(d.inputs, d.outputs, dynamic_ok=True)

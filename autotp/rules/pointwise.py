@@ -15,7 +15,7 @@ def _tensor_args(call: OpCall) -> int:
 
 def _elementwise(call: OpCall, partial_any: tuple[int, ...] = (), partial_all: bool = False) -> DimMap:
     ins, out = broadcast_labels(call.inputs, call.outputs[0])
-    return DimMap(ins, (out,), partial_any=partial_any, partial_all=partial_all)
+    return DimMap(ins, (out,), partial_any=partial_any, partial_all=partial_all, dynamic_ok=True)
 
 
 # Linear in each input alone (other inputs fixed): scaling and copies.
