@@ -273,8 +273,8 @@ class _Program:
 
     def budget_rows(self, budget: float | None) -> list[tuple[dict[int, float], float, float]]:
         """Rows bounding memory per rank by ``budget`` bytes (None: only the inference peak's
-        definition, for the least-memory objective). In MB. Inference needs a peak variable
-        ``m`` (scaled by an upper bound U of any op's working set so that m is in [0, 1])."""
+        definition, for the least-memory objective). In KB (SCALE_M). Inference needs a peak
+        variable ``m`` (scaled by an upper bound U of any op's working set so that m is in [0, 1])."""
         c, mode = self.c, self.mode
         foot = {i: _footprint(c, n, s, mode) * SCALE_M for (n, s), i in self.index.items()}
         rows = []
@@ -298,13 +298,13 @@ class _Program:
                         self.rows.append((row, -np.inf, 0.0))
             foot[self.peak] = self.peak_scale
         if budget is not None:
-            rows.append(({i: v for i, v in foot.items() if v}, -np.inf, budget * SCALE_M))
+            rows.append(({i: v for i, v in foot.items() if v}, -np.inf, bytes_bound(budget)))
         self.foot = foot
         return rows
 
     def _kept_vars(self) -> dict[int, float]:
-        """Training activations: MB per variable. A value one op keeps puts its bytes (at the
-        placement that op needs) on the op's strategies; a value several ops keep gets a
+        """Training activations: KB (SCALE_M) per variable. A value one op keeps puts its bytes
+        (at the placement that op needs) on the op's strategies; a value several ops keep gets a
         variable k[u, Q] >= each keeper's indicator of needing Q, so it is counted once per
         placement however many ops keep it."""
         c = self.c
@@ -450,16 +450,28 @@ class _Program:
 
 
 SCALE_T = 1e6  # seconds -> microseconds keeps HiGHS' tolerances meaningful
-SCALE_M = 1e-6  # bytes -> MB
+# bytes -> KB. HiGHS accepts a MIP solution that breaks a row by 1e-6 of the row's unit
+# (mip_feasibility_tolerance) and stops 1e-6 units from the optimum (mip_abs_gap): in KB that is
+# a thousandth of a byte; in MB it was a whole byte, so plans a byte over the budget passed.
+SCALE_M = 1e-3
+SCALE_MB = 1e-6  # bytes -> MB (the time objective's tie-break)
+
+
+def bytes_bound(nbytes: float) -> float:
+    """The row bound (in SCALE_M units) for "at most ``nbytes`` bytes". Memory in the cost
+    model is a whole number of bytes (whole elements of whole tensors), so the bound is
+    floor(nbytes) plus half a byte: a plan within ``nbytes`` meets it with half a byte to spare
+    and a plan over it breaks it by at least half a byte, far beyond HiGHS' tolerance."""
+    return (math.floor(nbytes) + 0.5) * SCALE_M if math.isfinite(nbytes) else nbytes
 
 
 def _weight(kind: str) -> Callable[[float, float], float]:
-    """Objective units of (seconds, parameter bytes): "memory" minimizes parameter MB;
+    """Objective units of (seconds, parameter bytes): "memory" minimizes parameter KB;
     "time" minimizes microseconds, ties (a weight stored whole and sliced for use vs stored
     split) going to less parameter memory at 0.1 us per GB, far below any collective."""
     if kind == "memory":
         return lambda t, m: m * SCALE_M
-    return lambda t, m: t * SCALE_T + TIE_BREAK_US_PER_MB * m * SCALE_M
+    return lambda t, m: t * SCALE_T + TIE_BREAK_US_PER_MB * m * SCALE_MB
 
 
 def _mem(c: Candidates, choice: Choice) -> float:
@@ -481,15 +493,16 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
     runs = find_runs(c, set(pinned)) if layers else []
     programs: list[_Program] = []
 
-    def whole(kind: str, bound_mb: float | None, limit: float | None) -> Choice | None:
-        """kind "time" / "memory" (parameter MB) / "footprint" (memory per rank)."""
+    def whole(kind: str, bound: float | None, limit: float | None) -> Choice | None:
+        """kind "time" / "memory" (parameter bytes) / "footprint" (memory per rank)."""
         if not programs:
             programs.append(_Program(c, spec, mode))
         prog = programs[0]
         extra = prog.budget_rows(limit)
         extra += [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
-        if bound_mb is not None:
-            extra.append(({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf, bound_mb))
+        if bound is not None:
+            extra.append(({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf,
+                          bytes_bound(bound)))
         if kind == "footprint":
             w = [prog.foot.get(i, 0.0) for i in range(prog.n)]
         else:
@@ -498,26 +511,25 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
         x = prog.solve(w, extra, time_limit)
         return None if x is None else prog.choice(x)
 
-    def best(kind: str, bound_mb: float | None = None, limit: float | None = None) -> Choice | None:
-        """The optimum with parameter MB <= bound_mb and memory per rank <= limit bytes: by
+    def best(kind: str, bound: float | None = None, limit: float | None = None) -> Choice | None:
+        """The optimum with parameter bytes <= bound and memory per rank <= limit bytes: by
         layers when neither binds."""
         if runs:
             choice = solve_runs(c, spec, mode, runs, kind, _weight(kind), pinned, time_limit)
             if choice is None:  # infeasible without the bounds: infeasible with them
                 return None
-            if (bound_mb is None or _mem(c, choice) * SCALE_M <= bound_mb) and \
+            if (bound is None or _mem(c, choice) <= bound) and \
                     (limit is None or memory_bytes(c, choice, mode)[1] <= limit):
                 return choice
             log.info("the memory bound binds: solving the whole graph instead of one layer per class")
-        return whole(kind, bound_mb, limit)
+        return whole(kind, bound, limit)
 
     if objective == "memory":
         choice = best("memory", None, budget)
         if choice is not None:
-            least = _mem(c, choice) * SCALE_M
             total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
-                        for v, nc in c.nodes.items()) * SCALE_M
-            choice = best("time", least + MEMORY_SLACK * total + 1e-6, budget)
+                        for v, nc in c.nodes.items())
+            choice = best("time", _mem(c, choice) + MEMORY_SLACK * total + 1, budget)
             assert choice is not None, "the least-memory plan satisfies its own bound"
     else:
         choice = best("time", None, budget)
