@@ -301,7 +301,7 @@ def _plan_time_md(res: dict[str, Any], img: str) -> list[str]:
            f"intermediate {c['intermediate']}, vocab {c['vocab']}, bf16, input "
            f"{c['input'][0]} × {c['input'][1]}) on the meta device, world size {c['world_size']}, "
            f"device `{c['device']}`, `autotp.plan` wall time by stage.", "",
-           "| layers | capture s | strategies s | solve s | total s | graph nodes | params/rank vs total/N | collectives (Megatron: 4 per layer) | solver |",
+           "| layers | capture s | strategies s | solve s | total s | graph nodes | params/rank vs total/N | collectives (Megatron: 2 per layer) | solver |",
            "|---|---|---|---|---|---|---|---|---|"]
     from benchmarks.plan_time import solver_status
     for r in res["rows"]:
