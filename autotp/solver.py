@@ -450,6 +450,12 @@ class _Program:
 
 
 SCALE_T = 1e6  # seconds -> microseconds keeps HiGHS' tolerances meaningful
+# graphs larger than this whose memory budget binds are planned by pricing memory per layer
+# (a Lagrangian search, not proven optimal) instead of one exact program over the whole graph,
+# which HiGHS does not finish in minutes beyond a few thousand nodes with a binding budget
+WHOLE_GRAPH_NODES = 1500
+LAGRANGE_STEPS = 16
+LEAN_FACTOR = 4.0
 SCALE_M = 1e-6  # bytes -> MB
 
 
@@ -508,8 +514,52 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
             if (bound_mb is None or _mem(c, choice) * SCALE_M <= bound_mb) and \
                     (limit is None or memory_bytes(c, choice, mode)[1] <= limit):
                 return choice
+            if len(c.nodes) > WHOLE_GRAPH_NODES and kind == "time" and bound_mb is None \
+                    and limit is not None and mode == "training":
+                log.info("the memory budget binds on %d nodes: pricing memory per layer instead "
+                         "of solving the whole graph (fits, not proven optimal)", len(c.nodes))
+                return priced(limit)
             log.info("the memory bound binds: solving the whole graph instead of one layer per class")
         return whole(kind, bound_mb, limit)
+
+    def priced(limit: float) -> Choice | None:
+        """Lagrangian search: minimize time + lam * memory by layers (decompose.py), lam in
+        microseconds per MB raised until the plan fits, then bisected (geometrically) between
+        the last lam that did not fit and the first that did; the fastest fitting plan wins.
+        Falls back to the whole graph when no lam makes it fit."""
+        w = _weight("time")
+        fits: list[tuple[float, Choice]] = []
+        lo, hi, lam = 0.0, None, 1e-3
+        for _ in range(LAGRANGE_STEPS):
+            choice = solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit, lam)
+            ok = choice is not None and memory_bytes(c, choice, mode)[1] <= limit
+            if ok:
+                ev = evaluate(c, choice, spec, mode)
+                fits.append((ev.time_s if ev is not None else math.inf, choice))
+                hi = lam
+            else:
+                lo = lam
+            if hi is None:
+                if lam > 1e9:
+                    break
+                lam *= 8.0
+            else:
+                if lo and hi / lo < 1.02:
+                    break
+                lam = math.sqrt(lo * hi) if lo else hi / 8.0
+        if not fits:
+            return whole("time", None, limit)
+        if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
+            # (lean layers priced well above the flip point and the others well below it, so
+            # that a short run of either keeps its cells despite the cost of changing layout)
+            choice = solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit,
+                                lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit))
+            if choice is not None and memory_bytes(c, choice, mode)[1] <= limit:
+                ev = evaluate(c, choice, spec, mode)
+                fits.append((ev.time_s if ev is not None else math.inf, choice))
+        log.info("priced memory: %d plans fit, the fastest predicted %.3g s", len(fits),
+                 min(f[0] for f in fits))
+        return min(fits, key=lambda f: f[0])[1]
 
     n = c.world_size
     # a quick bound first: every parameter split as far as it goes, no activations
