@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import traceback
@@ -431,12 +432,15 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     with err.status(f"measuring {a.world_size} ranks…", spinner="dots"):
         spec, points = run_calibration(a.world_size, a.repeats)
     t = Table(title=f"{spec.name}: fitted ring model per collective", title_justify="left")
-    for col in ("collective", "latency", "bandwidth"):
+    for col in ("collective", "latency", "bandwidth", "from (bytes of the tensor)", "bandwidth there"):
         t.add_column(col)
-    for kind, (alpha, beta) in spec.collectives.items():
-        t.add_row(kind, f"{alpha * 1e6:.0f} µs", f"{beta / 1e9:.3f} GB/s")
+    for kind in spec.collectives:
+        alpha, beta, knee, beta_above = spec.link_model(kind)
+        big = ("", "") if math.isinf(knee) else (f"{knee / 2 ** 20:.0f} MiB", f"{beta_above / 1e9:.3f} GB/s")
+        t.add_row(kind, f"{alpha * 1e6:.0f} µs", f"{beta / 1e9:.3f} GB/s", *big)
     out.print(t)
-    out.print(f"fit error (relative, in-sample): median {spec.extra['fit_error_median']}, "
+    out.print(f"collective times: {spec.extra.get('collective_time', '')}; "
+              f"fit error (relative, in-sample): median {spec.extra['fit_error_median']}, "
               f"max {spec.extra['fit_error_max']} over {len(points)} measurements; "
               f"matmul fp32 {spec.flops['float32'] / 1e9:.1f} GFLOP/s, "
               f"memory bandwidth {spec.memory_bandwidth / 1e9:.1f} GB/s")
@@ -525,7 +529,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="measure this machine's collectives and compute")
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15, help="rounds per collective and size")
     p.add_argument("--out", help="write the DeviceSpec JSON here")
     p.set_defaults(fn=cmd_calibrate)
 

@@ -7,6 +7,11 @@ full tensor, latency alpha, per-direction link bandwidth beta):
     all_gather, reduce_scatter        alpha +   (n-1)/n * B / beta
     slice (Replicate -> Shard)        0 (local)
 
+A calibrated spec may give a collective two bandwidth regimes (``DeviceSpec.link_model``):
+a tensor of B >= K bytes (the knee) moves at beta_above instead of beta. Gloo on CPU needs
+it: glibc serves every buffer of 32 MiB or more (DistComm's clone, the gathered output) with
+a fresh mmap whose pages fault in on first touch, 2-5x slower (see calibrate.py).
+
 Compute is a roofline per rank on the op's local shapes, for matmuls, attention and
 embeddings (elementwise ops are assumed fused into their producer and cost nothing):
     t = max(flops_local / peak_flops(dtype), bytes_local / memory_bandwidth)
@@ -53,8 +58,8 @@ BACKWARD_COMPUTE_FACTOR = 2.0
 def _ring(kind: str, coef: float, nbytes: float, n: int, spec: DeviceSpec) -> float:
     if n == 1:
         return 0.0
-    alpha, beta = spec.link(kind)
-    return alpha + coef * (n - 1) / n * nbytes / beta
+    alpha, beta, knee, beta_above = spec.link_model(kind)
+    return alpha + coef * (n - 1) / n * nbytes / (beta if nbytes < knee else beta_above)
 
 
 def all_reduce_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
