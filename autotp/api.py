@@ -108,12 +108,14 @@ class Planned:
     candidates: Candidates
     choice: Choice
     spec: DeviceSpec
+    budget: float | None = None  # the memory budget asked for (None: the device's memory)
 
 
 def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
                  world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
                  mode: str = "training", memory_budget: float | None = None,
-                 progress: Callable[[str], Any] | None = None, data_parallel: int = 1) -> Planned:
+                 progress: Callable[[str], Any] | None = None, data_parallel: int = 1,
+                 optimizer_bytes: float = 8.0) -> Planned:
     """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
     each stage starts (capture, strategies, solve)."""
     args, kwargs = _check_args(example_inputs, example_kwargs)
@@ -127,22 +129,27 @@ def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | N
         note("building candidate strategies")
         c = build(captured, world_size)
         c.dp_size = data_parallel
+        c.optimizer_bytes = optimizer_bytes
         note("solving")
         p, choice = _plan_from(c, spec, objective, mode, memory_budget)
-    return Planned(p, c, choice, spec)
+    return Planned(p, c, choice, spec, memory_budget)
 
 
 def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
          world_size: int, device: "str | DeviceSpec" = "h100", objective: str = "time",
          mode: str = "training", memory_budget: float | None = None,
-         data_parallel: int = 1) -> Plan:
+         data_parallel: int = 1, optimizer_bytes: float = 8.0) -> Plan:
     """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
     The model may live on the meta device (example inputs are moved there too).
     ``data_parallel``: replicas of the tensor-parallel group (a 2-D mesh); their gradient
-    all-reduce over the inter-node link counts in training."""
+    all-reduce over the inter-node link counts in training. ``optimizer_bytes``: optimizer
+    state per trained parameter element in training (8: Adam's two fp32 moments; 4 for SGD
+    with momentum in fp32, 0 without state); ``memory_budget`` bounds parameters, gradients,
+    optimizer state and activations per rank (default: the device's memory)."""
     return plan_details(model, example_inputs, example_kwargs, world_size=world_size,
                         device=device, objective=objective, mode=mode,
-                        memory_budget=memory_budget, data_parallel=data_parallel).plan
+                        memory_budget=memory_budget, data_parallel=data_parallel,
+                        optimizer_bytes=optimizer_bytes).plan
 
 
 def choice_from_plan(c: Candidates, p: Plan) -> Choice:
@@ -225,7 +232,7 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
                 plan: Plan | None = None, group: dist.ProcessGroup | None = None,
                 mode: str = "training", weights: Any = None,
                 mesh: DeviceMesh | None = None,
-                memory_budget: float | None = None) -> ParallelModule:
+                memory_budget: float | None = None, optimizer_bytes: float = 8.0) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
@@ -267,6 +274,7 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
         if on_meta:
             retarget_device(captured.gm, torch.device("meta"), here)
         c = build(captured, comm.world_size)
+    c.optimizer_bytes = optimizer_bytes
     if dp_group is not None:
         c.dp_size = dist.get_world_size(dp_group)
     if plan is None:

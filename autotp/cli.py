@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import traceback
@@ -91,6 +92,7 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
                             device=_device(device or a.device), objective=a.objective,
                             mode=a.mode, memory_budget=budget,
                             data_parallel=getattr(a, "data_parallel", 1) or 1,
+                            optimizer_bytes=getattr(a, "optimizer_bytes", 8.0),
                             progress=lambda stage: status.update(stage + "…"))
 
 
@@ -207,8 +209,11 @@ def print_table(pd, out: Console = out) -> None:
               f"(total/N = {_bytes(ideal)}, {p.param_bytes_per_rank / max(ideal, 1):.3f}× of it; "
               f"total {_bytes(p.param_bytes_total)})")
     act = ("kept for the backward" if p.mode == "training" else "peak of one op's inputs and output")
-    out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} (activations {_bytes(p.activation_bytes_per_rank)}, "
-              f"{act}; {'4 bytes of state per parameter byte' if p.mode == 'training' else 'parameters'})")
+    state = p.memory_bytes_per_rank - p.activation_bytes_per_rank
+    out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} = state {_bytes(state)} "
+              f"({'parameters, gradients, optimizer' if p.mode == 'training' else 'parameters'}) "
+              f"+ activations {_bytes(p.activation_bytes_per_rank)} ({act}); budget "
+              f"{_bytes(pd.budget or pd.spec.memory_bytes)}")
     seq = len(p.sequence_split)
     if seq:
         out.print(f"sequence parallel: {seq} ops run on a split batch/sequence dim (the memory budget "
@@ -427,12 +432,15 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     with err.status(f"measuring {a.world_size} ranks…", spinner="dots"):
         spec, points = run_calibration(a.world_size, a.repeats)
     t = Table(title=f"{spec.name}: fitted ring model per collective", title_justify="left")
-    for col in ("collective", "latency", "bandwidth"):
+    for col in ("collective", "latency", "bandwidth", "from (bytes of the tensor)", "bandwidth there"):
         t.add_column(col)
-    for kind, (alpha, beta) in spec.collectives.items():
-        t.add_row(kind, f"{alpha * 1e6:.0f} µs", f"{beta / 1e9:.3f} GB/s")
+    for kind in spec.collectives:
+        alpha, beta, knee, beta_above = spec.link_model(kind)
+        big = ("", "") if math.isinf(knee) else (f"{knee / 2 ** 20:.0f} MiB", f"{beta_above / 1e9:.3f} GB/s")
+        t.add_row(kind, f"{alpha * 1e6:.0f} µs", f"{beta / 1e9:.3f} GB/s", *big)
     out.print(t)
-    out.print(f"fit error (relative, in-sample): median {spec.extra['fit_error_median']}, "
+    out.print(f"collective times: {spec.extra.get('collective_time', '')}; "
+              f"fit error (relative, in-sample): median {spec.extra['fit_error_median']}, "
               f"max {spec.extra['fit_error_max']} over {len(points)} measurements; "
               f"matmul fp32 {spec.flops['float32'] / 1e9:.1f} GFLOP/s, "
               f"memory bandwidth {spec.memory_bandwidth / 1e9:.1f} GB/s")
@@ -469,7 +477,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="h100", help="preset (see `autotp devices`) or spec.json")
         p.add_argument("--mode", choices=["training", "inference"], default="training")
         p.add_argument("--objective", choices=["time", "memory"], default="time")
-        p.add_argument("--memory-gb", type=float, help="memory budget per device (default: the device's)")
+        p.add_argument("--memory-gb", type=float, help="memory budget per device: parameters, "
+                       "gradients, optimizer state and activations (default: the device's memory)")
+        p.add_argument("--optimizer-bytes", type=float, default=8.0, metavar="B",
+                       help="training: optimizer state bytes per parameter element (8: Adam, "
+                            "fp32 moments; 4: SGD momentum; 0: none)")
         p.add_argument("--data-parallel", type=int, default=1, metavar="N",
                        help="replicas of the tensor-parallel group across nodes (2-D mesh); "
                             "their gradient all-reduce counts in training")
@@ -517,7 +529,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="measure this machine's collectives and compute")
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15, help="rounds per collective and size")
     p.add_argument("--out", help="write the DeviceSpec JSON here")
     p.set_defaults(fn=cmd_calibrate)
 

@@ -7,6 +7,11 @@ full tensor, latency alpha, per-direction link bandwidth beta):
     all_gather, reduce_scatter        alpha +   (n-1)/n * B / beta
     slice (Replicate -> Shard)        0 (local)
 
+A calibrated spec may give a collective two bandwidth regimes (``DeviceSpec.link_model``):
+a tensor of B >= K bytes (the knee) moves at beta_above instead of beta. Gloo on CPU needs
+it: glibc serves every buffer of 32 MiB or more (DistComm's clone, the gathered output) with
+a fresh mmap whose pages fault in on first touch, 2-5x slower (see calibrate.py).
+
 Compute is a roofline per rank on the op's local shapes, for matmuls, attention and
 embeddings (elementwise ops are assumed fused into their producer and cost nothing):
     t = max(flops_local / peak_flops(dtype), bytes_local / memory_bandwidth)
@@ -14,7 +19,9 @@ Training counts the backward as 2x the forward compute and adds the conjugate co
 every transition (see ``transition``).
 
 Memory per rank (``memory_bytes``) is the persistent state plus activations:
-    training   4 * parameter bytes (parameter, gradient, two Adam moments)
+    training   per trained parameter: its bytes + its gradient's (same dtype) + optimizer
+               state (``optimizer_bytes`` per element, default 8: Adam's two fp32 moments);
+               a frozen parameter only its bytes (``state_bytes``)
                + the values autograd keeps for the backward: every op on the gradient path
                  (views excepted, ``saves_inputs``) keeps its inputs as it consumes them,
                  one copy per (value, placement) however many ops read it
@@ -43,15 +50,16 @@ from .rules import Strategy
 
 aten = torch.ops.aten
 MODES = ("training", "inference")
-TRAINING_STATE_FACTOR = 4  # parameter + gradient + Adam exp_avg + exp_avg_sq
+# optimizer state per trained parameter element: Adam's exp_avg and exp_avg_sq in fp32
+ADAM_FP32_BYTES = 8.0
 BACKWARD_COMPUTE_FACTOR = 2.0
 
 
 def _ring(kind: str, coef: float, nbytes: float, n: int, spec: DeviceSpec) -> float:
     if n == 1:
         return 0.0
-    alpha, beta = spec.link(kind)
-    return alpha + coef * (n - 1) / n * nbytes / beta
+    alpha, beta, knee, beta_above = spec.link_model(kind)
+    return alpha + coef * (n - 1) / n * nbytes / (beta if nbytes < knee else beta_above)
 
 
 def all_reduce_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
@@ -195,9 +203,24 @@ def local_bytes(meta, p: Placement, n: int) -> float:
     return meta.nbytes * shard_fraction(p, meta.shape, n)
 
 
-def saves_inputs(target: object) -> bool:
-    """Whether an op on the gradient path keeps its inputs for the backward (views don't)."""
-    return target not in VIEW_OPS
+# ops whose backward needs none of their inputs: sums, casts and copies, scalings by a Python
+# number, concatenation, and reductions that only need the input's shape
+KEEPS_NOTHING = VIEW_OPS | frozenset((
+    aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
+    aten.neg.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten.clone.default, aten.lift_fresh_copy.default, aten.type_as.default, aten.mean.dim,
+    aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.cat.default,
+    aten.mul.Scalar, aten.div.Scalar, aten.repeat_interleave.self_int))
+
+
+def saves_inputs(target: object, tensor_inputs: int) -> bool:
+    """Whether an op on the gradient path keeps its inputs for the backward: not views, sums,
+    casts or concatenations, nor a product with a Python number (``x * 0.5``)."""
+    if target in KEEPS_NOTHING:
+        return False
+    if target in (aten.mul.Tensor, aten.div.Tensor) and tensor_inputs < 2:
+        return False
+    return True
 
 
 def working_bytes(ins: tuple, outs: tuple, strategy: Strategy, n: int) -> float:
@@ -205,6 +228,15 @@ def working_bytes(ins: tuple, outs: tuple, strategy: Strategy, n: int) -> float:
     outputs."""
     return sum(local_bytes(m, p, n) for m, p in zip((*ins, *outs), (*strategy.inputs, *strategy.outputs()))
                if m is not None)
+
+
+def state_bytes(param_bytes: float, element_size: int, mode: str, trained: bool,
+                optimizer_bytes: float = ADAM_FP32_BYTES) -> float:
+    """Persistent memory of one parameter's local piece: the parameter, and in training (when
+    it is trained) its gradient and optimizer state."""
+    if mode != "training" or not trained:
+        return param_bytes
+    return param_bytes * (2.0 + optimizer_bytes / element_size)
 
 
 def param_bytes(nbytes: int, p: Placement, n: int, shape: tuple[int, ...] | None = None) -> float:

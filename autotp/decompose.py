@@ -16,10 +16,13 @@ Exactness. The cost of the whole graph splits along a run without approximation 
   tables, a mask) into the layers costs nothing or is impossible, whatever the shared
   value's placement: a paid transition there is charged once for all layers, which would
   couple them (``_shared_free``; if it fails the run is not used);
-- no memory budget binds: the layers' parameter bytes add up across the run, a knapsack
+- no memory budget binds: the layers' memory adds up across the run, a knapsack
   constraint a boundary DP can't carry. ``solver.solve`` solves without the budget, and
   when the result breaks it (or the least-memory bound of objective="memory"), solves the
-  whole graph instead. The result is exact either way; only the time differs.
+  whole graph instead when it is small enough to be solved exactly in reasonable time;
+  on deeper models it prices memory instead (``lam``: time + lam * memory, a Lagrangian
+  relaxation, searched over lam until the plan fits; see solver.py). That result fits the
+  budget but is not proven optimal.
 
 Method. For the first layer of a run, a small program (solver._Program over that layer, the
 values it reads from outside as *external* values whose placement is pinned) gives
@@ -71,6 +74,7 @@ class Cell:
     time: float
     mem: float
     choice: tuple[int, ...]  # strategy index per node of the layer
+    foot: float = 0.0  # memory per rank in solver.SCALE_M units (state + kept activations), priced by lam
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Entry:
     time: float
     mem: float
     cells: tuple[Cell, ...]  # per layer of the run
+    foot: float = 0.0
 
 
 @dataclass
@@ -182,11 +187,12 @@ MAX_PAID_SETS = 16  # per shared placement: subsets of paid shared transitions t
 
 
 def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
-           time_limit: float) -> dict[tuple, Cell] | None:
+           time_limit: float, lam: float = 0.0) -> dict[tuple, Cell] | None:
     """Least cost of the run's first layer per (sigma, paid, a, b); None when the shared
-    values have too many paid transitions to table."""
+    values have too many paid transitions to table. ``lam``: objective units per MB of memory
+    (state + kept activations, in solver.SCALE_M units) added to the weight."""
     from .solver import _Program
-    key = ("table", run.key, spec.to_json(), mode, kind)
+    key = ("table", run.key, spec.to_json(), mode, kind, lam)
     if key in c.cache:
         return c.cache[key]
     unit = run.units[0]
@@ -196,7 +202,12 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     s_dom = [_placements(c, v) for v in run.shared]
     prog = _Program(c, spec, mode, unit, externals={**dict(zip(run.ins, a_dom)),
                                                     **dict(zip(run.shared, s_dom))})
-    base = [weight(t, m) for t, m in zip(prog.time, prog.mem)]
+    foot = np.zeros(0)
+    if lam:
+        prog.budget_rows(None)  # adds the kept-activation variables: their MB in prog.foot
+        foot = np.array([prog.foot.get(i, 0.0) for i in range(prog.n)])
+    base = [weight(t, m) + (lam * foot[i] if lam else 0.0)
+            for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
     pick: dict[tuple[int, Placement], dict[int, float]] = {}
     for k, (name, oi) in enumerate(inner):
         for p in b_dom[k]:
@@ -230,49 +241,82 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
                     free = sum(x[prog.zkey[k]] * prog.time[prog.zkey[k]] for k in paid)
                     table[(sigma, frozenset(paid), a, b)] = Cell(
                         float(np.dot(weights, x)), float(np.dot(prog.time, x)) - free,
-                        float(np.dot(prog.mem, x)), tuple(ch[n] for n in unit))
+                        float(np.dot(prog.mem, x)), tuple(ch[n] for n in unit),
+                        float(np.dot(foot, x)) if lam else 0.0)
     c.cache[key] = table
     log.debug("layer table: %d nodes, %d cells", len(unit), len(table))
     return table
 
 
-def _chain(run: Run, table: dict[tuple, Cell]) -> Block:
+def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = None) -> Block:
     """Min-plus product of the layer table along the run: the least cost from each incoming
-    state a to each outgoing state b, through any sequence of states in between."""
+    state a to each outgoing state b, through any sequence of states in between. With a
+    ``lean`` table (memory priced higher), one entry per k = 0..L more: the first k layers
+    from ``lean``, the others from ``table`` (so that a budget can be met by some layers)."""
+    if lean is not None:
+        blocks = [_chain_k(run, table, lean, k) for k in range(len(run.units) + 1)]
+        return Block(run.ins, run.shared, run.outs, [e for b in blocks for e in b.entries])
+    return _chain_k(run, table, table, 0)
+
+
+def _chain_k(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell], k: int) -> Block:
     entries = []
     by_sa: dict[tuple, dict] = {}
+    lean_sa: dict[tuple, dict] = {}
     for (sigma, paid, a, b), cell in table.items():
         by_sa.setdefault((sigma, paid, a), {})[b] = cell
-    for (sigma, paid, a0), first in by_sa.items():
+    for (sigma, paid, a, b), cell in lean.items():
+        lean_sa.setdefault((sigma, paid, a), {})[b] = cell
+    for (sigma, paid, a0), first in (lean_sa if k > 0 else by_sa).items():
         # best[b] = (cost, cells) over the layers so far
         best = {b: (cell.cost, (cell,)) for b, cell in first.items()}
-        for _ in run.units[1:]:
+        for layer in range(1, len(run.units)):
             nxt: dict = {}
+            src = lean_sa if layer < k else by_sa
             for b, (cost, cells) in best.items():
-                for b2, cell in by_sa.get((sigma, paid, b), {}).items():
+                for b2, cell in src.get((sigma, paid, b), {}).items():
                     total = cost + cell.cost
                     if b2 not in nxt or total < nxt[b2][0]:
                         nxt[b2] = (total, cells + (cell,))
             best = nxt
         for b, (cost, cells) in best.items():
             entries.append(Entry(sigma, paid, a0, b, sum(x.time for x in cells),
-                                 sum(x.mem for x in cells), cells))
+                                 sum(x.mem for x in cells), cells, sum(x.foot for x in cells)))
     return Block(run.ins, run.shared, run.outs, entries)
 
 
 def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weight: Weight,
-               pinned: dict[str, int], time_limit: float) -> dict[str, int] | None:
+               pinned: dict[str, int], time_limit: float, lam: float = 0.0,
+               lean: tuple[float, float] | None = None) -> dict[str, int] | None:
     """The optimal Choice without a memory bound, each run solved as a block; None when no
-    plan satisfies the pins."""
-    from .solver import _Program
-    tables = [_table(c, spec, mode, r, kind, weight, time_limit) for r in runs]
-    runs = [r for r, t in zip(runs, tables) if t is not None]
-    blocks = [_chain(r, t) for r, t in zip(runs, tables) if t is not None]
+    plan satisfies the pins. ``lam`` > 0 adds lam * (memory per rank in solver.SCALE_M units) to the objective.
+    ``lean`` = (lam_lean, budget bytes): each run may take its first k layers from the table
+    priced at lam_lean and the rest from the one at lam, and the rest of the graph is solved
+    for least time under the budget (memory per layer as the tables count it)."""
+    from .solver import _Program, bytes_bound
+    tables = [_table(c, spec, mode, r, kind, weight, time_limit, lam) for r in runs]
+    leans = [_table(c, spec, mode, r, kind, weight, time_limit, lean[0]) if lean else None
+             for r in runs]
+    keep = [i for i, t in enumerate(tables) if t is not None and (lean is None or leans[i] is not None)]
+    runs = [runs[i] for i in keep]
+    blocks = [_chain(runs[j], tables[i], leans[i]) for j, i in enumerate(keep)]
     inside = set().union(*(r.nodes for r in runs))
     prog = _Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
     weights = [weight(t, m) for t, m in zip(prog.time, prog.mem)]
+    extra: list = []
+    if lam:
+        prog.budget_rows(None)
+        for block, ws in zip(blocks, prog.block_index):
+            for e, i in zip(block.entries, ws):
+                prog.foot[i] = prog.foot.get(i, 0.0) + e.foot
+        if lean is None:
+            weights = [weight(t, m) + lam * prog.foot.get(i, 0.0)
+                       for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
+        else:
+            weights = [weight(t, m) for t, m in zip(prog.time, prog.mem)] + [0.0] * (prog.n - len(prog.time))
+            extra.append(({i: v for i, v in prog.foot.items() if v}, -np.inf, bytes_bound(lean[1])))
     pins = [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
-    x = prog.solve(weights, pins, time_limit)
+    x = prog.solve(weights, pins + extra, time_limit)
     if x is None:
         return None
     choice = prog.choice(x)

@@ -37,15 +37,27 @@ class DeviceSpec:
     latency: float  # seconds per collective
     inter_link_bandwidth: float = 0.0  # across nodes (for 2-D meshes); 0 = unknown
     inter_latency: float = 0.0
-    # measured per-collective (latency s, bandwidth B/s) overriding the two above; calibrate
-    # fills it, because e.g. gloo's reduce_scatter is not a ring and runs slower
-    collectives: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # measured per-collective link models overriding the two above; calibrate fills it,
+    # because e.g. gloo's reduce_scatter is not a ring and runs slower. Each entry is
+    # (latency s, bandwidth B/s) or (latency s, bandwidth B/s, knee bytes, bandwidth B/s from
+    # the knee on): a tensor of at least ``knee`` bytes moves at the second bandwidth (see
+    # ``link_model`` and docs/cost_model.md)
+    collectives: dict[str, tuple[float, ...]] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 
     def link(self, kind: str) -> tuple[float, float]:
-        """(latency, bandwidth) of one collective kind."""
-        a, b = self.collectives.get(kind, (self.latency, self.link_bandwidth))
-        return float(a), float(b)
+        """(latency, bandwidth) of one collective kind (below its knee, if it has one)."""
+        a, b, _, _ = self.link_model(kind)
+        return a, b
+
+    def link_model(self, kind: str) -> tuple[float, float, float, float]:
+        """(latency, bandwidth, knee bytes, bandwidth from the knee on) of one collective kind;
+        a single-regime link has an infinite knee."""
+        v = tuple(self.collectives.get(kind, (self.latency, self.link_bandwidth)))
+        if len(v) == 2:
+            return float(v[0]), float(v[1]), float("inf"), float(v[1])
+        a, b, knee, b2 = v
+        return float(a), float(b), float(knee), float(b2)
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         name = str(dtype).removeprefix("torch.")

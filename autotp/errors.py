@@ -16,7 +16,9 @@ class PlanError(AutoTPError):
 
 class InfeasiblePlanError(PlanError):
     """No plan satisfies the memory budget. ``least_bytes``: the least memory per rank any plan
-    needs at this world size; ``min_world_size``: the smallest world size that could fit."""
+    needs at this world size (a lower bound when the parameters' state alone exceeds the
+    budget: then activations were not planned); ``min_world_size``: the smallest world size
+    that could fit (a lower bound: memory per rank shrinks at most as 1/N)."""
 
     def __init__(self, message: str, least_bytes: float | None = None,
                  min_world_size: int | None = None):

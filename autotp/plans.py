@@ -119,4 +119,4 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
     return Plan(c.world_size, device, objective, mode, int(round(ev.param_bytes)) + unused, total,
                 ev.time_s, ev.compute_s, ev.comm_s, tuple(decisions), tuple(collectives), tuple(params),
                 int(round(ev.activation_bytes)),
-                int(round(ev.memory_bytes + unused * (4 if mode == "training" else 1))), tuple(seq))
+                int(round(ev.memory_bytes + unused)), tuple(seq))

@@ -9,7 +9,7 @@ then least time) under the memory budget. Exact: a 0/1 integer program solved by
       y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
       z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
     memory per rank <= memory budget                                           (_budget_rows)
-      training:  sum 4 param_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
+      training:  sum state_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
                  k[u,Q] >= sum_{t: need(t)=Q} x[c,t] for every op c that keeps value u
       inference: sum param_bytes(v,s) x[v,s] + U m <= budget, and for every op v
                  sum_s working_bytes(v,s) x[v,s] <= U m    (m in [0, 1]: the peak is a max)
@@ -44,9 +44,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from .cost import (MODES, TRAINING_STATE_FACTOR, Transition, compute_time, dp_grad_sync_time,
+from .cost import (MODES, Transition, compute_time, dp_grad_sync_time,
                    local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time,
-                   working_bytes)
+                   state_bytes, working_bytes)
 from .devices import DeviceSpec
 from .errors import AutoTPError, InfeasiblePlanError
 from .placements import Placement
@@ -109,10 +109,6 @@ def _param_mem(c: Candidates, name: str, s: int) -> float:
     return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
 
 
-def state_factor(mode: str) -> int:
-    return TRAINING_STATE_FACTOR if mode == "training" else 1
-
-
 def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
     """Training: per activation value, the (op, slot)s that keep it for the backward."""
     out: dict[Value, list[tuple[str, int]]] = {}
@@ -122,7 +118,7 @@ def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
         if c.nodes[value[0]].kind in ("param", "buffer"):
             continue  # parameters are counted as state
         keep = [(n, slot) for n, slot in cons if c.nodes[n].kind == "op" and n in c.needs_grad
-                and saves_inputs(c.nodes[n].target)]
+                and saves_inputs(c.nodes[n].target, len(c.nodes[n].slots))]
         if keep:
             out[value] = keep
     return out
@@ -139,7 +135,11 @@ def _working(c: Candidates, name: str, s: int) -> float:
 
 def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
     """State bytes per rank (parameters; in training also gradients and optimizer states)."""
-    return state_factor(mode) * _param_mem(c, name, s)
+    nc = c.nodes[name]
+    if nc.kind != "param":
+        return 0.0
+    return state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
+                       name in c.needs_grad, c.optimizer_bytes)
 
 
 def memory_bytes(c: Candidates, choice: Choice, mode: str) -> tuple[float, float]:
@@ -465,6 +465,14 @@ def bytes_bound(nbytes: float) -> float:
     return (math.floor(nbytes) + 0.5) * SCALE_M if math.isfinite(nbytes) else nbytes
 
 
+# graphs larger than this whose memory budget binds are planned by pricing memory per layer
+# (a Lagrangian search, not proven optimal) instead of one exact program over the whole graph,
+# which HiGHS does not finish in minutes beyond a few thousand nodes with a binding budget
+WHOLE_GRAPH_NODES = 1500
+LAGRANGE_STEPS = 16
+LEAN_FACTOR = 4.0
+
+
 def _weight(kind: str) -> Callable[[float, float], float]:
     """Objective units of (seconds, parameter bytes): "memory" minimizes parameter KB;
     "time" minimizes microseconds, ties (a weight stored whole and sliced for use vs stored
@@ -521,9 +529,66 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
             if (bound is None or _mem(c, choice) <= bound) and \
                     (limit is None or memory_bytes(c, choice, mode)[1] <= limit):
                 return choice
+            if len(c.nodes) > WHOLE_GRAPH_NODES and kind == "time" and bound is None \
+                    and limit is not None and mode == "training":
+                log.info("the memory budget binds on %d nodes: pricing memory per layer instead "
+                         "of solving the whole graph (fits, not proven optimal)", len(c.nodes))
+                return priced(limit)
             log.info("the memory bound binds: solving the whole graph instead of one layer per class")
         return whole(kind, bound, limit)
 
+    def priced(limit: float) -> Choice | None:
+        """Lagrangian search: minimize time + lam * memory by layers (decompose.py), lam in
+        microseconds per KB (SCALE_M) raised until the plan fits, then bisected (geometrically) between
+        the last lam that did not fit and the first that did; the fastest fitting plan wins.
+        Falls back to the whole graph when no lam makes it fit."""
+        w = _weight("time")
+        fits: list[tuple[float, Choice]] = []
+        lo, hi, lam = 0.0, None, 1e-3
+        for _ in range(LAGRANGE_STEPS):
+            choice = solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit, lam)
+            ok = choice is not None and memory_bytes(c, choice, mode)[1] <= limit
+            if ok:
+                ev = evaluate(c, choice, spec, mode)
+                fits.append((ev.time_s if ev is not None else math.inf, choice))
+                hi = lam
+            else:
+                lo = lam
+            if hi is None:
+                if lam > 1e9:
+                    break
+                lam *= 8.0
+            else:
+                if lo and hi / lo < 1.02:
+                    break
+                lam = math.sqrt(lo * hi) if lo else hi / 8.0
+        if not fits:
+            return whole("time", None, limit)
+        if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
+            # (lean layers priced well above the flip point and the others well below it, so
+            # that a short run of either keeps its cells despite the cost of changing layout)
+            choice = solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit,
+                                lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit))
+            if choice is not None and memory_bytes(c, choice, mode)[1] <= limit:
+                ev = evaluate(c, choice, spec, mode)
+                fits.append((ev.time_s if ev is not None else math.inf, choice))
+        log.info("priced memory: %d plans fit, the fastest predicted %.3g s", len(fits),
+                 min(f[0] for f in fits))
+        return min(fits, key=lambda f: f[0])[1]
+
+    n = c.world_size
+    # a quick bound first: every parameter split as far as it goes, no activations
+    floor = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
+                for v, nc in c.nodes.items() if nc.kind == "param")
+    if floor > budget:
+        need_n = max(n + 1, math.ceil(n * floor / max(budget, 1)))
+        raise InfeasiblePlanError(
+            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "
+            f"any plan needs is more than {floor / 1e9:.2f} GB per rank, what parameters"
+            f"{', gradients and optimizer state' if mode == 'training' else ''} alone take when "
+            f"split as far as they go, before activations. Use a world size of at least {need_n}, a device with more memory"
+            f"{', an optimizer with less state (optimizer_bytes)' if mode == 'training' else ''}"
+            f", or mode='inference'.", floor, need_n)
     if objective == "memory":
         choice = best("memory", None, budget)
         if choice is not None:
@@ -538,7 +603,6 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
             raise InfeasiblePlanError("no plan satisfies the pinned strategies")
         least_choice = whole("footprint", None, None)
         least = memory_bytes(c, least_choice, mode)[1] if least_choice is not None else math.inf
-        n = c.world_size
         need_n = max(n + 1, math.ceil(n * least / max(budget, 1)))
         raise InfeasiblePlanError(
             f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "

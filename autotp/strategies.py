@@ -57,6 +57,7 @@ class Candidates:
     layers: tuple[tuple[tuple[str, ...], ...], ...] = ()
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # solver tables
     dp_size: int = 1  # data-parallel replicas of this tensor-parallel group (a 2-D mesh)
+    optimizer_bytes: float = 8.0  # training: optimizer state per trained parameter element
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes

@@ -156,7 +156,7 @@ def _calibrate_worker(rank: int, world: int, repeats: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_calibration(world_size: int, repeats: int = 7):
+def run_calibration(world_size: int, repeats: int = 15):
     """``autotp calibrate``: measure ``world_size`` local ranks; returns (DeviceSpec, points)."""
     from .calibrate import Measurement
     from .devices import DeviceSpec

@@ -149,7 +149,7 @@ def plot_cost_model(res: dict[str, Any], path: str) -> None:
     a1.fill_between([lo, hi], [lo * 0.7, hi * 0.7], [lo * 1.3, hi * 1.3], color="gray", alpha=0.2,
                     label="±30%")
     a1.set_xlabel("measured ms")
-    a1.set_ylabel("predicted ms (calibrated ring model)")
+    a1.set_ylabel("predicted ms (calibrated model)")
     a1.set_title("per collective, 16 KiB – 64 MiB")
     a1.legend(fontsize=8)
     labels, meas, pred, meas_c, pred_c = [], [], [], [], []
@@ -301,7 +301,7 @@ def _plan_time_md(res: dict[str, Any], img: str) -> list[str]:
            f"intermediate {c['intermediate']}, vocab {c['vocab']}, bf16, input "
            f"{c['input'][0]} × {c['input'][1]}) on the meta device, world size {c['world_size']}, "
            f"device `{c['device']}`, `autotp.plan` wall time by stage.", "",
-           "| layers | capture s | strategies s | solve s | total s | graph nodes | params/rank vs total/N | collectives (Megatron: 4 per layer) | solver |",
+           "| layers | capture s | strategies s | solve s | total s | graph nodes | params/rank vs total/N | collectives (Megatron: 2 per layer) | solver |",
            "|---|---|---|---|---|---|---|---|---|"]
     from benchmarks.plan_time import solver_status
     for r in res["rows"]:
@@ -399,19 +399,44 @@ def _plan_quality_md(res: dict[str, Any], img: str) -> list[str]:
 
 def _cost_md(res: dict[str, Any], img: str) -> list[str]:
     s = res["spec"]
-    out = [f"`autotp.calibrate` on gloo, {res['config']['world_size']} ranks, {res['config']['repeats']} "
-           f"repeats per point: α = {s['latency_us']:.0f} µs, β = {s['link_GBps']:.3f} GB/s over all "
+    q = res["config"].get("quantile")
+
+    def link(k: str, v: dict[str, Any]) -> str:
+        t = f"{k} α {v['latency_us']:.0f} µs / β {v['link_GBps']:.3f} GB/s"
+        if "knee_bytes" in v:
+            t += f" below {fmt_bytes(v['knee_bytes'])}, {v['above_GBps']:.3f} GB/s from there on"
+        return t
+    stat = (f"the {q} quantile of {res['config']['repeats']} interleaved rounds per point"
+            if q is not None else f"the median of {res['config']['repeats']} repeats per point")
+    out = [f"`autotp.calibrate` on gloo, {res['config']['world_size']} ranks, {stat}: "
+           f"α = {s['latency_us']:.0f} µs, β = {s['link_GBps']:.3f} GB/s over all "
            "kinds; per kind (what the cost model uses) "
-           + ", ".join(f"{k} α {v['latency_us']:.0f} µs / β {v['link_GBps']:.3f} GB/s"
-                       for k, v in s["per_kind"].items())
+           + ", ".join(link(k, v) for k, v in s["per_kind"].items())
            + f"; in-sample fit error median {s['fit_error_median']:.0%}, max {s['fit_error_max']:.0%}. "
            f"Matmul fp32 {s['matmul_fp32_GFLOPs']:.1f} GFLOP/s, copy {s['memory_GBps']:.1f} GB/s.", "",
-           "**Per collective**, against a second measurement taken after calibration "
-           "(out of sample; error = (predicted − measured) / measured):", "",
-           "| collective | bytes | measured ms | predicted ms | error |", "|---|---|---|---|---|"]
+           "**Per collective**, against a second measurement taken after calibration with the same "
+           "method (out of sample; error = (predicted − measured) / measured; * = a size the "
+           "calibration measured, the others lie halfway between two of them). \"median\" is the "
+           "median of the same samples, \"calibration\" the calibration's own measurement of the "
+           "point:", "",
+           "| collective | bytes | measured ms | predicted ms | error | median ms | error vs median | calibration ms |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in res["collectives"]:
-        out.append(f"| {r['kind']} | {fmt_bytes(r['bytes'])} | {r['measured_ms']:.3f} | "
-                   f"{r['predicted_ms']:.3f} | {r['error']:+.0%} |")
+        star = "\\*" if r.get("calibrated_size", True) else ""
+        med = (f"{r['median_ms']:.3f} | {r['error_vs_median']:+.0%}" if "median_ms" in r else " | ")
+        cal = f"{r['calibration_ms']:.3f}" if "calibration_ms" in r else ""
+        out.append(f"| {r['kind']} | {fmt_bytes(r['bytes'])}{star} | {r['measured_ms']:.3f} | "
+                   f"{r['predicted_ms']:.3f} | {r['error']:+.0%} | {med} | {cal} |")
+    ce = res.get("collective_error")
+    if ce:
+        out += ["", "At the calibration's sizes |error| median {:.0%}, worst {:.0%}; between them median "
+                "{:.0%}, worst {:.0%}; against the median of the samples median {:.0%}, worst {:.0%}. "
+                "The calibration's own measurement of the same points differs from this one by median "
+                "{:.0%}, worst {:.0%}: no model can do better than this noise floor."
+                .format(ce["calibrated_sizes"]["median"], ce["calibrated_sizes"]["max"],
+                        ce["between_sizes"]["median"], ce["between_sizes"]["max"],
+                        ce["vs_median"]["median"], ce["vs_median"]["max"],
+                        ce["repeatability"]["median"], ce["repeatability"]["max"])]
     out += ["", f"Absolute error: median **{res['collective_error_median']:.0%}**, worst "
             f"**{res['collective_error_max']:.0%}** (issue 3's target ±30%: "
             f"{'met' if res['collective_error_max'] <= TARGET_COLLECTIVE_ERR else 'missed'} for the worst point, "
@@ -433,13 +458,15 @@ def _cost_md(res: dict[str, Any], img: str) -> list[str]:
     errs = [abs(r[m]["error"]) for r in res["steps"] for m in ("training", "inference")]
     out += ["", f"Whole-step absolute error: median {sorted(errs)[len(errs) // 2]:.0%}, worst {max(errs):.0%}.",
             "", f"![cost model]({img})", "",
-            "Where the error comes from: the compute model counts only matmuls, attention and "
-            "embeddings (elementwise ops, norms, softmax and copies are taken as fused and free, "
-            "which on a CPU they are not), so small models are underpredicted most; collectives "
-            "inside a step pay for rank skew and for the first touch of fresh buffers, which the "
-            "calibration loop (the same buffer, back to back) does not see. Gloo on a shared "
-            "2-core machine also swings run to run: the same small all_reduce can take 0.5 ms in "
-            "one run and 4 ms in the next."]
+            "Where the error comes from: per collective, load from the other jobs on this shared "
+            "2-core machine, which moves the same measurement by tens of percent within a run "
+            "(the noise floor above), most at 32 MiB and more, where glibc maps every fresh "
+            "buffer anew and page faulting is kernel work competing with them (the cost model's "
+            "second regime, docs/cost_model.md). Per step: the compute model counts only matmuls, "
+            "attention and embeddings (elementwise ops, norms, softmax and copies are taken as "
+            "fused and free, which on a CPU they are not), and the time inside collectives "
+            "includes waiting for the other rank (rank skew), which the calibration, each "
+            "collective after a barrier, does not see."]
     return out
 
 

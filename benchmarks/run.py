@@ -35,7 +35,7 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
         res = plan_quality.run([2, 4, 8], layers=2 if quick else None)
         print(plan_quality.report(res))
     else:
-        res = collectives.run(repeats=5 if quick else 7, iters=5 if quick else 10,
+        res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)
         print(collectives.report(res))
     return res

@@ -80,3 +80,20 @@ def first_tensor(out) -> torch.Tensor:
 MODELS = ["mlp", "odd", "nanogpt", "gpt2", "llama", "bert"]
 UNEVEN = {"gpt2_v257": (lambda seed: hf_models.gpt2(vocab=257, seed=seed), 257),
           "llama_h4": (lambda seed: hf_models.llama(heads=4, kv_heads=2, hidden=64, seed=seed), 256)}
+
+
+def saved_activation_bytes(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    """Bytes autograd keeps for the backward in one forward of ``model`` (unique storages,
+    parameters and buffers excluded): what the cost model's activation memory predicts."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in own:
+            kept[st.data_ptr()] = max(kept.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*args, **kwargs)
+    return sum(kept.values())
