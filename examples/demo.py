@@ -14,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import autotp  # noqa: E402
 from autotp.launch import spawn  # noqa: E402
+from autotp.placements import shard_tensor  # noqa: E402
 from examples.nanogpt import gpt  # noqa: E402
 
 
@@ -28,6 +29,9 @@ def worker(rank: int, world: int) -> None:
     y, y_ref = tp(x), reference(x)
     y.square().mean().backward()
     y_ref.square().mean().backward()
+    ref_params = dict(reference.named_parameters(remove_duplicate=False))
+    g_err = max((p.grad - shard_tensor(ref_params[n].grad, tp.placements[n], rank, world)).abs().max().item()
+                for n, p in tp.module.named_parameters() if p.grad is not None)
     torch.optim.AdamW(tp.parameters(), lr=1e-3).step()
     torch.optim.AdamW(reference.parameters(), lr=1e-3).step()
     state = autotp.gather_state_dict(tp)
@@ -39,6 +43,7 @@ def worker(rank: int, world: int) -> None:
         p = tp.plan
         print(f"autotp demo: nanoGPT on {world} gloo ranks (objective='memory')")
         print(f"  forward max |error| vs one device:             {f_err:.2e}")
+        print(f"  gradients, max |error|:                         {g_err:.2e}")
         print(f"  weights after AdamW step, max |error|:          {w_err:.2e}")
         print(f"  parameters on this rank: {local} of {full} ({local / full:.1%})")
         print(f"  collectives per step: planned {p.count()}, issued "
@@ -51,8 +56,11 @@ def worker(rank: int, world: int) -> None:
         print("  collectives:")
         for c in p.collectives:
             print(f"    {c.phase:<8} {c.kind:<14} {c.bytes:>8} B  after {c.module or '<input>'}")
-    ok = f_err < 1e-5 and w_err < 1e-5 and p.count() == sum(tp.collective_counts.values()) \
-        if rank == 0 else True
+    # Adam's first step moves each weight by lr * g / (|g| + eps): for a gradient near zero a
+    # float32 rounding difference of 1e-10 in g moves the weight by up to lr * 1e-10 / eps = 1e-5,
+    # so the weights get a looser bound than the gradients they come from
+    ok = f_err < 1e-5 and g_err < 1e-5 and w_err < 1e-4 and \
+        p.count() == sum(tp.collective_counts.values()) if rank == 0 else True
     dist.barrier()  # nobody tears down gloo's sockets while a peer still uses them
     dist.destroy_process_group()
     if not ok:
