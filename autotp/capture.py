@@ -41,7 +41,8 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class TensorMeta:
     """Shape of one global tensor at the example inputs; ``dynamic[d]`` when dim d is symbolic
-    (batch, sequence): such dims are never split, so the module stays valid at other sizes."""
+    (batch, sequence): such dims are split only evenly, by sequence-parallel regions
+    (rules/__init__.py), so the module stays valid at other sizes."""
 
     shape: tuple[int, ...]
     dynamic: tuple[bool, ...]
@@ -53,6 +54,11 @@ class TensorMeta:
         for s in self.shape:
             n *= s
         return n
+
+    def splits_dynamic(self, p: object) -> bool:
+        """Whether placement ``p`` of this tensor splits a dynamic (batch/sequence) dim."""
+        from .placements import Shard
+        return isinstance(p, Shard) and bool(self.shape) and self.dynamic[p.dim % len(self.shape)]
 
     @property
     def nbytes(self) -> int:

@@ -302,19 +302,17 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
     blocks = [_chain(runs[j], tables[i], leans[i]) for j, i in enumerate(keep)]
     inside = set().union(*(r.nodes for r in runs))
     prog = _Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
-    weights = [weight(t, m) for t, m in zip(prog.time, prog.mem)]
     extra: list = []
     if lam:
-        prog.budget_rows(None)
+        prog.budget_rows(None)  # memory of the nodes outside the runs (and kept-value variables)
         for block, ws in zip(blocks, prog.block_index):
             for e, i in zip(block.entries, ws):
                 prog.foot[i] = prog.foot.get(i, 0.0) + e.foot
-        if lean is None:
-            weights = [weight(t, m) + lam * prog.foot.get(i, 0.0)
-                       for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
-        else:
-            weights = [weight(t, m) for t, m in zip(prog.time, prog.mem)] + [0.0] * (prog.n - len(prog.time))
+        if lean is not None:  # the budget is a row; the objective is time alone
             extra.append(({i: v for i, v in prog.foot.items() if v}, -np.inf, bytes_bound(lean[1])))
+    price = lam if lean is None else 0.0
+    weights = [weight(t, m) + price * prog.foot.get(i, 0.0)
+               for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
     pins = [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
     x = prog.solve(weights, pins + extra, time_limit)
     if x is None:

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from .cost import MODES
-from .placements import Shard, format_out
+from .placements import format_out
 from .solver import Choice, Evaluation
 from .strategies import Candidates
 
@@ -91,8 +91,7 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
     for name, nc in c.nodes.items():
         st = nc.strategies[choice[name]]
         decisions.append(Decision(name, nc.module, nc.op, tuple(map(str, st.inputs)), format_out(st.output)))
-        if nc.kind == "op" and any(isinstance(o, Shard) and m is not None and m.dynamic[o.dim % len(m.shape)]
-                                   for o, m in zip(st.outputs(), nc.metas)):
+        if nc.kind == "op" and any(m is not None and m.splits_dynamic(o) for o, m in zip(st.outputs(), nc.metas)):
             seq.append(name)
         if nc.kind == "param":
             total += nc.metas[0].nbytes

@@ -110,10 +110,13 @@ def _param_mem(c: Candidates, name: str, s: int) -> float:
 
 
 def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
-    """Training: per activation value, the (op, slot)s that keep it for the backward."""
-    out: dict[Value, list[tuple[str, int]]] = {}
+    """Training: per activation value, the (op, slot)s that keep it for the backward (found
+    once per Candidates: ``memory_bytes`` runs for every plan evaluated)."""
     if mode != "training":
-        return out
+        return {}
+    if "keepers" in c.cache:
+        return c.cache["keepers"]
+    out: dict[Value, list[tuple[str, int]]] = {}
     for value, cons in c.consumers.items():
         if c.nodes[value[0]].kind in ("param", "buffer"):
             continue  # parameters are counted as state
@@ -121,6 +124,7 @@ def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
                 and saves_inputs(c.nodes[n].target, len(c.nodes[n].slots))]
         if keep:
             out[value] = keep
+    c.cache["keepers"] = out
     return out
 
 
@@ -544,13 +548,18 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
         Falls back to the whole graph when no lam makes it fit."""
         w = _weight("time")
         fits: list[tuple[float, Choice]] = []
+
+        def fit(choice: Choice | None) -> bool:
+            """Keep ``choice`` (with its predicted time) when it fits the budget."""
+            if choice is None or memory_bytes(c, choice, mode)[1] > limit:
+                return False
+            ev = evaluate(c, choice, spec, mode)
+            fits.append((ev.time_s if ev is not None else math.inf, choice))
+            return True
+
         lo, hi, lam = 0.0, None, 1e-3
         for _ in range(LAGRANGE_STEPS):
-            choice = solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit, lam)
-            ok = choice is not None and memory_bytes(c, choice, mode)[1] <= limit
-            if ok:
-                ev = evaluate(c, choice, spec, mode)
-                fits.append((ev.time_s if ev is not None else math.inf, choice))
+            if fit(solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit, lam)):
                 hi = lam
             else:
                 lo = lam
@@ -567,28 +576,34 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
         if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
             # (lean layers priced well above the flip point and the others well below it, so
             # that a short run of either keeps its cells despite the cost of changing layout)
-            choice = solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit,
-                                lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit))
-            if choice is not None and memory_bytes(c, choice, mode)[1] <= limit:
-                ev = evaluate(c, choice, spec, mode)
-                fits.append((ev.time_s if ev is not None else math.inf, choice))
+            fit(solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit,
+                           lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit)))
         log.info("priced memory: %d plans fit, the fastest predicted %.3g s", len(fits),
                  min(f[0] for f in fits))
         return min(fits, key=lambda f: f[0])[1]
 
-    n = c.world_size
+    def infeasible(least: float, floor_only: bool) -> InfeasiblePlanError:
+        """``least``: the least memory any plan needs, or (``floor_only``) the parameters'
+        state split as far as it goes, a lower bound found before planning activations."""
+        n = c.world_size
+        need_n = max(n + 1, math.ceil(n * least / max(budget, 1)))
+        training = mode == "training"
+        what = (f"more than {least / 1e9:.2f} GB per rank, what parameters"
+                f"{', gradients and optimizer state' if training else ''} alone take when split as "
+                f"far as they go, before activations" if floor_only else
+                f"{least / 1e9:.2f} GB per rank (state and activations)")
+        return InfeasiblePlanError(
+            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "
+            f"any plan needs is {what}. Use a world size of at least {need_n}, a device with more "
+            f"memory{', an optimizer with less state (optimizer_bytes)' if floor_only and training else ''}"
+            f"{', a smaller batch or sequence' if not floor_only else ''}, or mode='inference'.",
+            least, need_n)
+
     # a quick bound first: every parameter split as far as it goes, no activations
     floor = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
                 for v, nc in c.nodes.items() if nc.kind == "param")
     if floor > budget:
-        need_n = max(n + 1, math.ceil(n * floor / max(budget, 1)))
-        raise InfeasiblePlanError(
-            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "
-            f"any plan needs is more than {floor / 1e9:.2f} GB per rank, what parameters"
-            f"{', gradients and optimizer state' if mode == 'training' else ''} alone take when "
-            f"split as far as they go, before activations. Use a world size of at least {need_n}, a device with more memory"
-            f"{', an optimizer with less state (optimizer_bytes)' if mode == 'training' else ''}"
-            f", or mode='inference'.", floor, need_n)
+        raise infeasible(floor, floor_only=True)
     if objective == "memory":
         choice = best("memory", None, budget)
         if choice is not None:
@@ -603,12 +618,7 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
             raise InfeasiblePlanError("no plan satisfies the pinned strategies")
         least_choice = whole("footprint", None, None)
         least = memory_bytes(c, least_choice, mode)[1] if least_choice is not None else math.inf
-        need_n = max(n + 1, math.ceil(n * least / max(budget, 1)))
-        raise InfeasiblePlanError(
-            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "
-            f"any plan needs is {least / 1e9:.2f} GB per rank (state and activations). Use a "
-            f"world size of at least {need_n}, a device with more memory, a smaller batch or "
-            f"sequence, or mode='inference'.", least, need_n)
+        raise infeasible(least, floor_only=False)
     return choice
 
 

@@ -122,8 +122,8 @@ def _grain_hints(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str,
 
 def _static_shard(nc: NodeCands, oi: int) -> bool:
     meta = nc.metas[oi]
-    return any(isinstance(o, Shard) and meta is not None and not meta.dynamic[o.dim % len(meta.shape)]
-               for st in nc.strategies for o in st.outputs()[oi:oi + 1])
+    return meta is not None and any(isinstance(st.outputs()[oi], Shard) and not meta.splits_dynamic(st.outputs()[oi])
+                                    for st in nc.strategies)
 
 
 def build(captured: Captured, world_size: int) -> Candidates:

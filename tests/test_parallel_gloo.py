@@ -2,6 +2,7 @@
 weights after an optimizer step, and the collectives issued against the plan's."""
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -42,6 +43,43 @@ def head_split_plan(model, args, kwargs, world: int) -> autotp.Plan:
     return make_plan(c, choice, evaluate(c, choice, pl.spec), pl.spec.name, "memory", "training")
 
 
+def _step_matches(tp, ref, a2: tuple, k2: dict, rank: int, world: int, name: str) -> dict:
+    """One training step of ``tp`` and of the single-device ``ref`` on the same inputs: outputs,
+    this rank's gradients, weights after SGD and the collectives that ran (= the plan's) must
+    match. Returns the errors, the split parameters counted and the collectives."""
+    full_out, full_ref = tp(*a2, **k2), ref(*a2, **k2)
+    out, out_ref = first_tensor(full_out), first_tensor(full_ref)
+    assert type(full_out) is type(full_ref)
+    torch.testing.assert_close(out, out_ref, **TOL, msg=lambda m: f"{name} forward: {m}")
+    fwd_err = (out - out_ref).abs().max().item()
+    loss(full_out).backward()  # a loss over every returned tensor, so every backward runs
+    loss(full_ref).backward()
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    split = 0
+    for pname, p in tp.module.named_parameters():
+        place = tp.placements[pname]
+        if ref_params[pname].grad is None:  # unused by the output (e.g. BERT's pooler)
+            assert p.grad is None or not p.grad.any(), (name, pname)
+            continue
+        want = shard_tensor(ref_params[pname].grad, place, rank, world)
+        torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{name} grad {pname}: {m}")
+        split += isinstance(place, Shard)
+    grad_err = max(((p.grad - shard_tensor(ref_params[pn].grad, tp.placements[pn], rank, world))
+                    .abs().amax().item() for pn, p in tp.module.named_parameters()
+                    if p.grad is not None and ref_params[pn].grad is not None and p.numel()),
+                   default=0.0)
+    torch.optim.SGD(tp.parameters(), lr=0.5).step()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    state = autotp.gather_state_dict(tp)
+    assert list(state) == list(ref.state_dict())
+    for key, v in ref.state_dict().items():
+        torch.testing.assert_close(state[key], v, **TOL, msg=lambda m: f"{name} {key}: {m}")
+    # what ran equals what the plan says (one forward, one backward)
+    planned = collections.Counter((c.kind, c.phase) for c in tp.plan.collectives)
+    assert tp.collective_counts == dict(planned), (name, tp.collective_counts, planned)
+    return dict(fwd_err=fwd_err, grad_err=grad_err, split=split, collectives=sum(planned.values()))
+
+
 def _check_models(rank: int, world: int, names: list[str], head_split: bool = False) -> dict:
     report = {}
     for name in names:
@@ -57,43 +95,13 @@ def _check_models(rank: int, world: int, names: list[str], head_split: bool = Fa
         # another batch size and sequence length than the example inputs
         torch.manual_seed(100)
         a2, k2 = make(3, 7)
-        full_out, full_ref = tp(*a2, **k2), ref(*a2, **k2)
-        out, out_ref = first_tensor(full_out), first_tensor(full_ref)
-        assert type(full_out) is type(full_ref)
-        torch.testing.assert_close(out, out_ref, **TOL, msg=lambda m: f"{name} forward: {m}")
-        fwd_err = (out - out_ref).abs().max().item()
-        loss(full_out).backward()  # a loss over every returned tensor, so every backward runs
-        loss(full_ref).backward()
-        ref_params = dict(ref.named_parameters(remove_duplicate=False))
-        split = 0
-        for pname, p in tp.module.named_parameters():
-            place = tp.placements[pname]
-            if ref_params[pname].grad is None:  # unused by the output (e.g. BERT's pooler)
-                assert p.grad is None or not p.grad.any(), (name, pname)
-                continue
-            want = shard_tensor(ref_params[pname].grad, place, rank, world)
-            torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{name} grad {pname}: {m}")
-            split += isinstance(place, Shard)
-        torch.optim.SGD(tp.parameters(), lr=0.5).step()
-        torch.optim.SGD(ref.parameters(), lr=0.5).step()
-        state = autotp.gather_state_dict(tp)
-        assert list(state) == list(ref.state_dict())
-        for key, v in ref.state_dict().items():
-            torch.testing.assert_close(state[key], v, **TOL, msg=lambda m: f"{name} {key}: {m}")
-        # what ran equals what the plan says (one forward, one backward)
-        planned = {}
-        for c in tp.plan.collectives:
-            planned[(c.kind, c.phase)] = planned.get((c.kind, c.phase), 0) + 1
-        assert tp.collective_counts == planned, (name, tp.collective_counts, planned)
+        r = _step_matches(tp, ref, a2, k2, rank, world, name)
         local = sum(p.numel() for p in tp.parameters())
         full = sum(p.numel() for p in ref.parameters())
-        grad_err = max(((p.grad - shard_tensor(ref_params[pn].grad, tp.placements[pn], rank, world))
-                        .abs().amax().item() for pn, p in tp.module.named_parameters()
-                        if p.grad is not None and ref_params[pn].grad is not None and p.numel()),
-                       default=0.0)
-        report[name] = dict(fwd_err=fwd_err, grad_err=grad_err, split_params=split, local=local, full=full,
+        report[name] = dict(fwd_err=r["fwd_err"], grad_err=r["grad_err"], split_params=r["split"],
+                            local=local, full=full,
                             placements={k: str(v) for k, v in tp.placements.items()},
-                            collectives=sum(planned.values()),
+                            collectives=r["collectives"],
                             warnings=[str(w.message) for w in caught if "autotp" in str(w.message)])
     return report
 
@@ -236,31 +244,12 @@ def _check_sequence_parallel(rank: int, world: int, name: str, budget: float) ->
     tp.comm.counts.clear()
     torch.manual_seed(100)
     a2, k2 = make(3, 8)  # another batch; the sequence stays divisible by the world size
-    full_out, full_ref = tp(*a2, **k2), ref(*a2, **k2)
-    out, want = first_tensor(full_out), first_tensor(full_ref)
-    torch.testing.assert_close(out, want, **TOL)
-    loss(full_out).backward()
-    loss(full_ref).backward()
-    ref_params = dict(ref.named_parameters())
-    grad_err = 0.0
-    for pname, p in tp.module.named_parameters():
-        want_g = shard_tensor(ref_params[pname].grad, tp.placements[pname], rank, world)
-        torch.testing.assert_close(p.grad, want_g, **TOL)
-        grad_err = max(grad_err, (p.grad - want_g).abs().max().item())
-    torch.optim.SGD(tp.parameters(), lr=0.5).step()
-    torch.optim.SGD(ref.parameters(), lr=0.5).step()
-    state = autotp.gather_state_dict(tp)
-    for key, v in ref.state_dict().items():
-        torch.testing.assert_close(state[key], v, **TOL)
+    r = _step_matches(tp, ref, a2, k2, rank, world, name)
     counts = dict(tp.collective_counts)
-    planned = {}
-    for c in tp.plan.collectives:
-        planned[(c.kind, c.phase)] = planned.get((c.kind, c.phase), 0) + 1
-    assert counts == planned, (counts, planned)
     with pytest.raises(autotp.AutoTPError, match="divisible by"):
         a3, k3 = make(1, 7)  # an odd sequence length (and batch x sequence) can't split 2 ways
         tp(*a3, **k3)
-    return dict(fwd_err=(out - want).abs().max().item(), grad_err=grad_err, counts=counts,
+    return dict(fwd_err=r["fwd_err"], grad_err=r["grad_err"], counts=counts,
                 kept=kept, predicted=(tp.plan.activation_bytes_per_rank,
                                       megatron.plan.activation_bytes_per_rank))
 
