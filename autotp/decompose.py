@@ -12,10 +12,11 @@ Exactness. The cost of the whole graph splits along a run without approximation 
   every other value of a layer only inside it, and the run's inputs only by its first layer:
   then every (producer, placement, consumer's need) group, which the cost model charges once,
   lies inside one layer (``_run``);
-- every transition from a *shared* value (an outside value every layer reads: rotary
-  tables, a mask) into the layers costs nothing or is impossible, whatever the shared
-  value's placement: a paid transition there is charged once for all layers, which would
-  couple them (``_shared_free``; if it fails the run is not used);
+- a *shared* value (an outside value every layer reads: rotary tables, a mask) enters a
+  layer only through the placements its consumers read it in. The outer program pays each
+  such read's transition once for all layers (``_Program._shared_reads``), and the table
+  is made per set of reads available (``_table``), so the layers stay uncoupled whatever
+  the shared value's own placement;
 - no memory budget binds: the layers' memory adds up across the run, a knapsack
   constraint a boundary DP can't carry. ``solver.solve`` solves without the budget, and
   when the result breaks it (or the least-memory bound of objective="memory"), solves the
@@ -25,20 +26,27 @@ Exactness. The cost of the whole graph splits along a run without approximation 
   budget but is not proven optimal.
 
 Method. For the first layer of a run, a small program (solver._Program over that layer, the
-values it reads from outside as *external* values whose placement is pinned) gives
-``T[s][a][b]``: the least cost of one layer given the shared values' placements s, the
-incoming carried values' placements a and its own carried values' placements b
-(``_table``; one HiGHS solve per (s, a, b), a few dozen per class, cached on the
-Candidates). A min-plus product along the run (``_chain``) gives for every (s, a, b) the
-least cost of the whole run and the layer-by-layer states that reach it (a run can
-alternate layouts; the DP allows that). The rest of the graph is then one program in which
-each run is a *block*: one binary per (s, a, b) entry, tied to the placements of its
-inputs and feeding its carried values to the nodes after it.
+values it reads from the layer before as *external* values whose placement is pinned) gives
+``T[A][a][b]``: the least cost of one layer given the set A of shared-value reads it may use,
+the incoming carried values' placements a and its own carried values' placements b
+(``_table``; HiGHS solves only the cells that monotonicity does not settle, a few hundred
+per class, cached on the Candidates). A min-plus product along the run (``_chain``) gives for
+every (A, a, b) the least cost of the whole run and the layer-by-layer states that reach it (a
+run can alternate layouts; the DP allows that); entries dominated by one with fewer reads are
+dropped. The rest of the graph is then one program in which each run is a *block*: one binary
+per entry, tied to the placements of its inputs, paying for the reads it uses and feeding its
+carried values to the nodes after it.
+
+Before transformers 5.24 the rotary tables came out of an op without a rule (Replicate
+only); since, they are ordinary pointwise ops with four placements each, and tabling per
+shared *placement* and per subset of paid transitions (as this module once did) gave up on
+Llama and solved the whole graph: 28.7 s for the 70B plan instead of 5 s.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,6 +76,9 @@ class Run:
         return tuple((self.units[-1][o], oi) for o, oi in self.carried)
 
 
+Read = tuple[int, Placement, Placement]  # (index into Run.shared, need Q, gradient G)
+
+
 @dataclass(frozen=True)
 class Cell:
     cost: float
@@ -75,12 +86,12 @@ class Cell:
     mem: float
     choice: tuple[int, ...]  # strategy index per node of the layer
     foot: float = 0.0  # memory per rank in solver.SCALE_M units (state + kept activations), priced by lam
+    reads: frozenset[Read] = frozenset()  # the placements in which this layer reads shared values
 
 
 @dataclass(frozen=True)
 class Entry:
-    sigma: tuple[Placement, ...]
-    paid: frozenset[tuple]  # transitions from shared values the layers use, paid once
+    reads: frozenset[Read]  # the placements in which the run's layers read the shared values
     a: tuple[Placement, ...]
     b: tuple[Placement, ...]
     time: float
@@ -183,14 +194,47 @@ def find_runs(c: Candidates, pinned: set[str] | frozenset[str] = frozenset()) ->
 # ---------------------------------------------------------------------------------------------
 # one layer: the table of least costs per boundary state
 
-MAX_PAID_SETS = 16  # per shared placement: subsets of paid shared transitions tabled
+MAX_READ_SETS = 1024  # sets of available shared-value reads tabled per run (else: whole graph)
+
+
+def _reads(c: Candidates, prog, run: Run) -> dict[Read, dict[int, float]]:
+    """Per way a layer can read a shared value ((index, Q, G): the placement its consumer
+    needs and the gradient it sends back), the indicator of that read in the layer program."""
+    unit = set(run.units[0])
+    out: dict[Read, dict[int, float]] = {}
+    for k, v in enumerate(run.shared):
+        for name, slot in c.consumers.get(v, ()):
+            if name not in unit:
+                continue
+            for s, st in enumerate(c.nodes[name].strategies):
+                out.setdefault((k, st.inputs[slot], st.grad_placement(slot)), {})[prog.index[(name, s)]] = 1.0
+    return out
+
+
+def _read_sets(reads: list[Read], n_shared: int) -> list[frozenset[Read]] | None:
+    """Every set of available reads with at least one read of each shared value (a layer must
+    read every shared value somehow), largest first; None when there are too many."""
+    per = [[r for r in reads if r[0] == k] for k in range(n_shared)]
+    if math.prod(2 ** len(p) - 1 for p in per) > MAX_READ_SETS:
+        return None
+    choices = [[frozenset(comb) for n in range(1, len(p) + 1) for comb in itertools.combinations(p, n)]
+               for p in per]
+    sets = [frozenset().union(*combo) for combo in itertools.product(*choices)]
+    return sorted(sets, key=len, reverse=True)
 
 
 def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
            time_limit: float, lam: float = 0.0) -> dict[tuple, Cell] | None:
-    """Least cost of the run's first layer per (sigma, paid, a, b); None when the shared
-    values have too many paid transitions to table. ``lam``: objective units per MB of memory
-    (state + kept activations, in solver.SCALE_M units) added to the weight."""
+    """Least cost of the run's first layer per (avail, a, b): ``avail`` the set of reads of the
+    shared values the layer may use (a read the outer program pays for once, however many
+    layers use it), a and b the carried values' placements in and out; None when there are
+    too many sets of reads to table. ``lam``: objective units per KB of memory (state + kept
+    activations, in solver.SCALE_M units) added to the weight.
+
+    The shared values' own placement does not enter the table: a layer only sees the
+    placement each consumer reads. Monotone: more available reads never cost more, so a cell
+    whose optimum at a larger set only uses reads of a smaller one is that set's optimum too
+    (and an infeasible cell stays infeasible with fewer reads): most cells are not solved."""
     from .solver import _Program
     key = ("table", run.key, spec.to_json(), mode, kind, lam)
     if key in c.cache:
@@ -199,90 +243,113 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     inner = [(unit[o], oi) for o, oi in run.carried]
     a_dom = [tuple(dict.fromkeys(_placements(c, v) + _placements(c, w))) for v, w in zip(run.ins, inner)]
     b_dom = [_placements(c, w) for w in inner]
-    s_dom = [_placements(c, v) for v in run.shared]
-    prog = _Program(c, spec, mode, unit, externals={**dict(zip(run.ins, a_dom)),
-                                                    **dict(zip(run.shared, s_dom))})
+    prog = _Program(c, spec, mode, unit, externals=dict(zip(run.ins, a_dom)))
+    reads = _reads(c, prog, run)
+    sets = _read_sets(list(reads), len(run.shared))
+    if sets is None:
+        log.info("not solving layers once: %d ways to read %d shared values", len(reads), len(run.shared))
+        c.cache[key] = None
+        return None
     foot = np.zeros(0)
     if lam:
-        prog.budget_rows(None)  # adds the kept-activation variables: their MB in prog.foot
+        prog.budget_rows(None)  # adds the kept-activation variables: their KB in prog.foot
         foot = np.array([prog.foot.get(i, 0.0) for i in range(prog.n)])
-    base = [weight(t, m) + (lam * foot[i] if lam else 0.0)
-            for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
+    weights = [weight(t, m) + (lam * foot[i] if lam else 0.0)
+               for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
     pick: dict[tuple[int, Placement], dict[int, float]] = {}
     for k, (name, oi) in enumerate(inner):
         for p in b_dom[k]:
             pick[(k, p)] = {prog.index[(name, s)]: 1.0 for s, st in enumerate(c.nodes[name].strategies)
                             if st.outputs()[oi] == p}
     table: dict[tuple, Cell] = {}
-    shared_at = {v: k for k, v in enumerate(run.shared)}
-    for sigma in itertools.product(*s_dom):
-        # transitions from shared values that cost something: paid once for the whole run,
-        # so the table is made per set of them allowed (and paid by the block, not per layer)
-        keys = [k for k in prog.zkey if k[0] in shared_at and k[1] == sigma[shared_at[k[0]]]]
-        if 2 ** len(keys) > MAX_PAID_SETS:
-            log.info("not solving layers once: %d paid transitions from shared values", len(keys))
-            c.cache[key] = None
-            return None
-        for paid in itertools.chain.from_iterable(itertools.combinations(keys, r)
-                                                  for r in range(len(keys) + 1)):
-            weights = list(base)
-            for k in paid:
-                weights[prog.zkey[k]] = 0.0
-            banned = [({prog.zkey[k]: 1.0}, 0.0, 0.0) for k in keys if k not in paid]
-            for a in itertools.product(*a_dom):
-                pins = banned + [({prog.ext_index[(v, p)]: 1.0}, 1.0, 1.0)
-                                 for v, p in zip(run.shared + run.ins, sigma + a)]
-                for b in itertools.product(*b_dom):
-                    x = prog.solve(weights, pins + [(pick[(k, p)], 1.0, 1.0) for k, p in enumerate(b)],
-                                   time_limit)
-                    if x is None:
-                        continue
-                    ch = prog.choice(x)
-                    free = sum(x[prog.zkey[k]] * prog.time[prog.zkey[k]] for k in paid)
-                    table[(sigma, frozenset(paid), a, b)] = Cell(
-                        float(np.dot(weights, x)), float(np.dot(prog.time, x)) - free,
-                        float(np.dot(prog.mem, x)), tuple(ch[n] for n in unit),
-                        float(np.dot(foot, x)) if lam else 0.0)
+    solved: dict[tuple, list[tuple[frozenset, Cell | None]]] = {}
+    for a in itertools.product(*a_dom):
+        pins = [({prog.ext_index[(v, p)]: 1.0}, 1.0, 1.0) for v, p in zip(run.ins, a)]
+        for b in itertools.product(*b_dom):
+            done = solved.setdefault((a, b), [])
+            for avail in sets:
+                known = next((cell for big, cell in done if avail <= big and
+                              (cell is None or cell.reads <= avail)), False)
+                if known is False:
+                    banned = [(reads[r], 0.0, 0.0) for r in reads if r not in avail]
+                    x = prog.solve(weights, pins + banned + [(pick[(k, p)], 1.0, 1.0)
+                                                             for k, p in enumerate(b)], time_limit)
+                    known = None
+                    if x is not None:
+                        ch = prog.choice(x)
+                        known = Cell(float(np.dot(weights, x)), float(np.dot(prog.time, x)),
+                                     float(np.dot(prog.mem, x)), tuple(ch[n] for n in unit),
+                                     float(np.dot(foot, x)) if lam else 0.0,
+                                     frozenset(r for r, ind in reads.items()
+                                               if any(x[i] > 0.5 for i in ind)))
+                    done.append((avail, known))
+                if known is not None:
+                    table[(avail, a, b)] = known
     c.cache[key] = table
-    log.debug("layer table: %d nodes, %d cells", len(unit), len(table))
+    log.debug("layer table: %d nodes, %d read sets, %d cells, %d solved", len(unit), len(sets),
+              len(table), sum(len(v) for v in solved.values()))
     return table
 
 
 def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = None) -> Block:
     """Min-plus product of the layer table along the run: the least cost from each incoming
-    state a to each outgoing state b, through any sequence of states in between. With a
-    ``lean`` table (memory priced higher), one entry per k = 0..L more: the first k layers
-    from ``lean``, the others from ``table`` (so that a budget can be met by some layers)."""
-    if lean is not None:
-        blocks = [_chain_k(run, table, lean, k) for k in range(len(run.units) + 1)]
-        return Block(run.ins, run.shared, run.outs, [e for b in blocks for e in b.entries])
-    return _chain_k(run, table, table, 0)
+    state a to each outgoing state b, through any sequence of states in between, per set of
+    available reads. With a ``lean`` table (memory priced higher), one entry per k = 0..L
+    more: the first k layers from ``lean``, the others from ``table`` (so that a budget can be
+    met by some layers). Entries are kept only when no entry with a subset of their reads
+    costs as little (a read costs the outer program something or nothing, never less)."""
+    ks = range(len(run.units) + 1) if lean is not None else (0,)
+    lean = table if lean is None else lean
+    by: dict[frozenset, dict[tuple, dict[tuple, Cell]]] = {}
+    lean_by: dict[frozenset, dict[tuple, dict[tuple, Cell]]] = {}
+    for src, dst in ((table, by), (lean, lean_by)):
+        for (avail, a, b), cell in src.items():
+            dst.setdefault(avail, {}).setdefault(a, {})[b] = cell
+    seen: set[tuple] = set()
+    best: dict[tuple, list[Entry]] = {}
+    for avail in by:
+        sig = (frozenset((a, b, id(cl)) for a, row in by[avail].items() for b, cl in row.items()),
+               frozenset((a, b, id(cl)) for a, row in lean_by.get(avail, {}).items()
+                         for b, cl in row.items()))
+        if sig in seen:  # the same cells as a larger set of reads: the same entries
+            continue
+        seen.add(sig)
+        for k in ks:
+            for e in _chain_k(run, by[avail], lean_by.get(avail, {}), k):
+                group = best.setdefault((e.a, e.b), [])
+                if any(_dominates(o, e) for o in group):
+                    continue
+                group[:] = [o for o in group if not _dominates(e, o)]
+                group.append(e)
+    return Block(run.ins, run.shared, run.outs, [e for g in best.values() for e in g])
 
 
-def _chain_k(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell], k: int) -> Block:
+def _dominates(o: Entry, e: Entry) -> bool:
+    """``o`` is as good as ``e`` for any outer program: no more reads to pay, no more cost,
+    time, parameter memory or footprint."""
+    return (o.reads <= e.reads and sum(x.cost for x in o.cells) <= sum(x.cost for x in e.cells)
+            and o.time <= e.time and o.mem <= e.mem and o.foot <= e.foot)
+
+
+def _chain_k(run: Run, by_a: dict[tuple, dict[tuple, Cell]], lean_a: dict[tuple, dict[tuple, Cell]],
+             k: int) -> list[Entry]:
     entries = []
-    by_sa: dict[tuple, dict] = {}
-    lean_sa: dict[tuple, dict] = {}
-    for (sigma, paid, a, b), cell in table.items():
-        by_sa.setdefault((sigma, paid, a), {})[b] = cell
-    for (sigma, paid, a, b), cell in lean.items():
-        lean_sa.setdefault((sigma, paid, a), {})[b] = cell
-    for (sigma, paid, a0), first in (lean_sa if k > 0 else by_sa).items():
-        # best[b] = (cost, cells) over the layers so far
-        best = {b: (cell.cost, (cell,)) for b, cell in first.items()}
+    for a0, first in (lean_a if k > 0 else by_a).items():
+        best = {b: (cell.cost, (cell,)) for b, cell in first.items()}  # over the layers so far
         for layer in range(1, len(run.units)):
             nxt: dict = {}
-            src = lean_sa if layer < k else by_sa
+            src = lean_a if layer < k else by_a
             for b, (cost, cells) in best.items():
-                for b2, cell in src.get((sigma, paid, b), {}).items():
+                for b2, cell in src.get(b, {}).items():
                     total = cost + cell.cost
                     if b2 not in nxt or total < nxt[b2][0]:
                         nxt[b2] = (total, cells + (cell,))
             best = nxt
         for b, (cost, cells) in best.items():
-            entries.append(Entry(sigma, paid, a0, b, sum(x.time for x in cells),
-                                 sum(x.mem for x in cells), cells, sum(x.foot for x in cells)))
-    return Block(run.ins, run.shared, run.outs, entries)
+            entries.append(Entry(frozenset().union(*(x.reads for x in cells)), a0, b,
+                                 sum(x.time for x in cells), sum(x.mem for x in cells), cells,
+                                 sum(x.foot for x in cells)))
+    return entries
 
 
 def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weight: Weight,

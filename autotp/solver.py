@@ -259,20 +259,43 @@ class _Program:
                 for e, i in zip(b.entries, ws):
                     groups[value][e.b[k]].append(i)
         for b, ws in zip(blocks, self.block_index):  # block inputs equal their producers' outputs
-            for values, pick in ((b.ins, lambda e, k: e.a[k]), (b.shared, lambda e, k: e.sigma[k])):
-                for k, value in enumerate(values):
-                    by_p: dict[Placement, dict[int, float]] = defaultdict(dict)
-                    for e, i in zip(b.entries, ws):
-                        by_p[pick(e, k)][i] = 1.0
-                    for p, xs in groups[value].items():
-                        for i in xs:
-                            by_p[p][i] = by_p[p].get(i, 0.0) - 1.0
-                    for row in by_p.values():
-                        self.rows.append((row, 0.0, 0.0))
+            for k, value in enumerate(b.ins):
+                by_p: dict[Placement, dict[int, float]] = defaultdict(dict)
+                for e, i in zip(b.entries, ws):
+                    by_p[e.a[k]][i] = 1.0
+                for p, xs in groups[value].items():
+                    for i in xs:
+                        by_p[p][i] = by_p[p].get(i, 0.0) - 1.0
+                for row in by_p.values():
+                    self.rows.append((row, 0.0, 0.0))
         self._edges(groups, set(self.names))
-        for b, ws in zip(blocks, self.block_index):  # transitions a block's layers pay once
-            for key in dict.fromkeys(k for e in b.entries for k in e.paid):
-                self._pay(key, {i: 1.0 for e, i in zip(b.entries, ws) if key in e.paid})
+        for b, ws in zip(blocks, self.block_index):
+            self._shared_reads(b, ws, groups)
+        self.n = len(self.time)
+
+    def _shared_reads(self, b, ws: list[int], groups: dict) -> None:
+        """A block's layers read a shared value u in placement (Q, G) when the chosen entry
+        uses that read: R = sum of those entries' w, in {0, 1}. Its joint indicator with the
+        producer's placement P, y[P] in [0, X(P)] with sum_P y[P] = R (only where P -> Q is
+        possible), pays the transition (u, P, Q, G) once for all layers, shared with any
+        consumer outside the block that needs the same."""
+        for read in dict.fromkeys(r for e in b.entries for r in e.reads):
+            k, q, g = read
+            value = b.shared[k]
+            row = {i: -1.0 for e, i in zip(b.entries, ws) if read in e.reads}
+            for p, xs in groups[value].items():
+                t = self.key_cost((value, p, q, g))
+                if t is None:
+                    continue
+                y = self._var(0.0, 0.0, 0)
+                row[y] = 1.0
+                cap = {y: 1.0}
+                for i in xs:
+                    cap[i] = cap.get(i, 0.0) - 1.0
+                self.rows.append((cap, -np.inf, 0.0))
+                if t > 0:
+                    self._pay((value, p, q, g), {y: 1.0})
+            self.rows.append((row, 0.0, 0.0))
         self.n = len(self.time)
 
     def budget_rows(self, budget: float | None) -> list[tuple[dict[int, float], float, float]]:

@@ -1,0 +1,80 @@
+"""Plan time as structure, not seconds: on Llama the layer decomposition (decompose.py) is
+used and its work stays bounded, whether the rotary tables are computed by ordinary ops in
+the graph (transformers >= 5.24) or inside a ``torch.no_grad`` region as 5.23 did (which
+export captures as one higher-order op without a rule). transformers 5.24 made the 70B plan
+5x slower without any test noticing: the tables per shared placement gave up and the whole
+graph was solved. These tests fail on that kind of change without timing anything."""
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+
+from autotp.capture import capture
+from autotp.decompose import find_runs
+from autotp.devices import PRESETS
+from autotp.solver import _Program, solve
+from autotp.strategies import build
+from examples import hf_models
+
+
+def _rotary_523(model: torch.nn.Module) -> None:
+    """The rotary embedding's forward as transformers 5.23 wrote it: no_grad, a matmul."""
+    rot = model.model.rotary_emb
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        inv = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * self.attention_scaling).to(x.dtype),
+                (emb.sin() * self.attention_scaling).to(x.dtype))
+
+    rot.forward = types.MethodType(forward, rot)
+
+
+def _solve_counted(n_layer: int, old_rotary: bool) -> tuple[object, list[int]]:
+    """Plans the model; returns the Candidates and the size (variables) of every program solved."""
+    model, args, kwargs = hf_models.llama(n_layer=n_layer, hidden=1024, heads=16, kv_heads=4,
+                                          intermediate=2816, vocab=32000, batch=1, seq=512,
+                                          meta=True, dtype=torch.bfloat16)
+    if old_rotary:
+        _rotary_523(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = build(capture(model, args, kwargs), 8)
+    SIZES.clear()
+    solve(c, PRESETS["h100"], "inference")
+    return c, list(SIZES)
+
+
+SIZES: list[int] = []
+
+
+@pytest.mark.parametrize("old_rotary", [False, True], ids=["rotary-in-graph", "rotary-no-grad"])
+def test_llama_plan_uses_the_layer_decomposition(old_rotary: bool, monkeypatch) -> None:
+    real = _Program.solve
+
+    def counted(self, weights, extra, time_limit):
+        SIZES.append(self.n)
+        return real(self, weights, extra, time_limit)
+
+    monkeypatch.setattr(_Program, "solve", counted)
+    results = {}
+    for n in (4, 8):
+        c, sizes = _solve_counted(n, old_rotary)
+        runs = find_runs(c)
+        assert [len(r.units) for r in runs] == [n - 1]  # layer 0 reads the embedding
+        tables = [v for k, v in c.cache.items() if isinstance(k, tuple) and k[0] == "table"]
+        assert tables and all(t is not None for t in tables), "a run's table was given up"
+        results[n] = (len(c.nodes), sizes)
+    (nodes4, sizes4), (nodes8, sizes8) = results[4], results[8]
+    assert nodes8 > 1.6 * nodes4
+    # the same layer tables at any depth: the number of programs solved does not grow ...
+    assert len(sizes8) == len(sizes4)
+    assert len(sizes8) <= 400
+    # ... and the largest one (the graph outside the runs, one block per run) barely does
+    assert max(sizes8) <= 1.1 * max(sizes4)
+    assert max(sizes8) < 0.5 * nodes8 * 20  # far below a whole-graph program
