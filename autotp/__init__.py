@@ -12,11 +12,12 @@ from .checkpoint import (gather_state_dict, iter_state_dict, load_checkpoint, sa
 from .devices import PRESETS, DeviceSpec
 from .errors import AutoTPError, CaptureError, InfeasiblePlanError, PlanError, ProcessGroupError
 from .placements import Partial, Replicate, Shard
+from .options import PlanOptions
 from .plans import Plan
 from .simulate import simulate, simulated_modules
 from .weights import empty_weights
 
-__all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "ParallelModule", "DeviceSpec",
+__all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "PlanOptions", "ParallelModule", "DeviceSpec",
            "PRESETS", "AutoTPError", "CaptureError", "PlanError", "InfeasiblePlanError",
            "ProcessGroupError", "Shard", "Replicate", "Partial", "simulate", "simulated_modules", "calibrate",
            "empty_weights", "iter_state_dict", "save_pretrained", "save_checkpoint",

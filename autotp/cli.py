@@ -26,6 +26,8 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from .cost import ADAM_FP32_BYTES
+
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
 out = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False)
@@ -92,7 +94,7 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
                             device=_device(device or a.device), objective=a.objective,
                             mode=a.mode, memory_budget=budget,
                             data_parallel=getattr(a, "data_parallel", 1) or 1,
-                            optimizer_bytes=getattr(a, "optimizer_bytes", 8.0),
+                            optimizer_bytes=getattr(a, "optimizer_bytes", ADAM_FP32_BYTES),
                             progress=lambda stage: status.update(stage + "…"))
 
 
@@ -479,7 +481,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--objective", choices=["time", "memory"], default="time")
         p.add_argument("--memory-gb", type=float, help="memory budget per device: parameters, "
                        "gradients, optimizer state and activations (default: the device's memory)")
-        p.add_argument("--optimizer-bytes", type=float, default=8.0, metavar="B",
+        p.add_argument("--optimizer-bytes", type=float, default=ADAM_FP32_BYTES, metavar="B",
                        help="training: optimizer state bytes per parameter element (8: Adam, "
                             "fp32 moments; 4: SGD momentum; 0: none)")
         p.add_argument("--data-parallel", type=int, default=1, metavar="N",

@@ -8,22 +8,19 @@ bit-identical results, as a real all-reduce does.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import threading
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from .api import ParallelModule, _check_args, _plan_from, choice_from_plan
-from .capture import capture
 from .collectives import Comm
-from .devices import DeviceSpec, get_device
+from .cost import ADAM_FP32_BYTES
+from .devices import DeviceSpec
+from .options import Mode, Objective, PlanOptions
+from .pipeline import ParallelModule, check_args, plan_model, rank_module
 from .plans import Plan
-from .rewrite import rewrite
-from .strategies import build
+from .weights import open_weights
 
 
 class _Hub:
@@ -67,26 +64,24 @@ class ThreadComm(Comm):
 
 def simulated_modules(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None,
                       *, world_size: int, device: "str | DeviceSpec | None" = None,
-                      objective: str = "time", plan: Plan | None = None,
-                      mode: str = "training") -> list[ParallelModule]:
-    """Every rank's ParallelModule, connected by ThreadComm. Run them with ``run_ranks``."""
-    args, kwargs = _check_args(example_inputs, example_kwargs)
-    captured = capture(model, args, kwargs)
-    c = build(captured, world_size)
-    if plan is None:
-        plan, choice = _plan_from(c, get_device(device), objective, mode, None)
-    else:
-        choice = choice_from_plan(c, plan)
+                      objective: Objective = "time", plan: Plan | None = None,
+                      mode: Mode = "training", memory_budget: float | None = None,
+                      optimizer_bytes: float = ADAM_FP32_BYTES, data_parallel: int = 1,
+                      weights: Any = None) -> list[ParallelModule]:
+    """Every rank's ParallelModule, connected by ThreadComm. Run them with ``run_ranks``.
+
+    The plan is made as ``autotp.parallelize`` makes it (``pipeline.plan_model``), from the
+    same options. ``data_parallel`` prices the gradient all-reduce across that many replicas
+    (the plan a 2-D mesh would get); only one tensor-parallel group is simulated. ``weights``
+    as for ``parallelize`` (required for a model on the meta device)."""
+    options = PlanOptions(world_size=world_size, device=device, mode=mode, objective=objective,
+                          memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
+                          dp_size=data_parallel)
+    planned = plan_model(model, example_inputs, example_kwargs, options, plan=plan)
+    source = open_weights(weights) if weights is not None else None
     hub = _Hub(world_size)
-    modules = []
-    for rank in range(world_size):
-        with warnings.catch_warnings():  # torch's own TreeSpec deepcopy warns (FutureWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            mine = dataclasses.replace(c, captured=copy.deepcopy(captured))
-        comm = ThreadComm(hub, rank)
-        gm, placements = rewrite(mine, choice, comm)
-        modules.append(ParallelModule(gm, plan, comm, placements, mine.captured))
-    return modules
+    return [rank_module(planned, ThreadComm(hub, rank), weights=source, copy_graph=True)
+            for rank in range(world_size)]
 
 
 def run_ranks(fn: Callable[[int, ParallelModule], Any], modules: Sequence[ParallelModule]) -> list[Any]:
@@ -116,12 +111,17 @@ def run_ranks(fn: Callable[[int, ParallelModule], Any], modules: Sequence[Parall
 
 
 def simulate(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
-             world_size: int, device: "str | DeviceSpec | None" = None, objective: str = "time",
-             plan: Plan | None = None) -> list[Any]:
+             world_size: int, device: "str | DeviceSpec | None" = None, objective: Objective = "time",
+             plan: Plan | None = None, mode: Mode = "training", memory_budget: float | None = None,
+             optimizer_bytes: float = ADAM_FP32_BYTES, data_parallel: int = 1,
+             weights: Any = None) -> list[Any]:
     """Every rank's outputs on the example inputs, computed by the tensor-parallel modules
-    running as threads of this process (no process group needed)."""
-    args, kwargs = _check_args(example_inputs, example_kwargs)
+    running as threads of this process (no process group needed). The keywords are
+    ``simulated_modules``'."""
+    args, kwargs = check_args(example_inputs, example_kwargs)
     modules = simulated_modules(model, args, kwargs, world_size=world_size, device=device,
-                                objective=objective, plan=plan)
+                                objective=objective, plan=plan, mode=mode,
+                                memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
+                                data_parallel=data_parallel, weights=weights)
     with torch.no_grad():
         return run_ranks(lambda r, m: m(*args, **kwargs), modules)

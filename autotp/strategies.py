@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
 
 from .capture import Captured, TensorMeta, module_path
+from .cost import ADAM_FP32_BYTES
 from .placements import Replicate, Shard, make_shard
 from .rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for,
                     strategies_from_dims)
@@ -43,7 +44,7 @@ class NodeCands:
     fallback: bool = False  # no sharding rule: replicated
 
 
-@dataclass
+@dataclass(frozen=True)
 class Candidates:
     captured: Captured
     world_size: int
@@ -56,8 +57,9 @@ class Candidates:
     # nodes in graph order: the solver solves runs of identical layers once (decompose.py)
     layers: tuple[tuple[tuple[str, ...], ...], ...] = ()
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # solver tables
+    # the two plan options the cost model reads, set once by build() (PlanOptions has them all)
     dp_size: int = 1  # data-parallel replicas of this tensor-parallel group (a 2-D mesh)
-    optimizer_bytes: float = 8.0  # training: optimizer state per trained parameter element
+    optimizer_bytes: float = ADAM_FP32_BYTES  # training: optimizer state per trained parameter element
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
@@ -126,7 +128,10 @@ def _static_shard(nc: NodeCands, oi: int) -> bool:
                                     for st in nc.strategies)
 
 
-def build(captured: Captured, world_size: int) -> Candidates:
+def build(captured: Captured, world_size: int, *, dp_size: int = 1,
+          optimizer_bytes: float = ADAM_FP32_BYTES) -> Candidates:
+    """The candidates of every node of ``captured`` at ``world_size``; ``dp_size`` and
+    ``optimizer_bytes`` are the options the cost model reads (see ``options.PlanOptions``)."""
     gm, metas = captured.gm, captured.metas
     n = world_size
     followers: dict[str, Value] = {}
@@ -259,7 +264,8 @@ def build(captured: Captured, world_size: int) -> Candidates:
         warnings.warn(msg, stacklevel=3)
         log.info(msg)
     return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled),
-                      frozenset(needs_grad), _layer_units(nodes, captured.stacks))
+                      frozenset(needs_grad), _layer_units(nodes, captured.stacks),
+                      dp_size=dp_size, optimizer_bytes=optimizer_bytes)
 
 
 def _layer_units(nodes: dict[str, NodeCands], stacks: tuple) -> tuple[tuple[tuple[str, ...], ...], ...]:

@@ -17,10 +17,11 @@ from random_models import RandomLM, archs
 from torch import nn
 
 import autotp
-from autotp.api import _plan_from
 from autotp.capture import capture, module_path
 from autotp.decompose import find_runs, solve_runs
 from autotp.devices import PRESETS, DeviceSpec
+from autotp.options import PlanOptions
+from autotp.pipeline import candidates, solve_plan
 from autotp.solver import _weight, evaluate, solve
 from autotp.strategies import build
 from examples import hf_models, nanogpt
@@ -58,8 +59,8 @@ def test_cut_capture_is_the_full_graph(name: str) -> None:
     assert cut.cut and not full.cut
     _same_graph(cut, full)
     for objective in ("time", "memory"):  # the same Plan, node names included
-        plans = [_plan_from(build(x, 2), PRESETS["h100"], objective, "training", None)[0]
-                 for x in (cut, full)]
+        options = PlanOptions(world_size=2, device=PRESETS["h100"], objective=objective)
+        plans = [solve_plan(candidates(x, options), options)[0] for x in (cut, full)]
         assert plans[0] == plans[1]
 
 

@@ -148,9 +148,7 @@ def _captured(net: Net):
 
 
 def _candidates(net: Net, world: int, dp: int = 1) -> Candidates:
-    c = build(_captured(net), world)
-    c.dp_size = dp
-    return c
+    return build(_captured(net), world, dp_size=dp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""PlanOptions: everything a plan depends on besides the model and its example inputs.
+
+``autotp.plan``, ``autotp.parallelize`` and ``autotp.simulate`` each turn their keyword
+arguments into one ``PlanOptions`` and hand it to ``pipeline.plan_model``; a new option is one
+field here (plus the keyword that sets it), not a parameter threaded through every stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from .cost import ADAM_FP32_BYTES, MODES
+from .devices import DeviceSpec, get_device
+from .errors import AutoTPError
+
+Mode = Literal["training", "inference"]
+Objective = Literal["time", "memory"]
+
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+assert get_args(Mode) == MODES
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to plan for.
+
+    ``world_size``: ranks of the tensor-parallel group. ``device``: a preset name, a JSON spec
+    path or a DeviceSpec (None: ``cpu-gloo``, see ``devices.get_device``). ``mode``: training
+    counts the backward, gradients and optimizer state; inference the forward only.
+    ``objective``: "time" (fastest plan under the memory budget) or "memory" (least parameter
+    bytes per rank, then fastest). ``memory_budget``: bytes per rank (None: the device's
+    memory). ``optimizer_bytes``: optimizer state per trained parameter element (8: Adam's two
+    fp32 moments). ``dp_size``: data-parallel replicas of the group, whose gradient all-reduce
+    counts in training. ``time_limit``: seconds per MILP solve (None: the solver's default).
+    """
+
+    world_size: int
+    device: "str | DeviceSpec | None" = "h100"
+    mode: Mode = "training"
+    objective: Objective = "time"
+    memory_budget: float | None = None
+    optimizer_bytes: float = ADAM_FP32_BYTES
+    dp_size: int = 1
+    time_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        def whole(name: str, v: object) -> None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise AutoTPError(f"{name} must be a positive int, got {v!r}")
+        whole("world_size", self.world_size)
+        whole("data_parallel", self.dp_size)
+        if self.mode not in MODES:
+            raise AutoTPError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.objective not in OBJECTIVES:
+            raise AutoTPError(f"objective must be 'time' or 'memory', got {self.objective!r}")
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise AutoTPError(f"memory_budget must be a positive number of bytes, got {self.memory_budget!r}")
+        if not self.optimizer_bytes >= 0:
+            raise AutoTPError(f"optimizer_bytes must be >= 0, got {self.optimizer_bytes!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise AutoTPError(f"time_limit must be positive seconds, got {self.time_limit!r}")
+
+    @property
+    def spec(self) -> DeviceSpec:
+        """The device resolved to a DeviceSpec (raises AutoTPError for an unknown name)."""
+        return get_device(self.device)

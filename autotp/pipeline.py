@@ -1,0 +1,322 @@
+"""The pipeline, written once: capture -> candidates -> solve -> plan (``plan_model``), then
+this rank's rewritten module (``rank_module``).
+
+``autotp.plan`` / ``plan_details``, ``autotp.parallelize`` and the thread simulator
+(``autotp.simulate``) all run these two steps; they differ only in what surrounds them (a
+process group and a plan broadcast, or threads), so the simulator runs exactly what
+``parallelize`` runs: the same options, memory budget, optimizer state, data-parallel pricing
+and meta-device capture.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import gc
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils import _pytree as pytree  # see capture.py
+
+from .capture import Captured, capture, fetch_attr, set_attr
+from .collectives import Comm
+from .devices import DeviceSpec
+from .errors import AutoTPError, PlanError
+from .options import PlanOptions
+from .placements import Placement, Replicate, parse, parse_out
+from .plans import Plan, make_plan
+from .rewrite import rewrite
+from .solver import Choice, evaluate, solve
+from .strategies import Candidates, build
+from .weights import WeightSource
+
+Progress = Callable[[str], Any]
+
+
+def check_args(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
+    """The example inputs as (args tuple, kwargs dict); a single tensor is wrapped."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise AutoTPError("example_inputs must be a tuple of positional arguments "
+                          f"(got {type(example_inputs).__name__}); wrap a single tensor as (x,)")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise AutoTPError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+    return tuple(example_inputs), dict(example_kwargs or {})
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while planning: torch.export and the graphs of
+    an 80-layer model make hundreds of thousands of objects, which every collection scans
+    again (a third of the plan time of Llama-2-70B). Reference counting still frees what
+    is not in a cycle; peak memory measured the same. The previous state is restored."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def on_meta(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+@contextmanager
+def buffers_on_meta(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While capturing a model whose parameters are on meta, its buffers go to meta too (a
+    real rotary buffer times a meta position tensor is a device mismatch); yields the real
+    buffers by name and puts them back afterwards."""
+    real: dict[str, torch.Tensor] = {}
+    owners = []
+    for mname, mod in model.named_modules():
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and b.device.type != "meta":
+                real[f"{mname}.{bname}" if mname else bname] = b
+                owners.append((mod, bname, b))
+                setattr(mod, bname, b.to("meta"))
+    try:
+        yield real
+    finally:
+        for mod, bname, b in owners:
+            setattr(mod, bname, b)
+
+
+def retarget_device(gm: torch.fx.GraphModule, old: torch.device, new: torch.device) -> None:
+    """Factory ops traced on meta tensors carry ``device=meta`` (``torch.arange(n,
+    device=x.device)``); point them at the device the module will run on."""
+    def swap(a: Any) -> Any:
+        return new if isinstance(a, torch.device) and a == old else a
+    for sub in gm.modules():  # higher-order ops (autocast regions) keep their own graphs
+        if isinstance(sub, torch.fx.GraphModule):
+            for node in sub.graph.nodes:
+                node.args = pytree.tree_map(swap, node.args)
+                node.kwargs = pytree.tree_map(swap, node.kwargs)
+            sub.recompile()
+
+
+def capture_model(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Captured, dict[str, torch.Tensor]]:
+    """Capture ``model``; one whose parameters are on meta is captured wholly on meta (inputs
+    and buffers moved there). Returns the capture and the model's real buffers by name."""
+    if not on_meta(model):
+        return capture(model, args, kwargs), {}
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    with buffers_on_meta(model) as real_buffers:
+        captured = capture(model, tuple(to_meta(a) for a in args),
+                           {k: to_meta(v) for k, v in kwargs.items()})
+    return captured, real_buffers
+
+
+def choice_from_plan(c: Candidates, p: Plan) -> Choice:
+    """Map a Plan's decisions back onto the candidates of a freshly captured graph."""
+    if p.world_size != c.world_size:
+        raise PlanError(f"the plan is for world size {p.world_size}, the group has {c.world_size}")
+    by_node = {d.node: d for d in p.decisions}
+    choice: Choice = {}
+    for name, nc in c.nodes.items():
+        d = by_node.get(name)
+        if d is None:
+            raise PlanError(f"the plan has no decision for node {name!r} ({nc.op} in "
+                            f"'{nc.module}'): was it made for another model or other inputs?")
+        want = (tuple(parse(x) for x in d.inputs), parse_out(d.output))
+        for s, st in enumerate(nc.strategies):
+            if (st.inputs, st.output) == want:
+                choice[name] = s
+                break
+        else:
+            raise PlanError(f"the plan's placement {list(d.inputs)} -> {d.output} for node {name!r} "
+                            f"({nc.op} in '{nc.module}') is not a valid strategy here; valid: "
+                            + "; ".join(str(s) for s in nc.strategies))
+    return choice
+
+
+@dataclass
+class Planned:
+    """A plan with what produced it: the candidates, the chosen strategy per node, the
+    device, the options. The CLI's explain, diff and dot output read these; ``rank_module``
+    turns it into a rank's module."""
+
+    plan: Plan
+    candidates: Candidates
+    choice: Choice
+    spec: DeviceSpec
+    options: PlanOptions
+    # the model's real buffers by name when it was captured on meta (``capture_model``)
+    real_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    on_meta: bool = False
+
+    @property
+    def budget(self) -> float | None:
+        """The memory budget asked for (None: the device's memory)."""
+        return self.options.memory_budget
+
+    def with_plan(self, p: Plan) -> "Planned":
+        """The same capture with ``p``'s decisions (a plan made elsewhere, e.g. by rank 0)."""
+        return dataclasses.replace(self, plan=p, choice=choice_from_plan(self.candidates, p))
+
+
+def candidates(captured: Captured, options: PlanOptions) -> Candidates:
+    """The candidate strategies of ``captured``, with the options the cost model reads."""
+    return build(captured, options.world_size, dp_size=options.dp_size,
+                 optimizer_bytes=options.optimizer_bytes)
+
+
+def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = None) -> tuple[Plan, Choice]:
+    """The optimal Plan of ``c`` under ``options`` (and the Choice behind it)."""
+    spec = spec or options.spec
+    extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
+    choice = solve(c, spec, options.mode, options.objective, options.memory_budget, **extra)
+    ev = evaluate(c, choice, spec, options.mode)
+    assert ev is not None, "the solver returned an infeasible assignment"
+    return make_plan(c, choice, ev, spec.name, options.objective, options.mode), choice
+
+
+def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | None,
+               options: PlanOptions, *, plan: Plan | None = None,
+               progress: Progress | None = None) -> Planned:
+    """Capture ``model`` (on meta when its parameters are), build its candidates and solve
+    them under ``options``; with ``plan`` given, map that plan onto the capture instead of
+    solving. ``progress(stage)`` is called as each stage starts."""
+    args, kwargs = check_args(example_inputs, example_kwargs)
+    note = progress or (lambda _stage: None)
+    spec = options.spec
+    meta = on_meta(model)
+    with gc_paused():
+        note("capturing the model with torch.export")
+        captured, real_buffers = capture_model(model, args, kwargs)
+        note("building candidate strategies")
+        c = candidates(captured, options)
+        if plan is None:
+            note("solving")
+            p, choice = solve_plan(c, options, spec)
+        else:
+            p, choice = plan, choice_from_plan(c, plan)
+    return Planned(p, c, choice, spec, options, real_buffers, meta)
+
+
+def missing_weights_error() -> AutoTPError:
+    return AutoTPError(
+        "the model's parameters are on the meta device and no weights were given: pass "
+        "weights=<state dict | .safetensors file | checkpoint folder> so each rank can "
+        "load its slices (build the model under autotp.empty_weights())")
+
+
+class ParallelModule(nn.Module):
+    """This rank's tensor-parallel module. Called like the original model; returns the same
+    output structure, replicated on every rank. ``parameters()`` are this rank's shards."""
+
+    def __init__(self, gm: torch.fx.GraphModule, plan: Plan, comm: Comm,
+                 placements: dict[str, Placement], captured: Captured):
+        super().__init__()
+        self.module = gm
+        self.plan = plan
+        self.comm = comm
+        self.placements = placements
+        self.state_keys = captured.state_keys
+        self.state_meta = captured.state_meta
+        self._mode_sensitive = captured.mode_sensitive
+        self.training = captured.training
+        self._ddp: nn.Module | None = None
+        self.dp_group: dist.ProcessGroup | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self._ddp or self.module)(*args, **kwargs)
+
+    def data_parallel(self, dp_group: dist.ProcessGroup, device: torch.device) -> None:
+        """Replicate this tensor-parallel module across ``dp_group`` with DDP (gradients
+        averaged across replicas in backward)."""
+        from torch.nn.parallel import DistributedDataParallel
+        used = {id(fetch_attr(self.module, n.target)) for n in self.module.graph.nodes if n.op == "get_attr"}
+        unused = any(id(p) not in used for p in self.module.parameters())
+        ddp = DistributedDataParallel(self.module, process_group=dp_group, forward_sync_buffers=False,
+                                      find_unused_parameters=unused,
+                                      device_ids=[device] if device.type == "cuda" else None)
+        # kept outside the module tree so parameter and state names stay the model's own
+        object.__setattr__(self, "_ddp", ddp)
+        self.dp_group = dp_group
+
+    def train(self, mode: bool = True) -> "ParallelModule":
+        # The exported graph fixed dropout/batch-norm behaviour at capture time (and
+        # ep.module() refuses train()/eval()). Switching is only harmless when nothing depends
+        # on the mode.
+        if mode != self.training and self._mode_sensitive:
+            raise AutoTPError(
+                f"the model was captured in {'train' if self.training else 'eval'} mode and has "
+                f"mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); call "
+                f"model.{'train' if mode else 'eval'}() before autotp.parallelize instead")
+        self.training = mode
+        return self
+
+    @property
+    def collective_counts(self) -> dict[tuple[str, str], int]:
+        """Collectives issued so far, by (kind, phase)."""
+        return dict(self.comm.counts)
+
+
+def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = None,
+                here: torch.device = torch.device("cpu"), copy_graph: bool = False) -> ParallelModule:
+    """``comm.rank``'s ParallelModule of ``planned``: its parameters sliced (read from
+    ``weights`` when given; required for a model captured on meta), collectives inserted,
+    factory ops and buffers of a meta capture moved to ``here``. ``copy_graph``: rewrite a
+    copy of the captured graph (several ranks of one process each rewrite their own)."""
+    c = planned.candidates
+    if planned.on_meta and weights is None:
+        raise missing_weights_error()
+    if copy_graph:
+        with warnings.catch_warnings():  # torch's own TreeSpec deepcopy warns (FutureWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            c = dataclasses.replace(c, captured=copy.deepcopy(c.captured))
+    if planned.on_meta:
+        retarget_device(c.captured.gm, torch.device("meta"), here)
+    load = None if weights is None else _loader(weights, comm.rank, comm.world_size, here)
+    gm, placements = rewrite(c, planned.choice, comm, load)
+    if planned.on_meta:
+        _fill_buffers(gm, planned.real_buffers, weights, here)
+    return ParallelModule(gm, planned.plan, comm, placements, c.captured)
+
+
+def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):
+    keys = set(source.keys())
+
+    def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
+        key = next((k for k in names if k in keys), None)
+        if key is None:
+            near = difflib.get_close_matches(names[0], list(keys), n=3)
+            raise AutoTPError(
+                f"{source.describe()} has no tensor for parameter {' / '.join(names)} "
+                f"(shape {tuple(full.shape)})" + (f"; close: {', '.join(near)}" if near else "")
+                + "; the checkpoint's keys must be the model's state_dict() keys")
+        shape, _ = source.meta(key)
+        if tuple(shape) != tuple(full.shape):
+            raise AutoTPError(f"{source.describe()}: {key} has shape {tuple(shape)}, the model's "
+                              f"parameter has {tuple(full.shape)}: was it built from another config?")
+        return source.read(key, place, rank, world_size).to(device=here, dtype=full.dtype)
+    return load
+
+
+def _fill_buffers(gm: torch.fx.GraphModule, real: dict[str, torch.Tensor], source: WeightSource | None,
+                  here: torch.device) -> None:
+    keys = set(source.keys()) if source is not None else set()
+    missing = []
+    for name, b in list(gm.named_buffers()):
+        if b.device.type != "meta":
+            continue
+        if name in real:
+            set_attr(gm, name, real[name].to(here))
+        elif name in keys:
+            set_attr(gm, name, source.read(name, Replicate(), 0, 1).to(device=here, dtype=b.dtype))
+        else:
+            missing.append(name)
+    if missing:
+        raise AutoTPError(
+            f"buffers {', '.join(missing[:5])} are on the meta device and not in the checkpoint "
+            "(non-persistent buffers such as rotary frequencies never are): build the model "
+            "under `with autotp.empty_weights():` instead of torch.device('meta'), which keeps "
+            "buffers real and puts only parameters on meta")
