@@ -11,8 +11,8 @@ from .checkpoint import (gather_state_dict, iter_state_dict, load_checkpoint, sa
                          save_pretrained)
 from .devices import PRESETS, DeviceSpec
 from .errors import AutoTPError, CaptureError, InfeasiblePlanError, PlanError, ProcessGroupError
-from .placements import Partial, Replicate, Shard
 from .options import PlanOptions
+from .placements import Partial, Replicate, Shard
 from .plans import Plan
 from .simulate import simulate, simulated_modules
 from .weights import empty_weights
