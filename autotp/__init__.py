@@ -10,14 +10,15 @@ from .api import ParallelModule, parallelize, plan
 from .checkpoint import (gather_state_dict, iter_state_dict, load_checkpoint, save_checkpoint,
                          save_pretrained)
 from .devices import PRESETS, DeviceSpec
-from .errors import AutoTPError, CaptureError, InfeasiblePlanError, PlanError, ProcessGroupError
+from .errors import (AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError,
+                     ProcessGroupError, RankError)
 from .placements import Partial, Replicate, Shard
 from .plans import Plan
 from .simulate import simulate, simulated_modules
 from .weights import empty_weights
 
 __all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "ParallelModule", "DeviceSpec",
-           "PRESETS", "AutoTPError", "CaptureError", "PlanError", "InfeasiblePlanError",
+           "PRESETS", "AutoTPError", "AutoTPInternalError", "RankError", "CaptureError", "PlanError", "InfeasiblePlanError",
            "ProcessGroupError", "Shard", "Replicate", "Partial", "simulate", "simulated_modules", "calibrate",
            "empty_weights", "iter_state_dict", "save_pretrained", "save_checkpoint",
            "load_checkpoint"]

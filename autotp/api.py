@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree  # see capture.py
 from .capture import Captured, capture, fetch_attr, set_attr
 from .collectives import Comm, DistComm
 from .devices import DeviceSpec, get_device
-from .errors import AutoTPError, PlanError, ProcessGroupError
+from .errors import AutoTPError, AutoTPInternalError, PlanError, ProcessGroupError
 from .placements import Placement, Replicate, parse, parse_out
 from .plans import Plan, make_plan
 from .rewrite import rewrite
@@ -95,7 +95,9 @@ def _plan_from(c: Candidates, spec: DeviceSpec, objective: str, mode: str,
                memory_budget: float | None) -> tuple[Plan, Choice]:
     choice = solve(c, spec, mode, objective, memory_budget)
     ev = evaluate(c, choice, spec, mode)
-    assert ev is not None, "the solver returned an infeasible assignment"
+    if ev is None:
+        raise AutoTPInternalError("the solver returned an assignment its own evaluation calls "
+                                  "infeasible")
     return make_plan(c, choice, ev, spec.name, objective, mode), choice
 
 

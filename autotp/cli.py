@@ -26,13 +26,15 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from .errors import AutoTPError, AutoTPInternalError, RankError
+
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
 out = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False)
 
 
-class UsageError(Exception):
-    """Bad command line or target: exit code 2."""
+class UsageError(AutoTPError):
+    """Bad command line or target: exit code 2 (other AutoTPErrors exit with 1)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +52,8 @@ def load_target(spec: str) -> tuple[Any, tuple, dict]:
             raise UsageError(f"no such file: {where}")
         mod_name = "autotp_target_" + path.stem
         loader = importlib.util.spec_from_file_location(mod_name, path)
-        assert loader is not None and loader.loader is not None
+        if loader is None or loader.loader is None:
+            raise UsageError(f"cannot import {where}: not a Python file")
         module = importlib.util.module_from_spec(loader)
         sys.modules[mod_name] = module
         try:
@@ -275,12 +278,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from .errors import AutoTPError
     from .solver import _node_time, _param_mem, evaluate, solve
     pd = _planned(a.target, a)
     c, choice = pd.candidates, pd.choice
     base = evaluate(c, choice, pd.spec, pd.plan.mode)
-    assert base is not None
+    if base is None:
+        raise AutoTPInternalError("the chosen plan evaluates as infeasible")
     found = False
     for path in a.module:
         names = [n for n, nc in c.nodes.items()
@@ -541,7 +544,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
-    from .errors import AutoTPError
     try:
         if getattr(a, "world_size", None) is not None and a.world_size < 1:
             raise UsageError("--world-size must be at least 1")
@@ -554,6 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutoTPError as e:
         if a.debug:
             traceback.print_exc()
+            if isinstance(e, RankError) and e.trace:
+                err.print(f"traceback on rank {e.rank}:", markup=False)
+                err.print(e.trace.rstrip(), markup=False, highlight=False)
         err.print(f"autotp: {e}")
         return 1
     except KeyboardInterrupt:
