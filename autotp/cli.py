@@ -147,6 +147,19 @@ def _time(s: float) -> str:
     return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
 
 
+def local_shape(p: Any, shape: Sequence[int], n: int) -> str:
+    """A weight's local shape as the table shows it: ``768×4096``. A dim split unevenly shows
+    its distinct per-rank sizes in rank order, rank 0's first: ``25129/25128×768`` (rank 0
+    holds 25129 rows, some later rank 25128); ``768/256×4096`` (32 heads of 128 on 6 ranks:
+    6, 6, 6, 6, 6 and 2 heads)."""
+    from .placements import Shard, local_sizes
+    dims = [str(s) for s in shape]
+    if isinstance(p, Shard):
+        d = p.dim % len(shape)
+        dims[d] = "/".join(map(str, dict.fromkeys(local_sizes(p, shape[d], n))))
+    return "×".join(dims)
+
+
 def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
     """(module, op, split words, local weight shape, placements) per matmul, layers folded."""
     c, choice = pd.candidates, pd.choice
@@ -165,12 +178,7 @@ def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
             continue
         else:
             words = _split_words(nc.op, str(st.inputs[wslot]), wslot)
-            shape = list(c.nodes[nc.slots[wslot][0]].metas[0].shape)
-            pl = st.inputs[wslot]
-            from .placements import Shard
-            if isinstance(pl, Shard):
-                shape[pl.dim] //= n
-            shape = "×".join(map(str, shape))
+            shape = local_shape(st.inputs[wslot], c.nodes[nc.slots[wslot][0]].metas[0].shape, n)
         folded, idx = _fold(nc.module)
         key = (folded, nc.op.split(".")[1], words, shape,
                f"{', '.join(map(str, st.inputs))} → {st.output}")
@@ -557,8 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.debug:
             traceback.print_exc()
             if isinstance(e, RankError) and e.trace:
-                err.print(f"traceback on rank {e.rank}:", markup=False)
-                err.print(e.trace.rstrip(), markup=False, highlight=False)
+                print(f"traceback on rank {e.rank}:\n{e.trace.rstrip()}", file=sys.stderr)
         err.print(f"autotp: {e}")
         return 1
     except KeyboardInterrupt:
