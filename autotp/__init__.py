@@ -3,7 +3,12 @@
     plan = autotp.plan(model, (ids,), world_size=8, device="h100")     # no processes needed
     tp = autotp.parallelize(model, (ids,))                              # on every rank
 
-Pipeline (one module each): capture -> strategies (rules/) -> cost -> solver -> plan -> rewrite.
+Pipeline, by module: capture (torch.export -> fx graph; layers: repeated layers captured once)
+-> strategies (candidate placements per node, from the rules/ registry) -> solver (one
+strategy per node, priced by cost against a devices.DeviceSpec; decompose: repeated layers
+solved once) -> plans (the Plan, plain data) -> rewrite (this rank's module, with
+collectives' autograd Functions). api runs the stages (plan, parallelize), simulate runs every
+rank in one process; errors holds the exception hierarchy.
 """
 from .calibrate import calibrate
 from .api import ParallelModule, parallelize, plan

@@ -213,7 +213,7 @@ def _merge_tied_get_attrs(gm: fx.GraphModule, g: fx.Graph) -> None:
     for node in list(g.nodes):
         if node.op != "get_attr":
             continue
-        obj = _fetch_attr(gm, node.target)
+        obj = fetch_attr(gm, node.target)
         if not isinstance(obj, torch.Tensor):
             continue
         keep = first.setdefault(id(obj), node)
@@ -247,7 +247,7 @@ def _split_bias(g: fx.Graph) -> None:
         g.erase_node(node)
 
 
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -304,7 +304,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     metas = {n.name: _node_meta(n) for n in gm.graph.nodes}
     for n in gm.graph.nodes:  # get_attr nodes carry no "val" in ep.module(): read the tensor
         if n.op == "get_attr":
-            obj = _fetch_attr(gm, n.target)
+            obj = fetch_attr(gm, n.target)
             if isinstance(obj, torch.Tensor):
                 metas[n.name] = TensorMeta(tuple(obj.shape), (False,) * obj.dim(), obj.dtype)
 
@@ -327,7 +327,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
 
 def _has_attr(gm: torch.nn.Module, target: str) -> bool:
     try:
-        _fetch_attr(gm, target)
+        fetch_attr(gm, target)
         return True
     except AttributeError:
         return False
@@ -339,10 +339,6 @@ def _mode_sensitive(node: fx.Node) -> bool:
     if node.target is aten.dropout.default:
         return bool(node.args[1]) and bool(node.args[2])
     return node.target in (aten.batch_norm.default, aten.native_dropout.default)
-
-
-def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    return _fetch_attr(gm, target)
 
 
 def set_attr(gm: torch.nn.Module, target: str, value: Any) -> None:

@@ -187,6 +187,7 @@ def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
 
 
 def _replicated_time(pd) -> float:
+    # strategy 0 of every node is all-Replicate (rules.strategies_from_dims, strategies.build)
     from .solver import evaluate
     ev = evaluate(pd.candidates, {n: 0 for n in pd.candidates.nodes}, pd.spec, pd.plan.mode)
     return ev.time_s if ev is not None else float("nan")

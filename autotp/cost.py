@@ -74,11 +74,8 @@ def reduce_scatter_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
     return _ring("reduce_scatter", 1.0, nbytes, n, spec)
 
 
-def all_to_all_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
-    return _ring("all_to_all", 1.0, nbytes, n, spec)
-
 _TIME = {"all_reduce": all_reduce_time, "all_gather": all_gather_time,
-         "reduce_scatter": reduce_scatter_time, "all_to_all": all_to_all_time,
+         "reduce_scatter": reduce_scatter_time,
          "slice": lambda b, n, s: 0.0}
 
 

@@ -27,7 +27,7 @@ class Decision:
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
+    kind: str  # all_reduce | all_gather | reduce_scatter
     phase: str  # forward | backward
     bytes: int
     module: str

@@ -8,7 +8,7 @@ then least time) under the memory budget. Exact: a 0/1 integer program solved by
     Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (_Program._edges)
       y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
       z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
-    memory per rank <= memory budget                                           (_budget_rows)
+    memory per rank <= memory budget                                   (_Program.budget_rows)
       training:  sum state_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
                  k[u,Q] >= sum_{t: need(t)=Q} x[c,t] for every op c that keeps value u
       inference: sum param_bytes(v,s) x[v,s] + U m <= budget, and for every op v

@@ -15,8 +15,9 @@ import operator
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.fx as fx
 from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
@@ -140,12 +141,12 @@ def build(captured: Captured, world_size: int) -> Candidates:
     def value_of(a: fx.Node) -> Value:
         return followers.get(a.name, (a.name, 0))
 
-    def guarded(node: fx.Node, part: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``, a call into ``node``'s rule; if it raises, the node falls back to
+    def guarded(node: fx.Node, part: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a call into ``node``'s rule; if it raises, the node falls back to
         Replicate-only (its DimMap is dropped) and ``_warn_broken`` reports it: a bug in a
         rule costs speed, never the plan."""
         try:
-            return fn()
+            return fn(*args)
         except Exception as e:  # noqa: BLE001 - any rule bug gets the documented fallback
             broken.setdefault(node.name, (node, part, e))
             dims[node.name] = None
@@ -167,7 +168,7 @@ def build(captured: Captured, world_size: int) -> Candidates:
             call = OpCall(node, tuple(metas[a.name] for a in tensor_slots(node, metas)), outs, n)
             calls[node.name] = call
             rule = rule_for(node)
-            dims[node.name] = guarded(node, "dims", lambda: rule.dims(call)) if rule else None
+            dims[node.name] = guarded(node, "dims", rule.dims, call) if rule else None
 
     # block hints flow backwards from splits through ops that carry the same label
     # hints[node name][(output index, dim)] = block tuples a consumer splits that dim into
@@ -179,7 +180,7 @@ def build(captured: Captured, world_size: int) -> Candidates:
         slots = tensor_slots(node, metas)
         rule = rule_for(node)
         if rule and rule.hints and node.name not in broken:
-            for slot, d, blocks in guarded(node, "hints", lambda: list(rule.hints(call))) or []:
+            for slot, d, blocks in guarded(node, "hints", rule.hints, call) or []:
                 p, oi = value_of(slots[slot])
                 hints[p][(oi, d)].add(blocks)
         dm = dims.get(node.name)
@@ -239,10 +240,10 @@ def build(captured: Captured, world_size: int) -> Candidates:
                 def grains_of(kind: str, i: int, d: int, _ins=ins_v, _me=node.name) -> set[int]:
                     v = _ins[i] if kind == "in" else (_me, i)
                     return grains.get(v, {}).get(d, set())
-                found = guarded(node, "strategies", lambda: strategies_from_dims(
-                    call, dm, hints.get(node.name, {}), grains_of))
+                found = guarded(node, "strategies", strategies_from_dims, call, dm,
+                                hints.get(node.name, {}), grains_of)
                 if found is not None and rule and rule.extra and n > 1:
-                    extra = guarded(node, "extra", lambda: list(rule.extra(call)))
+                    extra = guarded(node, "extra", rule.extra, call)
                     found = None if extra is None else found + [s for s in extra if s not in found]
             if found is not None:
                 strategies = found

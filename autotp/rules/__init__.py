@@ -170,7 +170,9 @@ def label_units(sizes: Sequence[int], grains: Iterable[tuple[int, int]] = ()) ->
 def strategies_from_dims(call: OpCall, dm: DimMap,
                          out_hints: dict[tuple[int, int], set[tuple[int, ...]]],
                          grains: Callable[[str, int, int], set[int]] | None = None) -> list[Strategy]:
-    """``grains(kind, i, d)``: grain hints on dim d of input slot / output i (kind "in"/"out")."""
+    """``grains(kind, i, d)``: grain hints on dim d of input slot / output i (kind "in"/"out").
+    Strategy 0 is all-Replicate, as it is for every node strategies.build makes (fallbacks
+    and parameters included); cli's replicated-plan time relies on that."""
     n = call.world_size
     n_in = len(dm.inputs)
     rep_out: OutPlacement = tuple(Replicate() for _ in dm.outputs) if dm.multi else Replicate()

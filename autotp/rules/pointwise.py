@@ -9,10 +9,6 @@ from . import DimMap, OpCall, broadcast_labels, register
 aten = torch.ops.aten
 
 
-def _tensor_args(call: OpCall) -> int:
-    return len(call.inputs)
-
-
 def _elementwise(call: OpCall, partial_any: tuple[int, ...] = (), partial_all: bool = False) -> DimMap:
     ins, out = broadcast_labels(call.inputs, call.outputs[0])
     return DimMap(ins, (out,), partial_any=partial_any, partial_all=partial_all, dynamic_ok=True)
@@ -21,7 +17,7 @@ def _elementwise(call: OpCall, partial_any: tuple[int, ...] = (), partial_all: b
 # Linear in each input alone (other inputs fixed): scaling and copies.
 @register(aten.mul.Tensor, aten.mul.Scalar)
 def _mul(call: OpCall) -> DimMap:
-    return _elementwise(call, partial_any=tuple(range(_tensor_args(call))))
+    return _elementwise(call, partial_any=tuple(range(len(call.inputs))))
 
 
 @register(aten.div.Tensor, aten.div.Scalar)
@@ -42,7 +38,7 @@ def _unary_linear(call: OpCall) -> DimMap:
 # scalar to a Partial tensor would add it world_size times).
 @register(aten.add.Tensor, aten.sub.Tensor)
 def _add(call: OpCall) -> DimMap:
-    all_tensors = _tensor_args(call) == 2
+    all_tensors = len(call.inputs) == 2
     return _elementwise(call, partial_all=all_tensors)
 
 

@@ -10,7 +10,6 @@ from ..placements import Shard, local_size, shard_ranges
 from . import DimMap, Label, OpCall, Strategy, norm_dims, register, scale_shape_arg
 
 aten = torch.ops.aten
-INT_MAX = 9223372036854775807
 
 
 def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
