@@ -86,7 +86,8 @@ def test_a_new_op_registered_in_one_place_is_split_costed_and_shown() -> None:
         t = cost.compute_time(WMM, ins, outs, rep, 1, spec, "inference")
         flops = 2.0 * m * n * k
         assert t > 0 and cost.op_flops(WMM, ins, outs) == flops
-        assert flops / spec.peak_flops(torch.float32) > 4 * (m * k + k * n + m * n) / spec.memory_bandwidth
+        nbytes = 4.0 * (m * k + k * n + m * n)
+        assert flops / spec.peak_flops(torch.float32) > nbytes / spec.memory_bandwidth
         assert t == flops / spec.peak_flops(torch.float32)
         split = Strategy((Replicate(), Shard(1)), Shard(1))
         assert cost.compute_time(WMM, ins, outs, split, 2, spec, "inference") == t / 2

@@ -42,8 +42,7 @@ and cli.py ask ``op_info(target)``. See docs/adding_an_op_rule.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Literal, Sequence
 
 import torch.fx as fx
