@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import AutoTPError, AutoTPInternalError, RankError
+from .placements import OutPlacement, Shard, local_sizes
+from .rules import Display, op_info, op_info_named
 
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
 out = Console(highlight=False, width=_WIDTH)
@@ -102,20 +104,20 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
 # ---------------------------------------------------------------------------------------------
 # words a practitioner uses
 
-MATMULS = ("aten.linear.default", "aten.mm.default", "aten.embedding.default",
-           "aten.scaled_dot_product_attention.default")
+def _shown(target: object) -> bool:
+    """Whether plan tables show the op as a matmul-like row (its registry ``display`` fact)."""
+    return op_info(target).display is not None
 
 
-def _split_words(op: str, weight_placement: str, weight_slot: int) -> str:
-    from .placements import Shard, parse
-    p = parse(weight_placement)
+def _split_words(display: Display, p: OutPlacement) -> str:
+    """The practitioner's word for a split ``p`` of the tensor the op is shown by (column,
+    row, vocab, hidden, heads: the registry's ``display.words``), "replicated" when unsplit."""
     if not isinstance(p, Shard):
         return "replicated"
+    if display.by == "output":
+        return display.words(p)
     fused = f" (fused, {len(p.blocks)} blocks)" if p.blocks else ""
-    if op == "aten.embedding.default":
-        return ("hidden" if p.dim == 1 else "vocab") + fused
-    out_dim = 0 if op == "aten.linear.default" else 1  # linear: W[out, in]; mm: W[in, out]
-    return ("column" if p.dim == out_dim else "row") + fused
+    return display.words(p) + fused
 
 
 def _fold(path: str) -> tuple[str, int | None]:
@@ -152,7 +154,6 @@ def local_shape(p: Any, shape: Sequence[int], n: int) -> str:
     its distinct per-rank sizes in rank order, rank 0's first: ``25129/25128×768`` (rank 0
     holds 25129 rows, some later rank 25128); ``768/256×4096`` (32 heads of 128 on 6 ranks:
     6, 6, 6, 6, 6 and 2 heads)."""
-    from .placements import Shard, local_sizes
     dims = [str(s) for s in shape]
     if isinstance(p, Shard):
         d = p.dim % len(shape)
@@ -166,18 +167,18 @@ def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
     n = c.world_size
     rows: dict[tuple, list[int]] = defaultdict(list)
     for name, nc in c.nodes.items():
-        if nc.op not in MATMULS:
+        display = op_info(nc.target).display
+        if display is None:
             continue
         st = nc.strategies[choice[name]]
         wslot = next((i for i, v in enumerate(nc.slots) if c.nodes[v[0]].kind == "param"), None)
-        if nc.op == "aten.scaled_dot_product_attention.default":
-            from .placements import Shard
-            words = "heads" if isinstance(st.output, Shard) and st.output.dim == 1 else "replicated"
+        if display.by == "output":
+            words = _split_words(display, st.output)
             shape = ""
         elif wslot is None:
             continue
         else:
-            words = _split_words(nc.op, str(st.inputs[wslot]), wslot)
+            words = _split_words(display, st.inputs[wslot])
             shape = local_shape(st.inputs[wslot], c.nodes[nc.slots[wslot][0]].metas[0].shape, n)
         folded, idx = _fold(nc.module)
         key = (folded, nc.op.split(".")[1], words, shape,
@@ -297,7 +298,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     for path in a.module:
         names = [n for n, nc in c.nodes.items()
                  if (nc.module == path or nc.module.startswith(path + ".")) and
-                 len(nc.strategies) > 1 and (nc.kind == "param" or nc.op in MATMULS or
+                 len(nc.strategies) > 1 and (nc.kind == "param" or _shown(nc.target) or
                                              (a.all and nc.kind == "op"))]
         if not names:
             mods = sorted({nc.module for nc in c.nodes.values() if nc.module})
@@ -311,7 +312,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
             for col in ("", "strategy (inputs → output)", "compute", "Δ communication",
                         "Δ step time", "Δ best plan with it", "param bytes/rank"):
                 t.add_column(col)
-            resolve = nc.op in MATMULS and len(c.nodes) <= a.resolve_limit
+            resolve = _shown(nc.target) and len(c.nodes) <= a.resolve_limit
             for s, st in enumerate(nc.strategies):
                 alt = dict(choice)
                 alt[name] = s
@@ -383,7 +384,7 @@ def cmd_diff(a: argparse.Namespace) -> int:
         e = db.get(d.node)
         if e is None or (d.inputs, d.output) == (e.inputs, e.output):
             continue
-        if d.op not in MATMULS and not d.op.startswith("get_attr"):
+        if op_info_named(d.op).display is None and not d.op.startswith("get_attr"):
             continue
         changed += 1
         fmt = lambda x: f"{', '.join(x.inputs)} → {x.output}" if x.inputs else x.output  # noqa: E731
