@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 from .layers import Stack, Unsupported, canonical_names, capture_cut, find_stacks
+from .rules import op_info
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -213,7 +214,7 @@ def _merge_tied_get_attrs(gm: fx.GraphModule, g: fx.Graph) -> None:
     for node in list(g.nodes):
         if node.op != "get_attr":
             continue
-        obj = _fetch_attr(gm, node.target)
+        obj = fetch_attr(gm, node.target)
         if not isinstance(obj, torch.Tensor):
             continue
         keep = first.setdefault(id(obj), node)
@@ -226,19 +227,18 @@ def _merge_tied_get_attrs(gm: fx.GraphModule, g: fx.Graph) -> None:
 
 
 def _split_bias(g: fx.Graph) -> None:
+    """op(x, W, b) -> op'(x, W) + b for every node whose registry entry has an ``unbias``
+    fact (linear, addmm: rules/matmul.py)."""
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
-        if node.target is aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
-            x, w, b = node.args[:3]
-            with g.inserting_before(node):
-                mm = g.call_function(aten.linear.default, (x, w))
-        elif node.target is aten.addmm.default and not node.kwargs:
-            b, x, w = node.args[:3]
-            with g.inserting_before(node):
-                mm = g.call_function(aten.mm.default, (x, w))
-        else:
+        unbias = op_info(node.target).unbias
+        split = unbias(node) if unbias is not None else None
+        if split is None:
             continue
+        target, args, b = split
+        with g.inserting_before(node):
+            mm = g.call_function(target, args)
         mm.meta = dict(node.meta)
         with g.inserting_after(mm):
             add = g.call_function(aten.add.Tensor, (mm, b))
@@ -247,7 +247,7 @@ def _split_bias(g: fx.Graph) -> None:
         g.erase_node(node)
 
 
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -304,7 +304,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     metas = {n.name: _node_meta(n) for n in gm.graph.nodes}
     for n in gm.graph.nodes:  # get_attr nodes carry no "val" in ep.module(): read the tensor
         if n.op == "get_attr":
-            obj = _fetch_attr(gm, n.target)
+            obj = fetch_attr(gm, n.target)
             if isinstance(obj, torch.Tensor):
                 metas[n.name] = TensorMeta(tuple(obj.shape), (False,) * obj.dim(), obj.dtype)
 
@@ -327,22 +327,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
 
 def _has_attr(gm: torch.nn.Module, target: str) -> bool:
     try:
-        _fetch_attr(gm, target)
+        fetch_attr(gm, target)
         return True
     except AttributeError:
         return False
 
 
 def _mode_sensitive(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target is aten.dropout.default:
-        return bool(node.args[1]) and bool(node.args[2])
-    return node.target in (aten.batch_norm.default, aten.native_dropout.default)
-
-
-def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    return _fetch_attr(gm, target)
+    """Whether the node computes differently in train and eval mode (its registry entry's
+    ``mode_sensitive`` fact: dropout, batch_norm)."""
+    return node.op == "call_function" and op_info(node.target).mode_sensitive(node)
 
 
 def set_attr(gm: torch.nn.Module, target: str, value: Any) -> None:

@@ -27,14 +27,17 @@ from rich.console import Console
 from rich.table import Table
 
 from .cost import ADAM_FP32_BYTES
+from .errors import AutoTPError, AutoTPInternalError, RankError
+from .placements import OutPlacement, Shard, local_sizes
+from .rules import Display, op_info, op_info_named
 
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
 out = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False)
 
 
-class UsageError(Exception):
-    """Bad command line or target: exit code 2."""
+class UsageError(AutoTPError):
+    """Bad command line or target: exit code 2 (other AutoTPErrors exit with 1)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +55,8 @@ def load_target(spec: str) -> tuple[Any, tuple, dict]:
             raise UsageError(f"no such file: {where}")
         mod_name = "autotp_target_" + path.stem
         loader = importlib.util.spec_from_file_location(mod_name, path)
-        assert loader is not None and loader.loader is not None
+        if loader is None or loader.loader is None:
+            raise UsageError(f"cannot import {where}: not a Python file")
         module = importlib.util.module_from_spec(loader)
         sys.modules[mod_name] = module
         try:
@@ -101,20 +105,20 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
 # ---------------------------------------------------------------------------------------------
 # words a practitioner uses
 
-MATMULS = ("aten.linear.default", "aten.mm.default", "aten.embedding.default",
-           "aten.scaled_dot_product_attention.default")
+def _shown(target: object) -> bool:
+    """Whether plan tables show the op as a matmul-like row (its registry ``display`` fact)."""
+    return op_info(target).display is not None
 
 
-def _split_words(op: str, weight_placement: str, weight_slot: int) -> str:
-    from .placements import Shard, parse
-    p = parse(weight_placement)
+def _split_words(display: Display, p: OutPlacement) -> str:
+    """The practitioner's word for a split ``p`` of the tensor the op is shown by (column,
+    row, vocab, hidden, heads: the registry's ``display.words``), "replicated" when unsplit."""
     if not isinstance(p, Shard):
         return "replicated"
+    if display.by == "output":
+        return display.words(p)
     fused = f" (fused, {len(p.blocks)} blocks)" if p.blocks else ""
-    if op == "aten.embedding.default":
-        return ("hidden" if p.dim == 1 else "vocab") + fused
-    out_dim = 0 if op == "aten.linear.default" else 1  # linear: W[out, in]; mm: W[in, out]
-    return ("column" if p.dim == out_dim else "row") + fused
+    return display.words(p) + fused
 
 
 def _fold(path: str) -> tuple[str, int | None]:
@@ -146,30 +150,37 @@ def _time(s: float) -> str:
     return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
 
 
+def local_shape(p: Any, shape: Sequence[int], n: int) -> str:
+    """A weight's local shape as the table shows it: ``768×4096``. A dim split unevenly shows
+    its distinct per-rank sizes in rank order, rank 0's first: ``25129/25128×768`` (rank 0
+    holds 25129 rows, some later rank 25128); ``768/256×4096`` (32 heads of 128 on 6 ranks:
+    6, 6, 6, 6, 6 and 2 heads)."""
+    dims = [str(s) for s in shape]
+    if isinstance(p, Shard):
+        d = p.dim % len(shape)
+        dims[d] = "/".join(map(str, dict.fromkeys(local_sizes(p, shape[d], n))))
+    return "×".join(dims)
+
+
 def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
     """(module, op, split words, local weight shape, placements) per matmul, layers folded."""
     c, choice = pd.candidates, pd.choice
     n = c.world_size
     rows: dict[tuple, list[int]] = defaultdict(list)
     for name, nc in c.nodes.items():
-        if nc.op not in MATMULS:
+        display = op_info(nc.target).display
+        if display is None:
             continue
         st = nc.strategies[choice[name]]
         wslot = next((i for i, v in enumerate(nc.slots) if c.nodes[v[0]].kind == "param"), None)
-        if nc.op == "aten.scaled_dot_product_attention.default":
-            from .placements import Shard
-            words = "heads" if isinstance(st.output, Shard) and st.output.dim == 1 else "replicated"
+        if display.by == "output":
+            words = _split_words(display, st.output)
             shape = ""
         elif wslot is None:
             continue
         else:
-            words = _split_words(nc.op, str(st.inputs[wslot]), wslot)
-            shape = list(c.nodes[nc.slots[wslot][0]].metas[0].shape)
-            pl = st.inputs[wslot]
-            from .placements import Shard
-            if isinstance(pl, Shard):
-                shape[pl.dim] //= n
-            shape = "×".join(map(str, shape))
+            words = _split_words(display, st.inputs[wslot])
+            shape = local_shape(st.inputs[wslot], c.nodes[nc.slots[wslot][0]].metas[0].shape, n)
         folded, idx = _fold(nc.module)
         key = (folded, nc.op.split(".")[1], words, shape,
                f"{', '.join(map(str, st.inputs))} → {st.output}")
@@ -178,6 +189,7 @@ def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
 
 
 def _replicated_time(pd) -> float:
+    # strategy 0 of every node is all-Replicate (rules.strategies_from_dims, strategies.build)
     from .solver import evaluate
     ev = evaluate(pd.candidates, {n: 0 for n in pd.candidates.nodes}, pd.spec, pd.plan.mode)
     return ev.time_s if ev is not None else float("nan")
@@ -277,17 +289,17 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from .errors import AutoTPError
     from .solver import _node_time, _param_mem, evaluate, solve
     pd = _planned(a.target, a)
     c, choice = pd.candidates, pd.choice
     base = evaluate(c, choice, pd.spec, pd.plan.mode)
-    assert base is not None
+    if base is None:
+        raise AutoTPInternalError("the chosen plan evaluates as infeasible")
     found = False
     for path in a.module:
         names = [n for n, nc in c.nodes.items()
                  if (nc.module == path or nc.module.startswith(path + ".")) and
-                 len(nc.strategies) > 1 and (nc.kind == "param" or nc.op in MATMULS or
+                 len(nc.strategies) > 1 and (nc.kind == "param" or _shown(nc.target) or
                                              (a.all and nc.kind == "op"))]
         if not names:
             mods = sorted({nc.module for nc in c.nodes.values() if nc.module})
@@ -301,7 +313,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
             for col in ("", "strategy (inputs → output)", "compute", "Δ communication",
                         "Δ step time", "Δ best plan with it", "param bytes/rank"):
                 t.add_column(col)
-            resolve = nc.op in MATMULS and len(c.nodes) <= a.resolve_limit
+            resolve = _shown(nc.target) and len(c.nodes) <= a.resolve_limit
             for s, st in enumerate(nc.strategies):
                 alt = dict(choice)
                 alt[name] = s
@@ -373,7 +385,7 @@ def cmd_diff(a: argparse.Namespace) -> int:
         e = db.get(d.node)
         if e is None or (d.inputs, d.output) == (e.inputs, e.output):
             continue
-        if d.op not in MATMULS and not d.op.startswith("get_attr"):
+        if op_info_named(d.op).display is None and not d.op.startswith("get_attr"):
             continue
         changed += 1
         fmt = lambda x: f"{', '.join(x.inputs)} → {x.output}" if x.inputs else x.output  # noqa: E731
@@ -543,7 +555,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
-    from .errors import AutoTPError
     try:
         if getattr(a, "world_size", None) is not None and a.world_size < 1:
             raise UsageError("--world-size must be at least 1")
@@ -556,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutoTPError as e:
         if a.debug:
             traceback.print_exc()
+            if isinstance(e, RankError) and e.trace:
+                print(f"traceback on rank {e.rank}:\n{e.trace.rstrip()}", file=sys.stderr)
         err.print(f"autotp: {e}")
         return 1
     except KeyboardInterrupt:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .cost import convert_ops, dual
-from .errors import AutoTPError
+from .errors import AutoTPError, AutoTPInternalError
 from .placements import Placement, Shard, local_sizes, rank_major, shard_tensor, unshard
 
 
@@ -125,7 +125,8 @@ def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: 
     ``size``: the global size along ``src``'s shard dim (for an all-gather of uneven pieces)."""
     ops = convert_ops(src, dst)
     if ops is None:
-        raise AssertionError(f"no conversion {src} -> {dst}")
+        raise AutoTPInternalError(f"the plan asks for a conversion {src} -> {dst}, which no "
+                                  f"collective performs")
     n, r = comm.world_size, comm.rank
     for op in ops:
         if op == "slice":
@@ -133,10 +134,12 @@ def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: 
         elif op == "all_reduce":
             x = comm.all_reduce(x)
         elif op == "all_gather":
-            assert isinstance(src, Shard)
+            if not isinstance(src, Shard):
+                raise AutoTPInternalError(f"all_gather from {src}: only a Shard can be gathered")
             x = gather_shards(comm, x, src, size)
         elif op == "reduce_scatter":
-            assert isinstance(dst, Shard)
+            if not isinstance(dst, Shard):
+                raise AutoTPInternalError(f"reduce_scatter to {dst}: only to a Shard")
             x = scatter_reduce(comm, x, dst)
         if op != "slice":
             comm.counts[(op, phase)] += 1

@@ -12,8 +12,9 @@ a tensor of B >= K bytes (the knee) moves at beta_above instead of beta. Gloo on
 it: glibc serves every buffer of 32 MiB or more (DistComm's clone, the gathered output) with
 a fresh mmap whose pages fault in on first touch, 2-5x slower (see calibrate.py).
 
-Compute is a roofline per rank on the op's local shapes, for matmuls, attention and
-embeddings (elementwise ops are assumed fused into their producer and cost nothing):
+Compute is a roofline per rank on the op's local shapes, for the ops registered with a
+``flops`` fact: matmuls, attention and embeddings (elementwise ops are assumed fused into
+their producer and cost nothing):
     t = max(flops_local / peak_flops(dtype), bytes_local / memory_bandwidth)
 Training counts the backward as 2x the forward compute and adds the conjugate collective of
 every transition (see ``transition``).
@@ -46,9 +47,8 @@ import torch
 
 from .devices import DeviceSpec
 from .placements import Partial, Placement, Replicate, Shard, local_size
-from .rules import Strategy
+from .rules import Strategy, elementwise_flops, op_info
 
-aten = torch.ops.aten
 MODES = ("training", "inference")
 # optimizer state per trained parameter element: Adam's exp_avg and exp_avg_sq in fp32
 ADAM_FP32_BYTES = 8.0
@@ -74,11 +74,8 @@ def reduce_scatter_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
     return _ring("reduce_scatter", 1.0, nbytes, n, spec)
 
 
-def all_to_all_time(nbytes: float, n: int, spec: DeviceSpec) -> float:
-    return _ring("all_to_all", 1.0, nbytes, n, spec)
-
 _TIME = {"all_reduce": all_reduce_time, "all_gather": all_gather_time,
-         "reduce_scatter": reduce_scatter_time, "all_to_all": all_to_all_time,
+         "reduce_scatter": reduce_scatter_time,
          "slice": lambda b, n, s: 0.0}
 
 
@@ -144,34 +141,27 @@ def transition_time(t: Transition, nbytes: float, n: int, spec: DeviceSpec, mode
 
 
 def op_flops(target: object, ins: tuple, outs: tuple) -> float:
-    """Global forward FLOPs of one op (matmuls and attention exactly, else 1 per element)."""
-    if target in (aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default):
-        k = ins[0].shape[-1] if ins and ins[0].shape else 1
-        return 2.0 * outs[0].numel * k
-    if target is aten.scaled_dot_product_attention.default and len(ins) >= 3:
-        q, k = ins[0], ins[1]
-        s = k.shape[-2]
-        return 4.0 * q.numel * s  # QK^T and PV: 2 * (L*E*S) each, per batch and head
-    return float(sum(o.numel for o in outs if o is not None))
-
-
-COMPUTE_OPS = (aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
-               aten.scaled_dot_product_attention.default, aten.embedding.default)
+    """Global forward FLOPs of one op: its registry ``flops`` fact (matmuls and attention
+    exactly), else 1 per output element."""
+    flops = op_info(target).flops or elementwise_flops
+    return flops(ins, outs)
 
 
 def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n: int,
                  spec: DeviceSpec, mode: str) -> float:
     """Roofline time of one op on one rank. Elementwise, view and normalization ops are taken
     as fused into their producer (as torch.compile does), so they cost nothing here: a plan
-    never pays a collective to save an elementwise pass."""
-    if not outs or target not in COMPUTE_OPS:
+    never pays a collective to save an elementwise pass. Compute ops are those registered
+    with a ``flops`` fact (rules/: matmuls, attention, embedding)."""
+    flops_of = op_info(target).flops
+    if not outs or flops_of is None:
         return 0.0
     # the slowest rank sets the time: the largest local share of any split tensor
     fracs = [shard_fraction(p, m.shape, n)
              for p, m in zip((*strategy.inputs, *strategy.outputs()), (*ins, *outs))
              if m is not None and isinstance(p, Shard)]
     frac = max(fracs) if fracs else 1.0
-    flops = op_flops(target, ins, outs) * frac
+    flops = flops_of(ins, outs) * frac
     nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) * frac
     dtype = outs[0].dtype if outs[0] is not None else torch.float32
     t = max(flops / spec.peak_flops(dtype), nbytes / spec.memory_bandwidth)
@@ -189,38 +179,16 @@ def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
     return alpha + 2.0 * (dp - 1) / dp * local_bytes / beta
 
 
-# ops whose output is a view of (or aliases) their input: they keep no new activation memory
-VIEW_OPS = frozenset((aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                      aten.expand.default, aten.t.default, aten.transpose.int, aten.permute.default,
-                      aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                      aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
-                      aten.detach.default, aten.split.Tensor, aten.split_with_sizes.default,
-                      aten.unflatten.int, aten.flatten.using_ints, aten.contiguous.default))
-
-
 def local_bytes(meta, p: Placement, n: int) -> float:
     """Bytes of a value placed ``p`` on the rank holding the most of it."""
     return meta.nbytes * shard_fraction(p, meta.shape, n)
 
 
-# ops whose backward needs none of their inputs: sums, casts and copies, scalings by a Python
-# number, concatenation, and reductions that only need the input's shape
-KEEPS_NOTHING = VIEW_OPS | frozenset((
-    aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
-    aten.neg.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-    aten.clone.default, aten.lift_fresh_copy.default, aten.type_as.default, aten.mean.dim,
-    aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.cat.default,
-    aten.mul.Scalar, aten.div.Scalar, aten.repeat_interleave.self_int))
-
-
 def saves_inputs(target: object, tensor_inputs: int) -> bool:
     """Whether an op on the gradient path keeps its inputs for the backward: not views, sums,
-    casts or concatenations, nor a product with a Python number (``x * 0.5``)."""
-    if target in KEEPS_NOTHING:
-        return False
-    if target in (aten.mul.Tensor, aten.div.Tensor) and tensor_inputs < 2:
-        return False
-    return True
+    casts or concatenations, nor a product with a Python number (``x * 0.5``); the registry's
+    ``view`` and ``keeps`` facts (rules/) say which."""
+    return op_info(target).saves_inputs(tensor_inputs)
 
 
 def working_bytes(ins: tuple, outs: tuple, strategy: Strategy, n: int) -> float:

@@ -1,4 +1,6 @@
-"""Errors raised by autotp. Every user-facing failure derives from AutoTPError."""
+"""Errors raised by autotp. Every failure autotp raises itself derives from AutoTPError: the
+subclasses below for bad input or an impossible request, AutoTPInternalError for a broken
+invariant inside autotp (a bug, never the user's fault)."""
 from __future__ import annotations
 
 
@@ -29,3 +31,26 @@ class InfeasiblePlanError(PlanError):
 
 class ProcessGroupError(AutoTPError):
     """torch.distributed is not set up the way parallelize needs it."""
+
+
+class RankError(AutoTPError):
+    """A rank of a multi-process check (``autotp run``) failed. ``rank``: which one;
+    ``trace``: that rank's own Python traceback, as text (``autotp run --debug`` prints it)."""
+
+    def __init__(self, message: str, rank: int, trace: str = ""):
+        super().__init__(message)
+        self.rank = rank
+        self.trace = trace
+
+
+REPORT = "This is a bug in autotp, please report it (with the model, if you can)."
+
+
+class AutoTPInternalError(AutoTPError):
+    """An invariant inside autotp does not hold: a bug in autotp, not in the caller's input.
+    Unlike ``assert``, the check survives ``python -O``. The message ends with a request to
+    report it."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{message.rstrip('.')}. {REPORT}")
+

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree  # see capture.py
 from .capture import Captured, capture, fetch_attr, set_attr
 from .collectives import Comm
 from .devices import DeviceSpec
-from .errors import AutoTPError, PlanError
+from .errors import AutoTPError, AutoTPInternalError, PlanError
 from .options import PlanOptions
 from .placements import Placement, Replicate, parse, parse_out
 from .plans import Plan, make_plan
@@ -174,7 +174,9 @@ def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = No
     extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
     choice = solve(c, spec, options.mode, options.objective, options.memory_budget, **extra)
     ev = evaluate(c, choice, spec, options.mode)
-    assert ev is not None, "the solver returned an infeasible assignment"
+    if ev is None:
+        raise AutoTPInternalError("the solver returned an assignment its own evaluation calls "
+                                  "infeasible")
     return make_plan(c, choice, ev, spec.name, options.objective, options.mode), choice
 
 

@@ -31,6 +31,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .errors import AutoTPInternalError
+
 
 @dataclass(frozen=True)
 class Replicate:
@@ -147,15 +149,12 @@ def local_sizes(p: Placement, size: int, world_size: int) -> list[int]:
     return [local_size(p, size, world_size, r) for r in range(world_size)]
 
 
-def is_even(p: Placement, size: int, world_size: int) -> bool:
-    return len(set(local_sizes(p, size, world_size))) == 1
-
-
 def shard_tensor(full: torch.Tensor, p: Placement, rank: int, world_size: int) -> torch.Tensor:
     """This rank's local piece of ``full`` (a view where possible). Partial: not defined."""
     if isinstance(p, Replicate):
         return full
-    assert isinstance(p, Shard), p
+    if not isinstance(p, Shard):
+        raise AutoTPInternalError(f"shard_tensor({p}): a Partial value has no local piece to cut")
     dim = p.dim % full.dim()
     pieces = [full.narrow(dim, a, b - a) for a, b in shard_ranges(p, full.shape[dim], rank, world_size)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from .cost import MODES
+from .errors import AutoTPInternalError
 from .placements import format_out
 from .solver import Choice, Evaluation
 from .strategies import Candidates
@@ -26,7 +27,7 @@ class Decision:
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
+    kind: str  # all_reduce | all_gather | reduce_scatter
     phase: str  # forward | backward
     bytes: int
     module: str
@@ -83,7 +84,8 @@ class Plan:
 
 def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, objective: str,
               mode: str) -> Plan:
-    assert mode in MODES
+    if mode not in MODES:
+        raise AutoTPInternalError(f"make_plan got mode {mode!r}, not one of {MODES}")
     decisions = []
     params = []
     seq = []

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree  # see capture.py
 
 from .capture import TensorMeta, fetch_attr, set_attr
 from .collectives import Comm, Redistribute
+from .errors import AutoTPInternalError
 from .placements import Placement, Replicate, Shard, shard_tensor
 from .rules import rule_for
 from .solver import Choice
@@ -109,9 +110,11 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
 
         node.args = pytree.tree_map(swap, node.args)
         node.kwargs = pytree.tree_map(swap, node.kwargs)
-        assert slot == len(st.inputs), (node.format_node(), slot, st)
-        rule = rule_for(node)
-        if rule is not None and rule.localize is not None:
+        if slot != len(st.inputs):
+            raise AutoTPInternalError(f"{node.format_node()} has {slot} tensor inputs but its "
+                                      f"strategy {st} places {len(st.inputs)}")
+        rule = rule_for(node)  # a fallback node runs replicated: its global sizes are local
+        if rule is not None and rule.localize is not None and not nc.fallback:
             rule.localize(node, st, n, rank)
 
     graph.lint()

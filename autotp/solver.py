@@ -8,7 +8,7 @@ then least time) under the memory budget. Exact: a 0/1 integer program solved by
     Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (_Program._edges)
       y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
       z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
-    memory per rank <= memory budget                                           (_budget_rows)
+    memory per rank <= memory budget                                   (_Program.budget_rows)
       training:  sum state_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
                  k[u,Q] >= sum_{t: need(t)=Q} x[c,t] for every op c that keeps value u
       inference: sum param_bytes(v,s) x[v,s] + U m <= budget, and for every op v
@@ -48,7 +48,7 @@ from .cost import (MODES, Transition, compute_time, dp_grad_sync_time,
                    local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time,
                    state_bytes, working_bytes)
 from .devices import DeviceSpec
-from .errors import AutoTPError, InfeasiblePlanError
+from .errors import AutoTPError, AutoTPInternalError, InfeasiblePlanError
 from .placements import Placement
 from .strategies import Candidates, Value
 from .decompose import find_runs, solve_runs
@@ -633,7 +633,9 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
             total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
                         for v, nc in c.nodes.items())
             choice = best("time", _mem(c, choice) + MEMORY_SLACK * total + 1, budget)
-            assert choice is not None, "the least-memory plan satisfies its own bound"
+            if choice is None:
+                raise AutoTPInternalError("no plan within the least-memory plan's own memory "
+                                          "bound (the least-memory plan itself should be one)")
     else:
         choice = best("time", None, budget)
     if choice is None:

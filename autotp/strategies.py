@@ -3,7 +3,8 @@
 Decision nodes are placeholders (always Replicate: the user passes full inputs), parameters
 (Replicate, or Shard on any static dim: evenly, or unevenly in torch.chunk sizes of whole
 units such as heads, see ``_grain_hints``), buffers (Replicate), ops with tensor outputs
-(from their rule, or Replicate-only with a warning when no rule exists) and the output node
+(from their rule, or Replicate-only with a warning when no rule exists or the rule raised, see
+``_warn_broken``) and the output node
 (needs every returned tensor Replicate). ``getitem`` of a multi-output op follows its
 producer. Nodes without tensor outputs (``sym_size``, input guards) are left as they are.
 """
@@ -14,12 +15,14 @@ import operator
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
 
-from .capture import Captured, TensorMeta, module_path
+from .capture import Captured, TensorMeta, describe, module_path
 from .cost import ADAM_FP32_BYTES
 from .placements import Replicate, Shard, make_shard
 from .rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for,
@@ -41,7 +44,7 @@ class NodeCands:
     module: str
     op: str
     target: object = None  # the ATen op (call_function) or attribute path (get_attr)
-    fallback: bool = False  # no sharding rule: replicated
+    fallback: bool = False  # no sharding rule, or its rule raised: replicated
 
 
 @dataclass(frozen=True)
@@ -138,9 +141,21 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
     calls: dict[str, OpCall] = {}
     dims: dict[str, DimMap | None] = {}
     order: list[fx.Node] = []
+    broken: dict[str, tuple[fx.Node, str, Exception]] = {}  # node -> (node, rule part, error)
 
     def value_of(a: fx.Node) -> Value:
         return followers.get(a.name, (a.name, 0))
+
+    def guarded(node: fx.Node, part: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a call into ``node``'s rule; if it raises, the node falls back to
+        Replicate-only (its DimMap is dropped) and ``_warn_broken`` reports it: a bug in a
+        rule costs speed, never the plan."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any rule bug gets the documented fallback
+            broken.setdefault(node.name, (node, part, e))
+            dims[node.name] = None
+            return None
 
     for node in gm.graph.nodes:
         meta = metas.get(node.name)
@@ -158,7 +173,7 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
             call = OpCall(node, tuple(metas[a.name] for a in tensor_slots(node, metas)), outs, n)
             calls[node.name] = call
             rule = rule_for(node)
-            dims[node.name] = rule.dims(call) if rule else None
+            dims[node.name] = guarded(node, "dims", rule.dims, call) if rule else None
 
     # block hints flow backwards from splits through ops that carry the same label
     # hints[node name][(output index, dim)] = block tuples a consumer splits that dim into
@@ -169,8 +184,8 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
             continue
         slots = tensor_slots(node, metas)
         rule = rule_for(node)
-        if rule and rule.hints:
-            for slot, d, blocks in rule.hints(call):
+        if rule and rule.hints and node.name not in broken:
+            for slot, d, blocks in guarded(node, "hints", rule.hints, call) or []:
                 p, oi = value_of(slots[slot])
                 hints[p][(oi, d)].add(blocks)
         dm = dims.get(node.name)
@@ -223,22 +238,28 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
             call = calls[node.name]
             dm = dims.get(node.name)
             rule = rule_for(node)
-            if dm is None:
-                fallback = True
-                strategies = replicate_only(len(slots), len(outs) if isinstance(meta, tuple) else None)
-                # worth a warning when an input may be split on a static dim (a split of a
-                # batch/sequence dim is only chosen when memory binds)
-                if n > 1 and any(_static_shard(nodes[v[0]], v[1]) for v in slots if v[0] in nodes):
-                    unruled[_op_name(node)].append(module_path(node) or "<root>")
-            else:
+            found = None
+            if dm is not None:
                 ins_v = [value_of(a) for a in tensor_slots(node, metas)]
 
                 def grains_of(kind: str, i: int, d: int, _ins=ins_v, _me=node.name) -> set[int]:
                     v = _ins[i] if kind == "in" else (_me, i)
                     return grains.get(v, {}).get(d, set())
-                strategies = strategies_from_dims(call, dm, hints.get(node.name, {}), grains_of)
-                if rule and rule.extra and n > 1:
-                    strategies += [s for s in rule.extra(call) if s not in strategies]
+                found = guarded(node, "strategies", strategies_from_dims, call, dm,
+                                hints.get(node.name, {}), grains_of)
+                if found is not None and rule and rule.extra and n > 1:
+                    extra = guarded(node, "extra", rule.extra, call)
+                    found = None if extra is None else found + [s for s in extra if s not in found]
+            if found is not None:
+                strategies = found
+            else:
+                fallback = True
+                strategies = replicate_only(len(slots), len(outs) if isinstance(meta, tuple) else None)
+                # worth a warning when an input may be split on a static dim (a split of a
+                # batch/sequence dim is only chosen when memory binds)
+                if node.name not in broken and n > 1 and \
+                        any(_static_shard(nodes[v[0]], v[1]) for v in slots if v[0] in nodes):
+                    unruled[_op_name(node)].append(module_path(node) or "<root>")
         nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,
                                      module_path(node), _op_name(node),
                                      node.target if node.op in ("call_function", "get_attr") else None,
@@ -263,9 +284,29 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
                f"first (in {shown}). Correct but may be slow: see docs/adding_an_op_rule.md")
         warnings.warn(msg, stacklevel=3)
         log.info(msg)
+    _warn_broken(list(broken.values()))
     return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled),
                       frozenset(needs_grad), _layer_units(nodes, captured.stacks),
                       dp_size=dp_size, optimizer_bytes=optimizer_bytes)
+
+
+def _warn_broken(broken: list[tuple[fx.Node, str, Exception]]) -> None:
+    """One warning per op and error whose rule raised during enumeration: the op, the first
+    node's module path and user source line (capture.describe), the other modules, and the
+    error. Those nodes run replicated (correct, maybe slow); the rule has a bug."""
+    groups: dict[tuple[str, str], list[tuple[fx.Node, str, Exception]]] = defaultdict(list)
+    for node, part, e in broken:
+        groups[(_op_name(node), f"{type(e).__name__}: {e}")].append((node, part, e))
+    for (op, err), items in groups.items():
+        node, part, _ = items[0]
+        others = list(dict.fromkeys(module_path(x) or "<root>" for x, _, _ in items[1:]))
+        more = (f"; also at {len(items) - 1} more node(s) in " + ", ".join(others[:3]) +
+                (f" and {len(others) - 3} more modules" if len(others) > 3 else "")) if others else ""
+        msg = (f"autotp: the sharding rule of {op} raised {err} (in its {part}) at "
+               f"{describe(node)}{more}. Those nodes run replicated with their inputs gathered "
+               f"first: correct but may be slow. This is a bug in autotp, please report it.")
+        warnings.warn(msg, stacklevel=4)
+        log.warning(msg)
 
 
 def _layer_units(nodes: dict[str, NodeCands], stacks: tuple) -> tuple[tuple[tuple[str, ...], ...], ...]:

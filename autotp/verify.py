@@ -120,7 +120,7 @@ def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None
 
 def run_check(target: str, world_size: int, *, objective: str = "memory", device: str | None = None,
               rtol: float = 1e-5, atol: float = 1e-5, steps: int = 3) -> dict:
-    from .errors import AutoTPError
+    from .errors import AutoTPError, RankError
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     opts = dict(backend=backend, objective=objective, device=device, rtol=rtol, atol=atol, steps=steps)
     with tempfile.TemporaryDirectory() as d:
@@ -130,13 +130,15 @@ def run_check(target: str, world_size: int, *, objective: str = "memory", device
                 pass
         except mp.ProcessExitedException:
             pass  # the saved results below say what happened
-        path = os.path.join(d, "0.pt")
-        if not os.path.exists(path):
-            raise AutoTPError("rank 0 died before reporting; rerun with --debug for details")
-        r = torch.load(path, weights_only=False)
-    if not r["ok"]:
-        raise AutoTPError(f"rank 0 failed: {r['error']}")
-    return r
+        results = {k: torch.load(os.path.join(d, f"{k}.pt"), weights_only=False)
+                   for k in range(world_size) if os.path.exists(os.path.join(d, f"{k}.pt"))}
+    # the first rank that failed says why, with its own traceback (printed by --debug)
+    for k, res in sorted(results.items()):
+        if not res["ok"]:
+            raise RankError(f"rank {k} failed: {res['error']}", k, res.get("trace", ""))
+    if 0 not in results:
+        raise AutoTPError("rank 0 died before reporting (its output above may say why)")
+    return results[0]
 
 
 def _calibrate_worker(rank: int, world: int, repeats: int, outdir: str) -> None:

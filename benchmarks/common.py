@@ -50,7 +50,13 @@ def git_commit() -> str:
 def machine() -> dict[str, Any]:
     """What the numbers were measured on. Call at the start; add ``load_end`` at the end."""
     import torch
+    try:  # plan times depend on the graph transformers' modelling code produces (5.24: 5x)
+        import transformers
+        hf = transformers.__version__
+    except ImportError:
+        hf = "not installed"
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": hf,
             "python": platform.python_version(), "platform": platform.platform(),
             "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -59,7 +65,8 @@ def machine() -> dict[str, Any]:
 
 def describe(m: dict[str, Any]) -> str:
     end = f", at end {m['load_end']}" if "load_end" in m else ""
-    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, "
+    hf = f", transformers {m['transformers']}" if "transformers" in m else ""
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}{hf}, Python {m['python']}, "
             f"commit {m['commit']}, {m['date']}; load average at start {m['load_start']}{end}")
 
 

@@ -3,7 +3,12 @@
 h100), split into capture (torch.export), strategies and solve, with a linear fit and the
 80-layer (Llama-2-70B) plan time.
 
-    python benchmarks/plan_time.py [--layers 8 16 32 64 80]
+    python benchmarks/plan_time.py [--layers 8 16 32 64 80] [--compare-python VENV/bin/python]
+
+``--compare-python`` runs the same measurement in another interpreter (a venv with another
+transformers release, e.g. ``pip install transformers==5.23.0``) and prints the two side by
+side: transformers' modelling code decides the captured graph, and 5.24's rotary tables once
+made this plan 5x slower.
 
 Mode inference (a serving plan): training Llama-2-70B at world size 8 on 80 GB devices does
 not fit (parameters, bf16 gradients and fp32 Adam moments alone are 103 GB per rank), which
@@ -113,16 +118,51 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(here: dict[str, Any], there: dict[str, Any]) -> str:
+    """Total plan time per depth under two transformers releases, measured in one run."""
+    a, b = here["machine"]["transformers"], there["machine"]["transformers"]
+    lines = [f"{'layers':>6} {'transformers ' + a:>20} {'transformers ' + b:>20} {'ratio':>7}"]
+    for r, q in zip(here["rows"], there["rows"]):
+        lines.append(f"{r['layers']:>6} {r['total_s']:>19.1f}s {q['total_s']:>19.1f}s "
+                     f"{r['total_s'] / q['total_s']:>6.2f}x")
+    return "\n".join(lines)
+
+
+def measure(layers: list[int]) -> dict[str, Any]:
+    from benchmarks.common import load_average, machine
+    mach = machine()
+    res = run(layers)
+    mach["load_end"] = load_average()
+    res["machine"] = mach
+    return res
+
+
 def main() -> None:
+    import json
+    import subprocess
+    import tempfile
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32, 64, 80])
+    ap.add_argument("--compare-python", help="another interpreter (venv) to measure the same in")
+    ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
-    from benchmarks.common import describe, load_average, machine
-    mach = machine()
-    res = run(a.layers)
-    mach["load_end"] = load_average()
-    print(describe(mach))
+    from benchmarks.common import describe
+    res = measure(a.layers)
+    print(describe(res["machine"]))
     print(report(res))
+    if a.compare_python:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([a.compare_python, os.path.abspath(__file__), "--layers",
+                            *map(str, a.layers), "--json", f.name], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            other = json.load(open(f.name))
+        print(describe(other["machine"]))
+        print(report(other))
+        print(side_by_side(res, other))
+        res["compare"] = other
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

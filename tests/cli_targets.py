@@ -27,3 +27,56 @@ def not_a_tuple():
 
 def raises():
     raise ValueError("no weights here")
+
+
+class _VocabMLP(nn.Module):
+    """50257 (GPT-2's vocab) does not divide by 2: an uneven column/row split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 50257), nn.Linear(50257, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def vocab():
+    torch.manual_seed(0)
+    return _VocabMLP(), (torch.randn(2, 3, 16),)
+
+
+class _Heads(nn.Module):
+    """A 4096-wide q projection viewed as 32 heads of 128: on 6 ranks a head-boundary split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Linear(4096, 4096, bias=False), nn.Linear(4096, 4096, bias=False)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        h = self.q(x).view(b, s, 32, 128).softmax(-1)  # per head: splits heads, never head_dim
+        return self.o(h.reshape(b, s, d))
+
+
+def heads():
+    with torch.device("meta"):
+        model = _Heads()
+    return model, (torch.randn(2, 3, 4096, device="meta"),)
+
+
+class _FailsOnRanks(nn.Module):
+    """Loads fine in the CLI's own process; fails only in a rank process (``autotp run``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        import torch.distributed as dist
+        if dist.is_initialized():
+            raise RuntimeError("only in a rank process")
+        return self.lin(x)
+
+
+def fails_on_ranks():
+    return _FailsOnRanks(), (torch.randn(2, 4),)

@@ -28,6 +28,19 @@ def test_plan_table_folds_layers_and_names_splits() -> None:
     assert "parameters per rank" in out and "total/N" in out and "predicted step time" in out
 
 
+def test_local_weight_column_is_each_ranks_size() -> None:
+    """The "local weight" column is placements.local_size, not size // n: an uneven split
+    (vocab 50257 at world 2: rank 0 holds 25129 rows) and a head-boundary split (32 heads of
+    128 on 6 ranks: rank 0 holds 6 heads = 768, the last rank 2 heads = 256)."""
+    r = autotp("plan", "cli_targets:vocab", "--world-size", "2", "--objective", "memory")
+    assert r.returncode == 0, r.stderr
+    assert "25129/25128×16" in r.stdout and "16×25129/25128" in r.stdout, r.stdout
+    r = autotp("plan", "cli_targets:heads", "--world-size", "6")
+    assert r.returncode == 0, r.stderr
+    assert "768/256×4096" in r.stdout and "4096×768/256" in r.stdout, r.stdout
+    assert "682" not in r.stdout and "683" not in r.stdout
+
+
 def test_plan_json_and_dot(tmp_path) -> None:
     path = tmp_path / "p.json"
     r = autotp("plan", "cli_targets:mlp", "--world-size", "2", "--objective", "memory",
@@ -64,6 +77,14 @@ def test_run_checks_against_one_device() -> None:
     # zero tolerance: fp32 rounding differs, so the checker must say MISMATCH and exit 1
     r = autotp("run", "cli_targets:mlp", "--world-size", "2", "--rtol", "0", "--atol", "0")
     assert r.returncode == 1 and "MISMATCH" in r.stdout
+
+
+def test_run_debug_prints_the_failing_ranks_traceback() -> None:
+    """The rank's own traceback (verify._worker's), not only the parent's, under --debug."""
+    r = autotp("--debug", "run", "cli_targets:fails_on_ranks", "--world-size", "2")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "traceback on rank 0:" in r.stderr and "in _worker" in r.stderr, r.stderr
+    assert "rank 0 failed: CaptureError" in r.stderr and "only in a rank process" in r.stderr
 
 
 @pytest.mark.parametrize("args,code,words", [

@@ -80,3 +80,72 @@ def test_dims_that_do_not_divide_split_unevenly() -> None:
     assert local_sizes(split["a.weight"], 10, 4) == [3, 3, 3, 1]
     for out in simulate(m, (x,), world_size=4, objective="memory"):
         torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)
+
+
+class _Attention(nn.Module):
+    """Heads by a view: the view rule is what splits them."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _Attention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(x)
+
+
+def test_a_rule_that_raises_falls_back_to_replicated(monkeypatch) -> None:
+    """A bug inside a sharding rule (here: the view rule's view_groups raising ValueError)
+    must not stop planning: the node gets the Replicate-only strategy, a warning names the
+    op, the module and the user's source line, and the plan is still exact."""
+    from autotp.rules import views
+    from autotp.simulate import simulate
+
+    def broken(src, dst):
+        raise ValueError(f"injected failure for {src} -> {dst}")
+    monkeypatch.setattr(views, "view_groups", broken)
+    torch.manual_seed(0)
+    m, x = _Block(), torch.randn(2, 5, 16)
+    with pytest.warns(UserWarning, match="sharding rule of aten.view.default raised ValueError") as rec:
+        outs = simulate(m, (x,), world_size=2, objective="memory")
+    msg = next(str(w.message) for w in rec if "sharding rule of" in str(w.message))
+    assert "injected failure" in msg and "module 'attn'" in msg, msg
+    assert "test_errors.py" in msg and "t.view(b, s, self.heads" in msg, msg  # the user's line
+    assert "please report it" in msg
+    for out in outs:
+        torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_internal_error_asks_for_a_report() -> None:
+    """A broken invariant inside autotp is an AutoTPInternalError (not an AssertionError that
+    ``python -O`` removes), and its message asks for a bug report."""
+    from autotp.cli import UsageError
+    from autotp.collectives import Comm, convert
+    from autotp.placements import Partial, Shard
+    with pytest.raises(autotp.AutoTPInternalError, match="S\\(0\\) -> P.*please report it"):
+        convert(torch.zeros(2), Shard(0), Partial(), Comm(), "forward")
+    assert issubclass(autotp.AutoTPInternalError, autotp.AutoTPError)
+    assert issubclass(UsageError, autotp.AutoTPError)
+
+
+def test_no_bare_asserts_in_autotp() -> None:
+    """Invariants raise AutoTPInternalError; ``assert`` would vanish under ``python -O``."""
+    import ast
+    import pathlib
+    root = pathlib.Path(autotp.__file__).parent
+    found = [f"{path.relative_to(root)}:{node.lineno}" for path in sorted(root.rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
+    assert not found, found

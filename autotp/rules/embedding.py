@@ -7,6 +7,9 @@
   that fall there, writing zeros for the others; the output is Partial
   (the sum over ranks is the full lookup). With a tied LM head split by vocab columns, this is
   the split that keeps both uses of the weight local.
+
+Facts: one FLOP per output element (a gather, costed by its bytes on the roofline); plan
+tables word the weight split hidden (dim 1) or vocab (dim 0).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..placements import Partial, Replicate, Shard, shard_ranges
-from . import DimMap, OpCall, Strategy, register
+from . import DimMap, Display, OpCall, Strategy, elementwise_flops, register
 
 aten = torch.ops.aten
 
@@ -56,4 +59,10 @@ def _localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> None:
     node.kwargs = {}
 
 
-register(aten.embedding.default, extra=_vocab_split, localize=_localize)(_embedding)
+def _hidden_vocab(p: Shard) -> str:
+    """W[V, H]: a split of dim 1 is the hidden split, of dim 0 the vocab split."""
+    return "hidden" if p.dim == 1 else "vocab"
+
+
+register(aten.embedding.default, extra=_vocab_split, localize=_localize, flops=elementwise_flops,
+         display=Display(_hidden_vocab))(_embedding)

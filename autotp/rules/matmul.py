@@ -2,18 +2,46 @@
 the contracted dim split gives a Partial output (row split: Y = sum_r X_r A_r). Column, row,
 head and vocab splits are all this one rule applied to different labels.
 
-Biases are separate adds by the time rules run (capture.py splits linear/addmm), so a Partial
-output never has a bias added on every rank."""
+Biases are separate adds by the time rules run (capture.py splits off every op registered with
+``unbias``: linear, addmm), so a Partial output never has a bias added on every rank.
+
+Facts: FLOPs are ``matmul_flops`` (2 K per output element); linear and mm are shown in plan
+tables, their weight split worded column/row (bmm and matmul rarely take a parameter and are
+not shown)."""
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from . import DimMap, OpCall, register
+import torch
+import torch.fx as fx
+
+from . import DimMap, Display, OpCall, column_row, declare, matmul_flops, register
 
 aten = torch.ops.aten
 
 
-@register(aten.linear.default)
+def _linear_unbias(node: fx.Node) -> tuple[Any, tuple[Any, ...], Any] | None:
+    """linear(x, W, b) = linear(x, W) + b."""
+    if len(node.args) > 2 and node.args[2] is not None:
+        x, w, b = node.args[:3]
+        return aten.linear.default, (x, w), b
+    return None
+
+
+def _addmm_unbias(node: fx.Node) -> tuple[Any, tuple[Any, ...], Any] | None:
+    """addmm(b, x, W) = mm(x, W) + b (only with the default beta = alpha = 1)."""
+    if node.kwargs:
+        return None
+    b, x, w = node.args[:3]
+    return aten.mm.default, (x, w), b
+
+
+# addmm has no rule of its own: capture always turns it into mm + add
+declare(aten.addmm.default, unbias=_addmm_unbias)
+
+
+@register(aten.linear.default, flops=matmul_flops, display=Display(column_row(out_dim=0)),
+          unbias=_linear_unbias)
 def _linear(call: OpCall) -> DimMap | None:
     # y[..., n] = sum_k x[..., k] W[n, k]
     if len(call.inputs) != 2:
@@ -24,19 +52,19 @@ def _linear(call: OpCall) -> DimMap | None:
                   contract=frozenset({"k"}), partial_any=(0, 1))
 
 
-@register(aten.mm.default)
+@register(aten.mm.default, flops=matmul_flops, display=Display(column_row(out_dim=1)))
 def _mm(call: OpCall) -> DimMap:
     return DimMap(inputs=(("m", "k"), ("k", "n")), outputs=(("m", "n"),),
                   contract=frozenset({"k"}), partial_any=(0, 1))
 
 
-@register(aten.bmm.default)
+@register(aten.bmm.default, flops=matmul_flops)
 def _bmm(call: OpCall) -> DimMap:
     return DimMap(inputs=(("b", "m", "k"), ("b", "k", "n")), outputs=(("b", "m", "n"),),
                   contract=frozenset({"k"}), partial_any=(0, 1))
 
 
-@register(aten.matmul.default)
+@register(aten.matmul.default, flops=matmul_flops)
 def _matmul(call: OpCall) -> DimMap | None:
     a, b = call.inputs
     if len(a.shape) < 2 or len(b.shape) < 2:

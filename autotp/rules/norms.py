@@ -1,12 +1,19 @@
 """Normalizations, softmax and reductions: the normalized / reduced dims can't be split (a
-sum may: its contracted dim gives a Partial output); every other dim passes through."""
+sum may: its contracted dim gives a Partial output); every other dim passes through.
+
+Facts: no FLOPs (fused); sums and means keep nothing for the backward (only the input's
+shape); batch_norm (no rule) depends on train/eval mode."""
 from __future__ import annotations
 
 import torch
 
-from . import DimMap, OpCall, norm_dims, register
+from . import DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, norm_dims, register
 
 aten = torch.ops.aten
+
+
+# batch statistics in training, running statistics in eval; no rule: it runs replicated
+declare(aten.batch_norm.default, mode_sensitive=always_mode_sensitive)
 
 
 @register(aten.layer_norm.default)
@@ -44,12 +51,12 @@ def _reduce(call: OpCall, contract: bool) -> DimMap:
                   (outs,), contract=con, partial_any=(0,), dynamic_ok=True)
 
 
-@register(aten.sum.dim_IntList, aten.sum.default)
+@register(aten.sum.dim_IntList, aten.sum.default, keeps=keeps_nothing)
 def _sum(call: OpCall) -> DimMap:
     return _reduce(call, contract=True)
 
 
-@register(aten.mean.dim, aten.mean.default)
+@register(aten.mean.dim, aten.mean.default, keeps=keeps_nothing)
 def _mean(call: OpCall) -> DimMap:
     return _reduce(call, contract=False)
 

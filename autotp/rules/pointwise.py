@@ -1,16 +1,19 @@
 """Elementwise ops with broadcasting: every output dim is a label shared with the inputs'
-aligned dims. Linearity (which inputs may be Partial) is per op."""
+aligned dims. Linearity (which inputs may be Partial) is per op.
+
+Facts: no FLOPs (fused into their producer); sums, casts, copies and products with a Python
+number keep nothing for the backward, a product of two tensors keeps both, nonlinear ops keep
+their input; alias/detach/contiguous are views; dropout depends on train/eval mode."""
 from __future__ import annotations
 
 import torch
 
-from . import DimMap, OpCall, broadcast_labels, register
+import torch.fx as fx
+
+from . import (DimMap, OpCall, always_mode_sensitive, broadcast_labels, declare, keeps_nothing,
+               keeps_tensor_operands, register)
 
 aten = torch.ops.aten
-
-
-def _tensor_args(call: OpCall) -> int:
-    return len(call.inputs)
 
 
 def _elementwise(call: OpCall, partial_any: tuple[int, ...] = (), partial_all: bool = False) -> DimMap:
@@ -19,34 +22,52 @@ def _elementwise(call: OpCall, partial_any: tuple[int, ...] = (), partial_all: b
 
 
 # Linear in each input alone (other inputs fixed): scaling and copies.
-@register(aten.mul.Tensor, aten.mul.Scalar)
+@register(aten.mul.Tensor, keeps=keeps_tensor_operands)
 def _mul(call: OpCall) -> DimMap:
-    return _elementwise(call, partial_any=tuple(range(_tensor_args(call))))
+    return _elementwise(call, partial_any=tuple(range(len(call.inputs))))
 
 
-@register(aten.div.Tensor, aten.div.Scalar)
+@register(aten.div.Tensor, keeps=keeps_tensor_operands)
 def _div(call: OpCall) -> DimMap:
     # linear in the numerator only; a tensor numerator is slot 0 when it is a tensor
     num_is_tensor = isinstance(call.node.args[0], torch.fx.Node)
     return _elementwise(call, partial_any=(0,) if num_is_tensor else ())
 
 
+# x * 0.5, x / 2: the backward scales the gradient by the number and needs no input
+register(aten.mul.Scalar, keeps=keeps_nothing)(_mul)
+register(aten.div.Scalar, keeps=keeps_nothing)(_div)
+
+
 @register(aten.neg.default, aten.clone.default, aten.alias.default, aten.detach.default,
           aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.contiguous.default,
-          aten.type_as.default, aten.lift_fresh_copy.default, aten.to.device)
+          aten.type_as.default, aten.lift_fresh_copy.default, aten.to.device, keeps=keeps_nothing)
 def _unary_linear(call: OpCall) -> DimMap:
     return _elementwise(call, partial_any=(0,))
 
 
+# these return their input (or an alias of it): no new activation memory
+declare(aten.alias.default, aten.detach.default, aten.contiguous.default, view=True)
+
+
 # Linear in all inputs together: sums (only when every operand is a tensor; adding a Python
 # scalar to a Partial tensor would add it world_size times).
-@register(aten.add.Tensor, aten.sub.Tensor)
+@register(aten.add.Tensor, aten.sub.Tensor, keeps=keeps_nothing)
 def _add(call: OpCall) -> DimMap:
-    all_tensors = _tensor_args(call) == 2
+    all_tensors = len(call.inputs) == 2
     return _elementwise(call, partial_all=all_tensors)
 
 
-@register(aten.dropout.default)
+def _dropout_in_training(node: fx.Node) -> bool:
+    """dropout(x, p, train) differs between modes unless p == 0 or train is False."""
+    return bool(node.args[1]) and bool(node.args[2])
+
+
+# native_dropout (no rule: it runs replicated) always draws a mask
+declare(aten.native_dropout.default, mode_sensitive=always_mode_sensitive)
+
+
+@register(aten.dropout.default, mode_sensitive=_dropout_in_training)
 def _dropout(call: OpCall) -> DimMap:
     p, train = call.arg(1, "p", 0.5), call.arg(2, "train", True)
     identity = (not train) or p == 0
@@ -58,7 +79,7 @@ def _dropout(call: OpCall) -> DimMap:
           aten.sigmoid.default, aten.exp.default, aten.log.default, aten.rsqrt.default,
           aten.sqrt.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.abs.default,
           aten.sin.default, aten.cos.default, aten.erf.default, aten.softplus.default,
-          aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
+          aten.rsub.Tensor,
           aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
           aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor,
           aten.lt.Scalar, aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar,
@@ -70,3 +91,8 @@ def _dropout(call: OpCall) -> DimMap:
           aten.hardtanh.default, aten.elu.default)
 def _nonlinear(call: OpCall) -> DimMap:
     return _elementwise(call)
+
+
+# x + 1, 1 - x: not linear in x (a Partial x would get the 1 on every rank), but the
+# backward needs no input
+register(aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, keeps=keeps_nothing)(_nonlinear)

@@ -1,16 +1,18 @@
 """Views, reshapes, transposes, slices, concatenation and splits. A shard passes through when
 the split dim maps to a whole block of output dims: hidden -> (heads, head_dim) splits heads.
-Global sizes in shape arguments (the head count) are rewritten to per-rank sizes."""
+Global sizes in shape arguments (the head count) are rewritten to per-rank sizes.
+
+Facts: no FLOPs; views, reshapes, transposes, slices and splits alias their input (``view``:
+no activation memory); cat and repeat_interleave copy but their backward needs no input."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
 from ..placements import Shard, local_size, shard_ranges
-from . import DimMap, Label, OpCall, Strategy, norm_dims, register, scale_shape_arg
+from . import DimMap, Label, OpCall, Strategy, keeps_nothing, norm_dims, register, scale_shape_arg
 
 aten = torch.ops.aten
-INT_MAX = 9223372036854775807
 
 
 def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -56,11 +58,11 @@ def _view_dims(call: OpCall) -> DimMap:
 
 
 register(aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-         localize=scale_shape_arg)(_view_dims)
-register(aten.flatten.using_ints, aten.unflatten.int)(_view_dims)
+         localize=scale_shape_arg, view=True)(_view_dims)
+register(aten.flatten.using_ints, aten.unflatten.int, view=True)(_view_dims)
 
 
-@register(aten.expand.default, localize=scale_shape_arg)
+@register(aten.expand.default, localize=scale_shape_arg, view=True)
 def _expand(call: OpCall) -> DimMap:
     src, dst = call.inputs[0].shape, call.outputs[0].shape
     off = len(dst) - len(src)
@@ -78,7 +80,7 @@ def _permuted(call: OpCall, order: list[int]) -> DimMap:
     return DimMap((ins,), (tuple(ins[j] for j in order),), partial_any=(0,))
 
 
-@register(aten.transpose.int)
+@register(aten.transpose.int, view=True)
 def _transpose(call: OpCall) -> DimMap:
     r = len(call.inputs[0].shape)
     a, b = call.arg(1, "dim0") % r, call.arg(2, "dim1") % r
@@ -87,18 +89,18 @@ def _transpose(call: OpCall) -> DimMap:
     return _permuted(call, order)
 
 
-@register(aten.t.default)
+@register(aten.t.default, view=True)
 def _t(call: OpCall) -> DimMap:
     return _permuted(call, list(range(len(call.inputs[0].shape)))[::-1])
 
 
-@register(aten.permute.default)
+@register(aten.permute.default, view=True)
 def _permute(call: OpCall) -> DimMap:
     r = len(call.inputs[0].shape)
     return _permuted(call, [d % r for d in call.arg(1, "dims")])
 
 
-@register(aten.unsqueeze.default)
+@register(aten.unsqueeze.default, view=True)
 def _unsqueeze(call: OpCall) -> DimMap:
     r = len(call.outputs[0].shape)
     d = call.arg(1, "dim") % r
@@ -107,7 +109,7 @@ def _unsqueeze(call: OpCall) -> DimMap:
     return DimMap((ins,), (outs,), partial_any=(0,))
 
 
-@register(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+@register(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, view=True)
 def _squeeze(call: OpCall) -> DimMap:
     src = call.inputs[0].shape
     dims = call.arg(1, "dim", None)
@@ -117,7 +119,7 @@ def _squeeze(call: OpCall) -> DimMap:
     return DimMap((ins,), (tuple(lab for lab in ins if lab is not None),), partial_any=(0,))
 
 
-@register(aten.slice.Tensor)
+@register(aten.slice.Tensor, view=True)
 def _slice(call: OpCall) -> DimMap:
     meta = call.inputs[0]
     r = len(meta.shape)
@@ -129,7 +131,7 @@ def _slice(call: OpCall) -> DimMap:
     return DimMap((ins,), (ins,), partial_any=(0,))
 
 
-@register(aten.select.int)
+@register(aten.select.int, view=True)
 def _select(call: OpCall) -> DimMap:
     r = len(call.inputs[0].shape)
     d = call.arg(1, "dim") % r
@@ -137,7 +139,7 @@ def _select(call: OpCall) -> DimMap:
     return DimMap((ins,), (tuple(lab for lab in ins if lab is not None),), partial_any=(0,))
 
 
-@register(aten.cat.default)
+@register(aten.cat.default, keeps=keeps_nothing)
 def _cat(call: OpCall) -> DimMap:
     r = len(call.outputs[0].shape)
     d = call.arg(1, "dim", 0) % r
@@ -195,7 +197,7 @@ def _split_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> Non
 
 
 register(aten.split.Tensor, aten.split_with_sizes.default, extra=_split_extra,
-         localize=_split_localize, hints=_split_hints)(_split)
+         localize=_split_localize, hints=_split_hints, view=True)(_split)
 
 
 # repeat_interleave(x, r, dim): each slice along dim repeated r times in place, so the n
@@ -220,4 +222,5 @@ def _repeat_interleave_localize(node: fx.Node, strategy: Strategy, n: int, rank:
                        "output_size": local_size(strategy.output, node.kwargs["output_size"], n, rank)}
 
 
-register(aten.repeat_interleave.self_int, localize=_repeat_interleave_localize)(_repeat_interleave)
+register(aten.repeat_interleave.self_int, localize=_repeat_interleave_localize,
+         keeps=keeps_nothing)(_repeat_interleave)
