@@ -60,3 +60,8 @@ def test_simulator_loads_a_model_on_meta_from_weights() -> None:
     with torch.no_grad():
         for y in autotp.simulate(empty, (x,), world_size=2, weights=model.state_dict()):
             torch.testing.assert_close(y, model(x))
+
+
+def test_modes_are_the_cost_models() -> None:
+    from autotp import cost, options
+    assert options.MODES == cost.MODES
