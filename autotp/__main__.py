@@ -1,3 +1,3 @@
-from .cli import entry
+from autotp.tools.cli import entry
 
 entry()

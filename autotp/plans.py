@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-from .cost import MODES
-from .errors import AutoTPInternalError
-from .placements import format_out
-from .solver import Choice, Evaluation
-from .strategies import Candidates
+from autotp.cost.model import MODES
+from autotp.errors import AutoTPInternalError
+from autotp.core.placements import format_out
+from autotp.cost.evaluate import Choice, Evaluation
+from autotp.candidates import Candidates
 
 
 @dataclass(frozen=True)

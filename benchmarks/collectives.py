@@ -7,7 +7,7 @@ running that plan, with the time spent inside collectives measured separately.
     python benchmarks/collectives.py [--world-size 2] [--repeats 15] [--iters 10] [--no-steps]
 
 (1) compares with a second, independent measurement taken after calibration (same method:
-autotp.calibrate.measure_collectives, the collectives as a Redistribute runs them, the
+autotp.runtime.calibrate.measure_collectives, the collectives as a Redistribute runs them, the
 calibration's quantile of interleaved rounds), at the calibration's sizes (16 KiB .. 64 MiB
 by 2x) and at the sizes halfway between them in log scale (24 KiB .. 48 MiB, which the fit
 never saw), so the error is out of sample in time and in size. The median of the same
@@ -39,10 +39,10 @@ _ACC = {"s": 0.0}
 
 
 def _time_conversions() -> dict[str, float]:
-    """Time every conversion that issues a collective (``autotp.collectives.convert``, which
+    """Time every conversion that issues a collective (``autotp.rewrite.collectives.convert``, which
     each Redistribute calls: the collective with its clone, padding and cat, what the
     calibration measured); returns the accumulator."""
-    import autotp.collectives as C
+    import autotp.rewrite.collectives as C
     if getattr(C.convert, "_timed", False):
         return _ACC
     fn = C.convert
@@ -62,7 +62,7 @@ def _time_conversions() -> dict[str, float]:
 
 def _steps(spec, world: int, configs, iters: int) -> list[dict[str, Any]]:
     import autotp
-    from autotp.api import plan_details
+    from autotp.runtime.api import plan_details
     from benchmarks.runtime import Model
     cases = []
     for h, layers, b, s in configs:
@@ -122,8 +122,8 @@ def _steps(spec, world: int, configs, iters: int) -> list[dict[str, Any]]:
 
 
 def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    from autotp.calibrate import DEFAULT_SIZES, calibrate, measure_collectives, predicted
-    from autotp.collectives import DistComm
+    from autotp.runtime.calibrate import DEFAULT_SIZES, calibrate, measure_collectives, predicted
+    from autotp.rewrite.collectives import DistComm
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     spec, cal = calibrate(repeats=cfg["repeats"], quantile=cfg["quantile"])
@@ -181,7 +181,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None:
 def run(world_size: int = 2, repeats: int = 15, iters: int = 10,
         step_configs: list[tuple[int, int, int, int]] = STEP_CONFIGS,
         quantile: float | None = None) -> dict[str, Any]:
-    from autotp.calibrate import DEFAULT_QUANTILE
+    from autotp.runtime.calibrate import DEFAULT_QUANTILE
     cfg = {"repeats": repeats, "iters": iters, "step_configs": [list(c) for c in step_configs],
            "quantile": DEFAULT_QUANTILE if quantile is None else quantile}
     return spawn_collect(worker, world_size, cfg)
@@ -249,7 +249,7 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15, help="rounds per collective and size")
     ap.add_argument("--quantile", type=float, default=None,
-                    help="statistic of the rounds (default: autotp.calibrate's, 0.2)")
+                    help="statistic of the rounds (default: autotp.runtime.calibrate's, 0.2)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-steps", action="store_true", help="only the per-collective part")
     a = ap.parse_args()

@@ -173,9 +173,9 @@ def _trampoline(rank: int, world: int, fn: Callable, path: str, args: tuple) -> 
 
 
 def spawn_collect(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes (autotp.launch:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes (autotp.tools.launch:
     OMP_NUM_THREADS=1, spawn) and return rank 0's return value (JSON-serializable)."""
-    from autotp.launch import spawn
+    from autotp.tools.launch import spawn
     fd, path = tempfile.mkstemp(suffix=".json", prefix="autotp-bench-")
     os.close(fd)
     try:

@@ -108,7 +108,7 @@ def analyse(plan, s: dict[str, Any]) -> dict[str, Any]:
 
 def run(world_sizes: list[int] = (2, 4, 8), layers: int | None = None,
         objectives: list[str] = ("memory", "time")) -> dict[str, Any]:
-    from autotp.api import plan
+    from autotp.runtime.api import plan
     out: dict[str, Any] = {"config": {"device": "h100", "mode": "training", "dtype": "bfloat16",
                                       "world_sizes": list(world_sizes), "objectives": list(objectives)},
                            "models": {}}

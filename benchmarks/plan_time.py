@@ -33,10 +33,10 @@ WORLD = 8
 
 class _SolverLog:
     """Records what HiGHS reported for each solve (optimal, or stopped by the time limit with
-    a gap) by wrapping autotp.solver's milp for the duration; autotp itself does not say."""
+    a gap) by wrapping autotp.solve.program's milp for the duration; autotp itself does not say."""
 
     def __enter__(self) -> list[dict[str, Any]]:
-        import autotp.solver as solver
+        import autotp.solve.program as solver
         self._solver, self._orig, self.log = solver, solver.milp, []
 
         def milp(*a, **k):
@@ -55,7 +55,7 @@ class _SolverLog:
 
 def plan_once(n_layer: int) -> dict[str, Any]:
     import torch
-    from autotp.api import plan_details
+    from autotp.runtime.api import plan_details
     from examples.hf_models import llama
     model, args, kwargs = llama(n_layer=n_layer, hidden=8192, heads=64, kv_heads=8,
                                 intermediate=28672, vocab=32000, batch=1, seq=2048, meta=True,

@@ -408,7 +408,7 @@ def _cost_md(res: dict[str, Any], img: str) -> list[str]:
         return t
     stat = (f"the {q} quantile of {res['config']['repeats']} interleaved rounds per point"
             if q is not None else f"the median of {res['config']['repeats']} repeats per point")
-    out = [f"`autotp.calibrate` on gloo, {res['config']['world_size']} ranks, {stat}: "
+    out = [f"`autotp.runtime.calibrate` on gloo, {res['config']['world_size']} ranks, {stat}: "
            f"α = {s['latency_us']:.0f} µs, β = {s['link_GBps']:.3f} GB/s over all "
            "kinds; per kind (what the cost model uses) "
            + ", ".join(link(k, v) for k, v in s["per_kind"].items())

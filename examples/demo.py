@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import autotp  # noqa: E402
-from autotp.launch import spawn  # noqa: E402
-from autotp.placements import shard_tensor  # noqa: E402
+from autotp.tools.launch import spawn  # noqa: E402
+from autotp.core.placements import shard_tensor  # noqa: E402
 from examples.nanogpt import gpt  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autotp.launch import spawn
+from autotp.tools.launch import spawn
 
 
 def _worker(rank: int, world: int, fn: Callable, args: tuple, outdir: str) -> None:

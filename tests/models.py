@@ -60,7 +60,7 @@ def build(name: str, seed: int = 0):
         m, a, kw = factory(seed=seed)
         return m, a, kw, _ids(vocab, {k: v for k, v in kw.items() if k != "input_ids"})
     factory = {"gpt2": hf_models.gpt2, "llama": hf_models.llama, "bert": hf_models.bert,
-               # deep enough for the cut capture (layers.py): exported for 4 layers, replicated
+               # deep enough for the cut capture (capture/stacks.py): exported for 4 layers, replicated
                "gpt2_6": lambda seed: hf_models.gpt2(n_layer=6, seed=seed),
                "llama_6": lambda seed: hf_models.llama(n_layer=6, seed=seed)}[name]
     m, a, kw = factory(seed=seed)

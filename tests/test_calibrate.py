@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import autotp
-from autotp.calibrate import _COEF, DEFAULT_SIZES, Measurement, calibrate, fit_link, fit_ring
-from autotp.cost import all_gather_time, all_reduce_time, reduce_scatter_time
-from autotp.devices import DeviceSpec
+from autotp.runtime.calibrate import (_COEF, DEFAULT_SIZES, Measurement, calibrate, fit_link, fit_ring)
+from autotp.cost.model import all_gather_time, all_reduce_time, reduce_scatter_time
+from autotp.cost.devices import DeviceSpec
 from dist_utils import run_ranks
 from models import MLP
 

@@ -52,9 +52,9 @@ def test_bad_arguments() -> None:
 
 
 def test_plan_for_other_world_size_is_refused() -> None:
-    from autotp.api import choice_from_plan
+    from autotp.runtime.api import choice_from_plan
     from autotp.capture import capture
-    from autotp.strategies import build
+    from autotp.candidates import build
     p = autotp.plan(MLP(), (torch.randn(2, 3, 16),), world_size=2, objective="memory")
     with pytest.raises(autotp.PlanError, match="world size 2"):
         choice_from_plan(build(capture(MLP(), (torch.randn(2, 3, 16),)), 4), p)
@@ -63,8 +63,8 @@ def test_plan_for_other_world_size_is_refused() -> None:
 def test_dims_that_do_not_divide_split_unevenly() -> None:
     """Issue 3: 6 and 10 don't divide 4, yet the weights split, in torch.chunk pieces
     (10 -> 3, 3, 3, 1), and the result is exact."""
-    from autotp.placements import local_sizes, parse
-    from autotp.simulate import simulate
+    from autotp.core.placements import local_sizes, parse
+    from autotp.tools.simulate import simulate
 
     class M(nn.Module):
         def __init__(self) -> None:
@@ -112,7 +112,7 @@ def test_a_rule_that_raises_falls_back_to_replicated(monkeypatch) -> None:
     must not stop planning: the node gets the Replicate-only strategy, a warning names the
     op, the module and the user's source line, and the plan is still exact."""
     from autotp.rules import views
-    from autotp.simulate import simulate
+    from autotp.tools.simulate import simulate
 
     def broken(src, dst):
         raise ValueError(f"injected failure for {src} -> {dst}")
@@ -132,9 +132,9 @@ def test_a_rule_that_raises_falls_back_to_replicated(monkeypatch) -> None:
 def test_internal_error_asks_for_a_report() -> None:
     """A broken invariant inside autotp is an AutoTPInternalError (not an AssertionError that
     ``python -O`` removes), and its message asks for a bug report."""
-    from autotp.cli import UsageError
-    from autotp.collectives import Comm, convert
-    from autotp.placements import Partial, Shard
+    from autotp.tools.cli import UsageError
+    from autotp.rewrite.collectives import Comm, convert
+    from autotp.core.placements import Partial, Shard
     with pytest.raises(autotp.AutoTPInternalError, match="S\\(0\\) -> P.*please report it"):
         convert(torch.zeros(2), Shard(0), Partial(), Comm(), "forward")
     assert issubclass(autotp.AutoTPInternalError, autotp.AutoTPError)

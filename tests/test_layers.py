@@ -18,12 +18,13 @@ from torch import nn
 
 import autotp
 from autotp.capture import capture, module_path
-from autotp.decompose import find_runs, solve_runs
-from autotp.devices import PRESETS, DeviceSpec
-from autotp.options import PlanOptions
-from autotp.pipeline import candidates, solve_plan
-from autotp.solver import _weight, evaluate, solve
-from autotp.strategies import build
+from autotp.solve.runs import find_runs, solve_runs
+from autotp.cost.devices import PRESETS, DeviceSpec
+from autotp.core.options import PlanOptions
+from autotp.runtime.pipeline import candidates, solve_plan
+from autotp.solve.solve import _weight, solve
+from autotp.cost.evaluate import evaluate
+from autotp.candidates import build
 from examples import hf_models, nanogpt
 
 
@@ -207,7 +208,7 @@ def test_binding_memory_budget_solves_the_whole_graph(llama_4) -> None:
     least = info.value.least_bytes
     assert least < free
     budget = (least + free) / 2  # state and activations per rank
-    logger = logging.getLogger("autotp.solver")
+    logger = logging.getLogger("autotp.solve.solve")
     seen, level = _Messages(), logger.level
     logger.addHandler(seen)
     logger.setLevel(logging.INFO)

@@ -9,9 +9,9 @@ import torch
 
 import autotp
 from autotp.capture import capture
-from autotp.options import PlanOptions
-from autotp.pipeline import candidates, plan_model
-from autotp.simulate import simulated_modules
+from autotp.core.options import PlanOptions
+from autotp.runtime.pipeline import candidates, plan_model
+from autotp.tools.simulate import simulated_modules
 from models import MLP
 
 
@@ -63,5 +63,6 @@ def test_simulator_loads_a_model_on_meta_from_weights() -> None:
 
 
 def test_modes_are_the_cost_models() -> None:
-    from autotp import cost, options
+    from autotp.core import options
+    from autotp.cost import model as cost
     assert options.MODES == cost.MODES

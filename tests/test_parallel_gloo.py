@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import autotp
-from autotp.placements import Shard, local_sizes, parse, shard_tensor
+from autotp.core.placements import Shard, local_sizes, parse, shard_tensor
 from dist_utils import run_ranks
 from models import MODELS, build, first_tensor, saved_activation_bytes
 
@@ -26,9 +26,10 @@ def loss(out) -> torch.Tensor:
 def head_split_plan(model, args, kwargs, world: int) -> autotp.Plan:
     """The least-memory plan with every attention weight split on head boundaries (pinned to
     its uneven ``grain`` strategy: at world 3 the cost model alone prefers element splits)."""
-    from autotp.api import plan_details
+    from autotp.runtime.api import plan_details
     from autotp.plans import make_plan
-    from autotp.solver import evaluate, solve
+    from autotp.cost.evaluate import evaluate
+    from autotp.solve.solve import solve
     pl = plan_details(model, args, kwargs, world_size=world, objective="memory")
     c = pl.candidates
     pinned = {}

@@ -11,9 +11,10 @@ from torch import nn
 
 import autotp
 from autotp.capture import capture
-from autotp.devices import PRESETS, DeviceSpec
-from autotp.solver import brute_force, evaluate, solve
-from autotp.strategies import build
+from autotp.cost.devices import PRESETS, DeviceSpec
+from autotp.solve.solve import brute_force, solve
+from autotp.cost.evaluate import evaluate
+from autotp.candidates import build
 from examples import hf_models
 from models import MLP, saved_activation_bytes
 from models import build as build_model
@@ -201,7 +202,7 @@ def test_data_parallel_gradient_sync_makes_sharding_pay() -> None:
     assert alone.param_bytes_per_rank == alone.param_bytes_total
     assert replicas.param_bytes_per_rank <= 0.51 * replicas.param_bytes_total
     # predicted: each weight's local gradient all-reduced once over 8 replicas (ring model)
-    from autotp.cost import dp_grad_sync_time
+    from autotp.cost.model import dp_grad_sync_time
     local = [torch.Size(p.shape).numel() * 4 / (2 if p.placement.startswith("S") else 1)
              for p in replicas.params]
     sync = sum(dp_grad_sync_time(b, 8, spec) for b in local)
@@ -211,7 +212,7 @@ def test_data_parallel_gradient_sync_makes_sharding_pay() -> None:
 def test_llama_7b_shape_at_world_6_splits_heads_unevenly() -> None:
     """32 heads on 6 ranks: torch.chunk's 6, 6, 6, 6, 6, 2 heads (grain 128 = head_dim),
     the MLP's 11008 in 1835-row pieces: still Megatron's plan, not replication."""
-    from autotp.placements import local_sizes, parse
+    from autotp.core.placements import local_sizes, parse
     m, a, k = hf_models.llama(n_layer=2, hidden=4096, heads=32, kv_heads=32, intermediate=11008,
                               vocab=32000, batch=1, seq=2048, meta=True, dtype=torch.bfloat16)
     plan = autotp.plan(m, a, k, world_size=6, device="h100")

@@ -1,4 +1,4 @@
-"""Plan time as structure, not seconds: on Llama the layer decomposition (decompose.py) is
+"""Plan time as structure, not seconds: on Llama the layer decomposition (solve/runs.py) is
 used and its work stays bounded, whether the rotary tables are computed by ordinary ops in
 the graph (transformers >= 5.24) or inside a ``torch.no_grad`` region as 5.23 did (which
 export captures as one higher-order op without a rule). transformers 5.24 made the 70B plan
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from autotp.capture import capture
-from autotp.decompose import find_runs
-from autotp.devices import PRESETS
-from autotp.solver import _Program, solve
-from autotp.strategies import build
+from autotp.solve.runs import find_runs
+from autotp.cost.devices import PRESETS
+from autotp.solve.program import Program
+from autotp.solve.solve import solve
+from autotp.candidates import build
 from examples import hf_models
 
 
@@ -55,13 +56,13 @@ SIZES: list[int] = []
 
 @pytest.mark.parametrize("old_rotary", [False, True], ids=["rotary-in-graph", "rotary-no-grad"])
 def test_llama_plan_uses_the_layer_decomposition(old_rotary: bool, monkeypatch) -> None:
-    real = _Program.solve
+    real = Program.solve
 
     def counted(self, weights, extra, time_limit):
         SIZES.append(self.n)
         return real(self, weights, extra, time_limit)
 
-    monkeypatch.setattr(_Program, "solve", counted)
+    monkeypatch.setattr(Program, "solve", counted)
     results = {}
     for n in (4, 8):
         c, sizes = _solve_counted(n, old_rotary)

@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 
 import autotp
-from autotp.placements import Shard, local_sizes, shard_tensor
-from autotp.simulate import run_ranks, simulated_modules
+from autotp.core.placements import Shard, local_sizes, shard_tensor
+from autotp.tools.simulate import run_ranks, simulated_modules
 from random_models import Arch, RandomLM, cases
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,

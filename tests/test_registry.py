@@ -9,14 +9,14 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from autotp import cost, rules
-from autotp.api import plan_details
-from autotp.capture import TensorMeta
-from autotp.cli import print_table
-from autotp.devices import get_device
-from autotp.placements import Replicate, Shard
-from autotp.rules import (UNKNOWN, DimMap, Display, OpCall, Strategy, column_row, matmul_flops,
-                          op_info, register)
+from autotp import rules
+from autotp.cost import model as cost
+from autotp.runtime.api import plan_details
+from autotp.core.meta import TensorMeta
+from autotp.tools.cli import print_table
+from autotp.cost.devices import get_device
+from autotp.core.placements import Replicate, Shard
+from autotp.rules import (UNKNOWN, DimMap, Display, OpCall, Strategy, column_row, matmul_flops, op_info, register)
 
 aten = torch.ops.aten
 

@@ -37,12 +37,13 @@ from torch import nn
 
 from autotp import InfeasiblePlanError
 from autotp.capture import capture
-from autotp.cost import transition
-from autotp.decompose import find_runs
-from autotp.devices import DeviceSpec
-from autotp.placements import Shard
-from autotp.solver import MEMORY_SLACK, Evaluation, brute_force, evaluate, solve
-from autotp.strategies import Candidates, build
+from autotp.cost.model import transition
+from autotp.solve.runs import find_runs
+from autotp.cost.devices import DeviceSpec
+from autotp.core.placements import Shard
+from autotp.solve.solve import MEMORY_SLACK, brute_force, solve
+from autotp.cost.evaluate import Evaluation, evaluate
+from autotp.candidates import Candidates, build
 
 ACTS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 ENUM_LIMIT = 2500  # assignments with possible transitions; more is assume()d away

@@ -9,7 +9,7 @@ DimMap into candidate strategies:
   Replicate; an output without L is Partial when L is a contracted label (matmul's inner
   dim, a sum), else the label is not offered;
 - the same with ``Shard(dim, blocks)`` when a consumer splits that dim into blocks
-  (fused QKV): the blocks come from ``block hints`` found by strategies.py;
+  (fused QKV): the blocks come from ``block hints`` found by candidates.py;
 - Partial inputs only where the op is linear in them (``partial_any``: one input Partial,
   the others Replicate, e.g. ``x * w`` or a view; ``partial_all``: every input Partial,
   e.g. ``a + b``). A Partial plus a Replicate (a bias, a residual) is never offered.
@@ -20,7 +20,7 @@ by rules that set ``dynamic_ok`` (elementwise ops, norms, reductions: Megatron's
 parallel regions), only evenly (``Shard(d)``, when the world size divides the example size),
 and only the largest such dim of the op (the sequence rather than the batch, at the example
 sizes; the last on a tie), so that one region splits one dim. The rewritten module checks at
-run time that the world size still divides it (collectives.py). Views,
+run time that the world size still divides it (rewrite/collectives.py). Views,
 matmuls and attention never split a dynamic dim: their shape arguments and causal masks
 would have to follow it.
 
@@ -28,16 +28,16 @@ Uneven splits: the dims carrying one label may differ in size (a view's hidden H
 H, a repeat's kv heads and q heads); they are split together in ``units`` (by default the gcd
 of their sizes: H heads), each dim in ``grain = size / units`` elements. When the world size
 divides ``units`` this is the even split (``Shard(d)``); otherwise each rank gets torch.chunk's
-share of the units (``Shard(d, grain=g)``, see placements.py). Other unit counts come from
-*grain hints* (``unit_hints``, found by strategies.py): a matmul whose output a view splits into
+share of the units (``Shard(d, grain=g)``, see core/placements.py). Other unit counts come from
+*grain hints* (``unit_hints``, found by candidates.py): a matmul whose output a view splits into
 heads is offered the split on head boundaries as well as the element-wise one.
 
 Everything autotp knows about an op lives in one registry entry (``OpInfo``), written in the
 op's family file next to its sharding rule: the rule, its FLOPs, which of its inputs autograd
 keeps, whether it is a view, whether it depends on train/eval mode, how plan tables show it,
 and whether capture splits a bias off it. ``register(op, ..., **facts)`` writes a rule and its
-facts, ``declare(op, **facts)`` facts alone (an op with no sharding rule). cost.py, capture.py
-and cli.py ask ``op_info(target)``. See docs/adding_an_op_rule.md.
+facts, ``declare(op, **facts)`` facts alone (an op with no sharding rule). cost/model.py, capture/__init__.py
+and tools/cli.py ask ``op_info(target)``. See docs/adding_an_op_rule.md.
 """
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Literal, Se
 
 import torch.fx as fx
 
-from ..placements import OutPlacement, Partial, Placement, Replicate, Shard, local_size, make_shard
+from autotp.core.placements import (OutPlacement, Partial, Placement, Replicate, Shard, local_size, make_shard)
 
 if TYPE_CHECKING:  # capture imports the registry (mode facts, bias splits): no import cycle
-    from ..capture import TensorMeta
+    from autotp.core.meta import TensorMeta
 
 Label = Hashable | None
 
@@ -83,7 +83,7 @@ class Strategy:
         return Replicate()
 
     def __str__(self) -> str:
-        from ..placements import format_out
+        from autotp.core.placements import format_out
         return f"[{', '.join(map(str, self.inputs))}] -> {format_out(self.output)}"
 
 
@@ -206,7 +206,7 @@ class Display:
 class OpInfo:
     """Every fact autotp has about one ATen overload.
 
-    - ``rule``: its sharding rule; None runs it replicated (strategies.py warns).
+    - ``rule``: its sharding rule; None runs it replicated (candidates.py warns).
     - ``flops``: global forward FLOPs from its metas; None means the op is taken as fused
       into its producer and costs 0 s (elementwise, views, norms: cost.compute_time).
     - ``view``: its output aliases its input, so it keeps no activation memory.
@@ -409,4 +409,4 @@ def scale_shape_arg(node: fx.Node, strategy: Strategy, n: int, rank: int = 0, in
 
 
 # importing the families registers their rules
-from . import attention, embedding, matmul, norms, pointwise, views  # noqa: E402,F401
+from autotp.rules import attention, embedding, matmul, norms, pointwise, views  # noqa: E402,F401

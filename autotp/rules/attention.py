@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..placements import Shard
-from . import DimMap, Display, Label, Metas, OpCall, elementwise_flops, register
+from autotp.core.placements import Shard
+from autotp.rules import DimMap, Display, Label, Metas, OpCall, elementwise_flops, register
 
 aten = torch.ops.aten
 

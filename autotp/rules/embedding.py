@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..placements import Partial, Replicate, Shard, shard_ranges
-from . import DimMap, Display, OpCall, Strategy, elementwise_flops, register
+from autotp.core.placements import Partial, Replicate, Shard, shard_ranges
+from autotp.rules import DimMap, Display, OpCall, Strategy, elementwise_flops, register
 
 aten = torch.ops.aten
 

@@ -2,7 +2,7 @@
 the contracted dim split gives a Partial output (row split: Y = sum_r X_r A_r). Column, row,
 head and vocab splits are all this one rule applied to different labels.
 
-Biases are separate adds by the time rules run (capture.py splits off every op registered with
+Biases are separate adds by the time rules run (capture/__init__.py splits off every op registered with
 ``unbias``: linear, addmm), so a Partial output never has a bias added on every rank.
 
 Facts: FLOPs are ``matmul_flops`` (2 K per output element); linear and mm are shown in plan
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import DimMap, Display, OpCall, column_row, declare, matmul_flops, register
+from autotp.rules import DimMap, Display, OpCall, column_row, declare, matmul_flops, register
 
 aten = torch.ops.aten
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, norm_dims, register
+from autotp.rules import (DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, norm_dims, register)
 
 aten = torch.ops.aten
 

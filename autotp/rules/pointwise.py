@@ -10,8 +10,7 @@ import torch
 
 import torch.fx as fx
 
-from . import (DimMap, OpCall, always_mode_sensitive, broadcast_labels, declare, keeps_nothing,
-               keeps_tensor_operands, register)
+from autotp.rules import (DimMap, OpCall, always_mode_sensitive, broadcast_labels, declare, keeps_nothing, keeps_tensor_operands, register)
 
 aten = torch.ops.aten
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..placements import Shard, local_size, shard_ranges
-from . import DimMap, Label, OpCall, Strategy, keeps_nothing, norm_dims, register, scale_shape_arg
+from autotp.core.placements import Shard, local_size, shard_ranges
+from autotp.rules import (DimMap, Label, OpCall, Strategy, keeps_nothing, norm_dims, register, scale_shape_arg)
 
 aten = torch.ops.aten
 

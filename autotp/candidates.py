@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
-from torch.utils import _pytree as pytree  # see capture.py: no public pytree in torch 2.13
+from autotp._compat import pytree
 
-from .capture import Captured, TensorMeta, describe, module_path
-from .cost import ADAM_FP32_BYTES
-from .placements import Replicate, Shard, make_shard
-from .rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for,
-                    strategies_from_dims)
+from autotp.capture import Captured, describe, module_path
+from autotp.core.meta import TensorMeta
+from autotp.core.options import ADAM_FP32_BYTES
+from autotp.core.placements import Replicate, Shard, make_shard
+from autotp.rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for, strategies_from_dims)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Candidates:
     unruled: dict[str, list[str]] = field(default_factory=dict)  # op -> module paths
     needs_grad: frozenset[str] = frozenset()  # nodes whose value has a gradient in training
     # per stack of identical layers (capture's Captured.stacks), per layer, its decision
-    # nodes in graph order: the solver solves runs of identical layers once (decompose.py)
+    # nodes in graph order: the solver solves runs of identical layers once (solve/runs.py)
     layers: tuple[tuple[tuple[str, ...], ...], ...] = ()
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # solver tables
     # the two plan options the cost model reads, set once by build() (PlanOptions has them all)

@@ -2,7 +2,7 @@
 this rank's rewritten module (``rank_module``).
 
 ``autotp.plan`` / ``plan_details``, ``autotp.parallelize`` and the thread simulator
-(``autotp.simulate``) all run these two steps; they differ only in what surrounds them (a
+(``autotp.tools.simulate``) all run these two steps; they differ only in what surrounds them (a
 process group and a plan broadcast, or threads), so the simulator runs exactly what
 ``parallelize`` runs: the same options, memory budget, optimizer state, data-parallel pricing
 and meta-device capture.
@@ -21,19 +21,20 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils import _pytree as pytree  # see capture.py
+from autotp._compat import pytree
 
-from .capture import Captured, capture, fetch_attr, set_attr
-from .collectives import Comm
-from .devices import DeviceSpec
-from .errors import AutoTPError, AutoTPInternalError, PlanError
-from .options import PlanOptions
-from .placements import Placement, Replicate, parse, parse_out
-from .plans import Plan, make_plan
-from .rewrite import rewrite
-from .solver import Choice, evaluate, solve
-from .strategies import Candidates, build
-from .weights import WeightSource
+from autotp.capture import Captured, capture, fetch_attr, set_attr
+from autotp.rewrite.collectives import Comm
+from autotp.cost.devices import DeviceSpec, get_device
+from autotp.errors import AutoTPError, AutoTPInternalError, PlanError
+from autotp.core.options import PlanOptions
+from autotp.core.placements import Placement, Replicate, parse, parse_out
+from autotp.plans import Plan, make_plan
+from autotp.rewrite.rewrite import rewrite
+from autotp.cost.evaluate import Choice, evaluate
+from autotp.solve.solve import solve
+from autotp.candidates import Candidates, build
+from autotp.runtime.weights import WeightSource
 
 Progress = Callable[[str], Any]
 
@@ -170,7 +171,7 @@ def candidates(captured: Captured, options: PlanOptions) -> Candidates:
 
 def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = None) -> tuple[Plan, Choice]:
     """The optimal Plan of ``c`` under ``options`` (and the Choice behind it)."""
-    spec = spec or options.spec
+    spec = spec or get_device(options.device)
     extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
     choice = solve(c, spec, options.mode, options.objective, options.memory_budget, **extra)
     ev = evaluate(c, choice, spec, options.mode)
@@ -188,7 +189,7 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
     solving. ``progress(stage)`` is called as each stage starts."""
     args, kwargs = check_args(example_inputs, example_kwargs)
     note = progress or (lambda _stage: None)
-    spec = options.spec
+    spec = get_device(options.device)
     meta = on_meta(model)
     with gc_paused():
         note("capturing the model with torch.export")

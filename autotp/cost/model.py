@@ -10,7 +10,7 @@ full tensor, latency alpha, per-direction link bandwidth beta):
 A calibrated spec may give a collective two bandwidth regimes (``DeviceSpec.link_model``):
 a tensor of B >= K bytes (the knee) moves at beta_above instead of beta. Gloo on CPU needs
 it: glibc serves every buffer of 32 MiB or more (DistComm's clone, the gathered output) with
-a fresh mmap whose pages fault in on first touch, 2-5x slower (see calibrate.py).
+a fresh mmap whose pages fault in on first touch, 2-5x slower (see runtime/calibrate.py).
 
 Compute is a roofline per rank on the op's local shapes, for the ops registered with a
 ``flops`` fact: matmuls, attention and embeddings (elementwise ops are assumed fused into
@@ -33,7 +33,7 @@ Partial value counts whole. Activations are what make Megatron's sequence parall
 norms and residual adds on a sequence-split value keep 1/n of their inputs (the all-gathered
 copy a column-parallel matmul reads is kept whole).
 
-Uneven splits (torch.chunk sizes, see placements.py) are costed at the largest rank, which sets
+Uneven splits (torch.chunk sizes, see core/placements.py) are costed at the largest rank, which sets
 the step time and the memory that must fit: compute and parameter bytes scale by the largest
 local fraction (``shard_fraction``) instead of 1/n, and an all-gather or reduce-scatter moves
 n pieces padded to the largest (``pad_factor``).
@@ -45,13 +45,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .devices import DeviceSpec
-from .placements import Partial, Placement, Replicate, Shard, local_size
-from .rules import Strategy, elementwise_flops, op_info
+from autotp.core.options import ADAM_FP32_BYTES, MODES  # noqa: F401  (cost.MODES: the same two)
+from autotp.cost.devices import DeviceSpec
+from autotp.core.placements import Partial, Placement, Replicate, Shard, local_size
+from autotp.rules import Strategy, elementwise_flops, op_info
 
-MODES = ("training", "inference")
 # optimizer state per trained parameter element: Adam's exp_avg and exp_avg_sq in fp32
-ADAM_FP32_BYTES = 8.0
 BACKWARD_COMPUTE_FACTOR = 2.0
 
 

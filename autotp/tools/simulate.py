@@ -14,13 +14,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .collectives import Comm
-from .cost import ADAM_FP32_BYTES
-from .devices import DeviceSpec
-from .options import Mode, Objective, PlanOptions
-from .pipeline import ParallelModule, check_args, plan_model, rank_module
-from .plans import Plan
-from .weights import open_weights
+from autotp.rewrite.collectives import Comm
+from autotp.cost.model import ADAM_FP32_BYTES
+from autotp.cost.devices import DeviceSpec
+from autotp.core.options import Mode, Objective, PlanOptions
+from autotp.runtime.pipeline import ParallelModule, check_args, plan_model, rank_module
+from autotp.plans import Plan
+from autotp.runtime.weights import open_weights
 
 
 class _Hub:

@@ -11,7 +11,7 @@ memory, and a column slice touches every page of the tensor, so a mapped reader 
 The safetensors format (https://huggingface.co/docs/safetensors): 8 bytes little-endian
 header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, ...}``
 (offsets relative to the end of the header), then the raw little-endian tensor bytes.
-``write_safetensors`` writes the same format tensor by tensor (see checkpoint.py).
+``write_safetensors`` writes the same format tensor by tensor (see runtime/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import AutoTPError
-from .placements import Placement, Replicate, Shard, shard_ranges, shard_tensor
+from autotp.errors import AutoTPError
+from autotp.core.placements import Placement, Replicate, Shard, shard_ranges, shard_tensor
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,

@@ -36,12 +36,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Shard as DShard
 
-from .api import ParallelModule
-from .capture import fetch_attr
-from .collectives import DistComm, gather_shards
-from .errors import AutoTPError
-from .placements import Placement, Replicate, Shard, local_size, shard_ranges, shard_tensor
-from .weights import nbytes, write_safetensors
+from autotp.runtime.api import ParallelModule
+from autotp.capture import fetch_attr
+from autotp.rewrite.collectives import DistComm, gather_shards
+from autotp.errors import AutoTPError
+from autotp.core.placements import (Placement, Replicate, Shard, local_size, shard_ranges, shard_tensor)
+from autotp.runtime.weights import nbytes, write_safetensors
 
 LAYOUT = "autotp_layout.json"
 

@@ -16,7 +16,7 @@ gets ``c = ceil(units / n)`` consecutive units until they run out, so rank r hol
 ``H * d`` split on head boundaries has ``grain=d``. When n divides ``units`` the split is the
 even one whatever the grain, and placements are normalized to ``grain=None`` (see
 ``make_shard``). ``shard_ranges`` is the one definition every slicer uses (``shard_tensor``,
-``weights.py``'s reader, checkpoints).
+``runtime/weights.py``'s reader, checkpoints).
 
 Helpers here convert full tensors to local shards and back; they are pure tensor functions
 used by the collectives, the parameter slicer and the state-dict gatherer.
@@ -31,7 +31,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .errors import AutoTPInternalError
+from autotp.errors import AutoTPInternalError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Device specifications: the numbers the cost model reads.
 
 Units: FLOP/s, bytes, bytes/s, seconds. Link bandwidth is per direction, per device, as
-nccl-tests' "bus bandwidth" (so the ring formulas in cost.py apply directly).
+nccl-tests' "bus bandwidth" (so the ring formulas in cost/model.py apply directly).
 
 Sources for the presets (dense, no sparsity):
 - H100 SXM: NVIDIA H100 datasheet: 989 TFLOP/s BF16/FP16, 67 TFLOP/s FP32 (non-tensor) and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AutoTPError
+from autotp.errors import AutoTPError
 
 
 @dataclass(frozen=True)

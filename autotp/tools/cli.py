@@ -26,10 +26,10 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .cost import ADAM_FP32_BYTES
-from .errors import AutoTPError, AutoTPInternalError, RankError
-from .placements import OutPlacement, Shard, local_sizes
-from .rules import Display, op_info, op_info_named
+from autotp.core.options import ADAM_FP32_BYTES
+from autotp.errors import AutoTPError, AutoTPInternalError, RankError
+from autotp.core.placements import OutPlacement, Shard, local_sizes
+from autotp.rules import Display, op_info, op_info_named
 
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
 out = Console(highlight=False, width=_WIDTH)
@@ -85,12 +85,12 @@ def load_target(spec: str) -> tuple[Any, tuple, dict]:
 
 
 def _device(name: str) -> Any:
-    from .devices import get_device
+    from autotp.cost.devices import get_device
     return get_device(name)
 
 
 def _planned(target: str, a: argparse.Namespace, world: int | None = None, device: str | None = None):
-    from .api import plan_details
+    from autotp.runtime.api import plan_details
     model, args, kwargs = load_target(target)
     budget = a.memory_gb * 1e9 if getattr(a, "memory_gb", None) else None
     with err.status("planning…", spinner="dots") as status:
@@ -190,7 +190,7 @@ def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
 
 def _replicated_time(pd) -> float:
     # strategy 0 of every node is all-Replicate (rules.strategies_from_dims, strategies.build)
-    from .solver import evaluate
+    from autotp.cost.evaluate import evaluate
     ev = evaluate(pd.candidates, {n: 0 for n in pd.candidates.nodes}, pd.spec, pd.plan.mode)
     return ev.time_s if ev is not None else float("nan")
 
@@ -262,7 +262,7 @@ def to_dot(pd) -> str:
 
 
 def _edges(pd):
-    from .solver import evaluate
+    from autotp.cost.evaluate import evaluate
     ev = evaluate(pd.candidates, pd.choice, pd.spec, pd.plan.mode)
     return ev.edges if ev else ()
 
@@ -289,7 +289,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from .solver import _node_time, _param_mem, evaluate, solve
+    from autotp.cost.evaluate import _node_time, _param_mem, evaluate
+    from autotp.solve.solve import solve
     pd = _planned(a.target, a)
     c, choice = pd.candidates, pd.choice
     base = evaluate(c, choice, pd.spec, pd.plan.mode)
@@ -363,7 +364,7 @@ def _match(folded_path: str, module: str) -> bool:
 
 
 def _load_plan(spec: str, a: argparse.Namespace, prefix: str):
-    from .plans import Plan
+    from autotp.plans import Plan
     if spec.endswith(".json") and Path(spec).is_file():
         return Plan.from_json(Path(spec).read_text())
     ns = argparse.Namespace(**vars(a))
@@ -414,7 +415,7 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .verify import run_check
+    from autotp.tools.check import run_check
     load_target(a.target)  # fail fast, in this process, on a bad target
     with err.status(f"running {a.world_size} ranks…", spinner="dots"):
         r = run_check(a.target, a.world_size, objective=a.objective, device=a.device,
@@ -442,7 +443,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    from .verify import run_calibration
+    from autotp.tools.check import run_calibration
     with err.status(f"measuring {a.world_size} ranks…", spinner="dots"):
         spec, points = run_calibration(a.world_size, a.repeats)
     t = Table(title=f"{spec.name}: fitted ring model per collective", title_justify="left")
@@ -465,8 +466,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_devices(a: argparse.Namespace) -> int:
-    from .devices import PRESETS
-    t = Table(title="device presets (sources: autotp/devices.py, docs/cost_model.md)", title_justify="left")
+    from autotp.cost.devices import PRESETS
+    t = Table(title="device presets (sources: autotp/cost/devices.py, docs/cost_model.md)", title_justify="left")
     for col in ("name", "bf16 FLOP/s", "fp32 FLOP/s", "memory", "memory bw", "link bw/dir", "latency"):
         t.add_column(col)
     for name, s in PRESETS.items():

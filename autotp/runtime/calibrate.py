@@ -52,11 +52,11 @@ import torch
 import torch.distributed as dist
 from scipy.optimize import nnls
 
-from .collectives import DistComm, convert
-from .cost import all_gather_time, all_reduce_time, reduce_scatter_time
-from .devices import DeviceSpec
-from .errors import ProcessGroupError
-from .placements import Partial, Replicate, Shard
+from autotp.rewrite.collectives import DistComm, convert
+from autotp.cost.model import all_gather_time, all_reduce_time, reduce_scatter_time
+from autotp.cost.devices import DeviceSpec
+from autotp.errors import ProcessGroupError
+from autotp.core.placements import Partial, Replicate, Shard
 
 DEFAULT_SIZES = tuple(16 * 1024 * 2 ** k for k in range(13))  # 16 KiB .. 64 MiB
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
@@ -218,7 +218,7 @@ def calibrate(group: dist.ProcessGroup | None = None, *, sizes=DEFAULT_SIZES,
     """Measure this process group; returns the fitted DeviceSpec and the raw measurements.
     Collective: call on every rank. ``spec.extra`` holds the fit's relative errors."""
     if not dist.is_initialized():
-        raise ProcessGroupError("autotp.calibrate measures a process group: call "
+        raise ProcessGroupError("autotp.runtime.calibrate measures a process group: call "
                                 "torch.distributed.init_process_group first (torchrun)")
     comm = DistComm(group)
     backend = dist.get_backend(group)

@@ -1,23 +1,25 @@
 """PlanOptions: everything a plan depends on besides the model and its example inputs.
 
-``autotp.plan``, ``autotp.parallelize`` and ``autotp.simulate`` each turn their keyword
+``autotp.plan``, ``autotp.parallelize`` and ``autotp.tools.simulate`` each turn their keyword
 arguments into one ``PlanOptions`` and hand it to ``pipeline.plan_model``; a new option is one
 field here (plus the keyword that sets it), not a parameter threaded through every stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-from .cost import ADAM_FP32_BYTES
-from .devices import DeviceSpec, get_device
-from .errors import AutoTPError
+from autotp.errors import AutoTPError
+
+if TYPE_CHECKING:
+    from autotp.cost.devices import DeviceSpec
 
 Mode = Literal["training", "inference"]
 Objective = Literal["time", "memory"]
 
-MODES: tuple[str, ...] = get_args(Mode)  # cost.MODES spells the same two
+MODES: tuple[str, ...] = get_args(Mode)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+ADAM_FP32_BYTES = 8.0
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,3 @@ class PlanOptions:
             raise AutoTPError(f"optimizer_bytes must be >= 0, got {self.optimizer_bytes!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise AutoTPError(f"time_limit must be positive seconds, got {self.time_limit!r}")
-
-    @property
-    def spec(self) -> DeviceSpec:
-        """The device resolved to a DeviceSpec (raises AutoTPError for an unknown name)."""
-        return get_device(self.device)

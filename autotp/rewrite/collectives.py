@@ -21,7 +21,7 @@ world_size x gradients, which is why these are written here.
 NCCL); tests and the SPMD simulator may provide another. Every call is counted by
 (kind, phase) so tests and the CLI can compare what ran with what the plan says.
 
-Uneven shards (torch.chunk sizes, see placements.py): gloo's and NCCL's all_gather and
+Uneven shards (torch.chunk sizes, see core/placements.py): gloo's and NCCL's all_gather and
 reduce_scatter need equal sizes, so each piece is zero-padded along the shard dim to the
 largest rank's size (rank 0's) and trimmed after; the Comm always sees equal shapes. The
 all-gather needs the global size along the dim to know every rank's size: ``Redistribute``
@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cost import convert_ops, dual
-from .errors import AutoTPError, AutoTPInternalError
-from .placements import Placement, Shard, local_sizes, rank_major, shard_tensor, unshard
+from autotp.cost.model import convert_ops, dual
+from autotp.errors import AutoTPError, AutoTPInternalError
+from autotp.core.placements import Placement, Shard, local_sizes, rank_major, shard_tensor, unshard
 
 
 class Comm:

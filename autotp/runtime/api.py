@@ -10,15 +10,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .collectives import DistComm
-from .cost import ADAM_FP32_BYTES
-from .devices import DeviceSpec, get_device
-from .errors import AutoTPError, ProcessGroupError
-from .options import Mode, Objective, PlanOptions
-from .pipeline import (ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan,  # noqa: F401
-                       missing_weights_error, on_meta, plan_model, rank_module, retarget_device)
-from .plans import Plan
-from .weights import open_weights
+from autotp.rewrite.collectives import DistComm
+from autotp.core.options import ADAM_FP32_BYTES
+from autotp.cost.devices import DeviceSpec, get_device
+from autotp.errors import AutoTPError, ProcessGroupError
+from autotp.core.options import Mode, Objective, PlanOptions
+from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
+    ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
+    on_meta, plan_model, rank_module, retarget_device)
+from autotp.plans import Plan
+from autotp.runtime.weights import open_weights
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils import _pytree as pytree  # see capture.py
+from autotp._compat import pytree
 
-from .launch import spawn
+from autotp.tools.launch import spawn
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -46,9 +46,10 @@ def _to(x: Any, device: torch.device) -> Any:
 
 
 def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None:
-    from . import gather_state_dict, parallelize
-    from .cli import load_target
-    from .placements import shard_tensor
+    from autotp.runtime.api import parallelize
+    from autotp.runtime.checkpoint import gather_state_dict
+    from autotp.tools.cli import load_target
+    from autotp.core.placements import shard_tensor
     torch.set_num_threads(1)
     use_cuda = opts["backend"] == "nccl"
     dev = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
@@ -120,7 +121,7 @@ def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None
 
 def run_check(target: str, world_size: int, *, objective: str = "memory", device: str | None = None,
               rtol: float = 1e-5, atol: float = 1e-5, steps: int = 3) -> dict:
-    from .errors import AutoTPError, RankError
+    from autotp.errors import AutoTPError, RankError
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     opts = dict(backend=backend, objective=objective, device=device, rtol=rtol, atol=atol, steps=steps)
     with tempfile.TemporaryDirectory() as d:
@@ -142,7 +143,7 @@ def run_check(target: str, world_size: int, *, objective: str = "memory", device
 
 
 def _calibrate_worker(rank: int, world: int, repeats: int, outdir: str) -> None:
-    from .calibrate import calibrate
+    from autotp.runtime.calibrate import calibrate
     torch.set_num_threads(1)
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
     if backend == "nccl":
@@ -160,9 +161,9 @@ def _calibrate_worker(rank: int, world: int, repeats: int, outdir: str) -> None:
 
 def run_calibration(world_size: int, repeats: int = 15):
     """``autotp calibrate``: measure ``world_size`` local ranks; returns (DeviceSpec, points)."""
-    from .calibrate import Measurement
-    from .devices import DeviceSpec
-    from .errors import AutoTPError
+    from autotp.runtime.calibrate import Measurement
+    from autotp.cost.devices import DeviceSpec
+    from autotp.errors import AutoTPError
     with tempfile.TemporaryDirectory() as d:
         spawn(_calibrate_worker, world_size, repeats, d)
         path = os.path.join(d, "cal.pt")

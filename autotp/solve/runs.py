@@ -1,7 +1,7 @@
 """Repeated layers in the solver: a run of identical layers is solved once per boundary state.
 
 A *run* is a maximal sequence of consecutive layers of a stack (``Candidates.layers``, from
-the module tree, see layers.py) whose candidates are identical relative to their neighbours
+the module tree, see capture/stacks.py) whose candidates are identical relative to their neighbours
 (``_shape``): the same ops, strategies, shapes and gradient flags node by node, reading their
 own nodes, the previous layer's nodes at the same offsets, or the same outside values. The
 values a layer passes to the next are its *carried* values (the residual stream).
@@ -14,7 +14,7 @@ Exactness. The cost of the whole graph splits along a run without approximation 
   lies inside one layer (``_run``);
 - a *shared* value (an outside value every layer reads: rotary tables, a mask) enters a
   layer only through the placements its consumers read it in. The outer program pays each
-  such read's transition once for all layers (``_Program._shared_reads``), and the table
+  such read's transition once for all layers (``Program._shared_reads``), and the table
   is made per set of reads available (``_table``), so the layers stay uncoupled whatever
   the shared value's own placement;
 - no memory budget binds: the layers' memory adds up across the run, a knapsack
@@ -22,10 +22,10 @@ Exactness. The cost of the whole graph splits along a run without approximation 
   when the result breaks it (or the least-memory bound of objective="memory"), solves the
   whole graph instead when it is small enough to be solved exactly in reasonable time;
   on deeper models it prices memory instead (``lam``: time + lam * memory, a Lagrangian
-  relaxation, searched over lam until the plan fits; see solver.py). That result fits the
+  relaxation, searched over lam until the plan fits; see solve/program.py). That result fits the
   budget but is not proven optimal.
 
-Method. For the first layer of a run, a small program (solver._Program over that layer, the
+Method. For the first layer of a run, a small program (solver.Program over that layer, the
 values it reads from the layer before as *external* values whose placement is pinned) gives
 ``T[A][a][b]``: the least cost of one layer given the set A of shared-value reads it may use,
 the incoming carried values' placements a and its own carried values' placements b
@@ -52,8 +52,9 @@ from typing import Callable
 
 import numpy as np
 
-from .placements import Placement
-from .strategies import Candidates, Value
+from autotp.core.placements import Placement
+from autotp.candidates import Candidates, Value
+from autotp.solve.program import Program, bytes_bound
 
 log = logging.getLogger(__name__)
 Weight = Callable[[float, float], float]  # (seconds, parameter bytes) -> objective units
@@ -235,7 +236,7 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     placement each consumer reads. Monotone: more available reads never cost more, so a cell
     whose optimum at a larger set only uses reads of a smaller one is that set's optimum too
     (and an infeasible cell stays infeasible with fewer reads): most cells are not solved."""
-    from .solver import _Program
+
     key = ("table", run.key, spec.to_json(), mode, kind, lam)
     if key in c.cache:
         return c.cache[key]
@@ -243,7 +244,7 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     inner = [(unit[o], oi) for o, oi in run.carried]
     a_dom = [tuple(dict.fromkeys(_placements(c, v) + _placements(c, w))) for v, w in zip(run.ins, inner)]
     b_dom = [_placements(c, w) for w in inner]
-    prog = _Program(c, spec, mode, unit, externals=dict(zip(run.ins, a_dom)))
+    prog = Program(c, spec, mode, unit, externals=dict(zip(run.ins, a_dom)))
     reads = _reads(c, prog, run)
     sets = _read_sets(list(reads), len(run.shared))
     if sets is None:
@@ -360,7 +361,6 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
     ``lean`` = (lam_lean, budget bytes): each run may take its first k layers from the table
     priced at lam_lean and the rest from the one at lam, and the rest of the graph is solved
     for least time under the budget (memory per layer as the tables count it)."""
-    from .solver import _Program, bytes_bound
     tables = [_table(c, spec, mode, r, kind, weight, time_limit, lam) for r in runs]
     leans = [_table(c, spec, mode, r, kind, weight, time_limit, lean[0]) if lean else None
              for r in runs]
@@ -368,7 +368,7 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
     runs = [runs[i] for i in keep]
     blocks = [_chain(runs[j], tables[i], leans[i]) for j, i in enumerate(keep)]
     inside = set().union(*(r.nodes for r in runs))
-    prog = _Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
+    prog = Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
     extra: list = []
     if lam:
         prog.budget_rows(None)  # memory of the nodes outside the runs (and kept-value variables)

@@ -14,15 +14,16 @@ from typing import Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree  # see capture.py
+from autotp._compat import pytree
 
-from .capture import TensorMeta, fetch_attr, set_attr
-from .collectives import Comm, Redistribute
-from .errors import AutoTPInternalError
-from .placements import Placement, Replicate, Shard, shard_tensor
-from .rules import rule_for
-from .solver import Choice
-from .strategies import Candidates
+from autotp.core.meta import TensorMeta
+from autotp.capture import fetch_attr, set_attr
+from autotp.rewrite.collectives import Comm, Redistribute
+from autotp.errors import AutoTPInternalError
+from autotp.core.placements import Placement, Replicate, Shard, shard_tensor
+from autotp.rules import rule_for
+from autotp.cost.evaluate import Choice
+from autotp.candidates import Candidates
 
 
 def value_placement(c: Candidates, choice: Choice, name: str) -> Placement:

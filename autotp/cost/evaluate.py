@@ -1,0 +1,146 @@
+"""The cost of a plan: per node and strategy compute time, parameter bytes and memory footprint, and
+``evaluate``, the one definition of a plan's predicted step time and memory that the solver's
+program linearizes (solve/program.py) and ``brute_force`` enumerates (solve/solve.py)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+
+from autotp.cost.model import (Transition, compute_time, dp_grad_sync_time, local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time, state_bytes, working_bytes)
+from autotp.cost.devices import DeviceSpec
+from autotp.core.placements import Placement
+from autotp.candidates import Candidates, Value
+
+
+Choice = dict[str, int]
+
+
+@dataclass(frozen=True)
+class EdgeCost:
+    value: Value
+    src: Placement
+    dst: Placement
+    grad: Placement
+    consumers: tuple[tuple[str, int], ...]
+    transition: Transition
+    nbytes: int
+    time_s: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    compute_s: float
+    comm_s: float
+    param_bytes: float  # per rank
+    edges: tuple[EdgeCost, ...]
+    activation_bytes: float = 0.0  # per rank: saved for the backward, or the inference peak
+    memory_bytes: float = 0.0  # per rank: state (params, grads, optimizer) + activations
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+def _node_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> float:
+    nc = c.nodes[name]
+    if nc.kind != "op":
+        return 0.0
+    ins = tuple(c.nodes[v[0]].metas[v[1]] for v in nc.slots)
+    return compute_time(nc.target, ins, nc.metas, nc.strategies[s], c.world_size, spec, mode)
+
+
+def _dp_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> float:
+    """Data-parallel gradient all-reduce of a trained parameter, at its local size."""
+    if c.dp_size <= 1 or mode != "training" or name not in c.needs_grad:
+        return 0.0
+    return dp_grad_sync_time(_param_mem(c, name, s), c.dp_size, spec)
+
+
+def _param_mem(c: Candidates, name: str, s: int) -> float:
+    nc = c.nodes[name]
+    if nc.kind != "param":
+        return 0.0
+    return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
+
+
+def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
+    """Training: per activation value, the (op, slot)s that keep it for the backward (found
+    once per Candidates: ``memory_bytes`` runs for every plan evaluated)."""
+    if mode != "training":
+        return {}
+    if "keepers" in c.cache:
+        return c.cache["keepers"]
+    out: dict[Value, list[tuple[str, int]]] = {}
+    for value, cons in c.consumers.items():
+        if c.nodes[value[0]].kind in ("param", "buffer"):
+            continue  # parameters are counted as state
+        keep = [(n, slot) for n, slot in cons if c.nodes[n].kind == "op" and n in c.needs_grad
+                and saves_inputs(c.nodes[n].target, len(c.nodes[n].slots))]
+        if keep:
+            out[value] = keep
+    c.cache["keepers"] = out
+    return out
+
+
+def _working(c: Candidates, name: str, s: int) -> float:
+    """Inference: bytes live while op ``name`` runs with strategy ``s``."""
+    nc = c.nodes[name]
+    if nc.kind != "op":
+        return 0.0
+    ins = tuple(c.nodes[v[0]].metas[v[1]] for v in nc.slots)
+    return working_bytes(ins, nc.metas, nc.strategies[s], c.world_size)
+
+
+def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
+    """State bytes per rank (parameters; in training also gradients and optimizer states)."""
+    nc = c.nodes[name]
+    if nc.kind != "param":
+        return 0.0
+    return state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
+                       name in c.needs_grad, c.optimizer_bytes)
+
+
+def memory_bytes(c: Candidates, choice: Choice, mode: str) -> tuple[float, float]:
+    """(activation bytes, total memory bytes) per rank of a full assignment."""
+    state = sum(_footprint(c, v, s, mode) for v, s in choice.items())
+    if mode == "training":
+        kept = {(value, c.nodes[n].strategies[choice[n]].inputs[slot])
+                for value, keep in _keepers(c, mode).items() for n, slot in keep}
+        act = sum(local_bytes(c.nodes[v[0]].metas[v[1]], q, c.world_size) for v, q in kept)
+    else:
+        act = max([0.0] + [_working(c, v, s) for v, s in choice.items()])
+    return act, state + act
+
+
+def _edge_mode(c: Candidates, value: Value, mode: str) -> str:
+    """A value without a gradient (token ids, masks, frozen weights) has no backward."""
+    return mode if value[0] in c.needs_grad else "inference"
+
+
+def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "training") -> Evaluation | None:
+    """Predicted cost of a full assignment; None if some edge is impossible."""
+    compute = sum(_node_time(c, v, s, spec, mode) for v, s in choice.items())
+    mem = sum(_param_mem(c, v, s) for v, s in choice.items())
+    groups: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
+    for value, cons in c.consumers.items():
+        u, oi = value
+        p = c.nodes[u].strategies[choice[u]].outputs()[oi]
+        for name, slot in cons:
+            st = c.nodes[name].strategies[choice[name]]
+            groups[(value, p, st.inputs[slot], st.grad_placement(slot))].append((name, slot))
+    edges = []
+    for (value, p, q, g), cons in groups.items():
+        t = transition(p, q, g, c.nodes[value[0]].kind == "param")
+        if t is None:
+            return None
+        if not t.forward and not t.backward:
+            continue
+        nbytes = c.bytes_of(value)
+        pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)
+        edges.append(EdgeCost(value, p, q, g, tuple(cons), t, nbytes,
+                              transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode),
+                                              pad)))
+    comm = sum(e.time_s for e in edges) + sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items())
+    act, total = memory_bytes(c, choice, mode)
+    return Evaluation(compute, comm, mem, tuple(edges), act, total)
