@@ -132,7 +132,7 @@ def test_a_rule_that_raises_falls_back_to_replicated(monkeypatch) -> None:
 def test_internal_error_asks_for_a_report() -> None:
     """A broken invariant inside autotp is an AutoTPInternalError (not an AssertionError that
     ``python -O`` removes), and its message asks for a bug report."""
-    from autotp.tools.cli import UsageError
+    from autotp.tools.targets import UsageError
     from autotp.rewrite.collectives import Comm, convert
     from autotp.core.placements import Partial, Shard
     with pytest.raises(autotp.AutoTPInternalError, match="S\\(0\\) -> P.*please report it"):

@@ -77,3 +77,18 @@ def test_every_import_goes_to_an_earlier_stage() -> None:
 def test_the_file_list_is_the_stages() -> None:
     top = {p.stem for p in PKG.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
     assert top - {"__init__", "__main__"} == set(STAGES)
+
+
+def test_no_import_cycle() -> None:
+    import networkx as nx
+    g = nx.DiGraph()
+    names = {m for m, _ in _modules()}
+    for module, path in _modules():
+        if module in FACADE:
+            continue
+        for name, _ in _imports(path, module):
+            target = name if name in names else name.rsplit(".", 1)[0]
+            if target in names and target != module and target not in FACADE:
+                g.add_edge(module, target)
+    cycles = list(nx.simple_cycles(g))
+    assert not cycles, cycles

@@ -13,7 +13,7 @@ from autotp import rules
 from autotp.cost import model as cost
 from autotp.runtime.api import plan_details
 from autotp.core.meta import TensorMeta
-from autotp.tools.cli import print_table
+from autotp.tools.report import print_table
 from autotp.cost.devices import get_device
 from autotp.core.placements import Replicate, Shard
 from autotp.rules import (UNKNOWN, DimMap, Display, OpCall, Strategy, column_row, matmul_flops, op_info, register)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from autotp.core.placements import Shard
-from autotp.rules import DimMap, Display, Label, Metas, OpCall, elementwise_flops, register
+from autotp.rules.registry import DimMap, Display, Label, Metas, OpCall, elementwise_flops, register
 
 aten = torch.ops.aten
 

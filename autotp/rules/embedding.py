@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from autotp.core.placements import Partial, Replicate, Shard, shard_ranges
-from autotp.rules import DimMap, Display, OpCall, Strategy, elementwise_flops, register
+from autotp.rules.registry import DimMap, Display, OpCall, Strategy, elementwise_flops, register
 
 aten = torch.ops.aten
 

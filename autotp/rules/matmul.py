@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from autotp.rules import DimMap, Display, OpCall, column_row, declare, matmul_flops, register
+from autotp.rules.registry import DimMap, Display, OpCall, column_row, declare, matmul_flops, register
 
 aten = torch.ops.aten
 

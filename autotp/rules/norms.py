@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from autotp.rules import (DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, norm_dims, register)
+from autotp.rules.registry import DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, register
+from autotp.rules.enumerate import norm_dims
 
 aten = torch.ops.aten
 

@@ -10,7 +10,8 @@ import torch
 
 import torch.fx as fx
 
-from autotp.rules import (DimMap, OpCall, always_mode_sensitive, broadcast_labels, declare, keeps_nothing, keeps_tensor_operands, register)
+from autotp.rules.registry import DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, keeps_tensor_operands, register
+from autotp.rules.enumerate import broadcast_labels
 
 aten = torch.ops.aten
 

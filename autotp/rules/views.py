@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 
 from autotp.core.placements import Shard, local_size, shard_ranges
-from autotp.rules import (DimMap, Label, OpCall, Strategy, keeps_nothing, norm_dims, register, scale_shape_arg)
+from autotp.rules.registry import DimMap, Label, OpCall, Strategy, keeps_nothing, register
+from autotp.rules.enumerate import norm_dims, scale_shape_arg
 
 aten = torch.ops.aten
 

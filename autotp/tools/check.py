@@ -48,7 +48,7 @@ def _to(x: Any, device: torch.device) -> Any:
 def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None:
     from autotp.runtime.api import parallelize
     from autotp.runtime.checkpoint import gather_state_dict
-    from autotp.tools.cli import load_target
+    from autotp.tools.targets import load_target
     from autotp.core.placements import shard_tensor
     torch.set_num_threads(1)
     use_cuda = opts["backend"] == "nccl"

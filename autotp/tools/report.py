@@ -1,0 +1,182 @@
+"""How plans are shown: the plan table (one row per weight-bearing op, layers folded), sizes
+and times in human units, each rank's local weight shape, and the Graphviz export. The words
+for a split come from the op registry's ``display`` fact."""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from autotp.core.placements import OutPlacement, Shard, local_sizes
+from autotp.rules import Display, op_info
+
+
+_WIDTH = None if sys.stdout.isatty() else 160  # pipes and files: wide enough for the tables
+
+
+out = Console(highlight=False, width=_WIDTH)
+
+
+def _shown(target: object) -> bool:
+    """Whether plan tables show the op as a matmul-like row (its registry ``display`` fact)."""
+    return op_info(target).display is not None
+
+
+def _split_words(display: Display, p: OutPlacement) -> str:
+    """The practitioner's word for a split ``p`` of the tensor the op is shown by (column,
+    row, vocab, hidden, heads: the registry's ``display.words``), "replicated" when unsplit."""
+    if not isinstance(p, Shard):
+        return "replicated"
+    if display.by == "output":
+        return display.words(p)
+    fused = f" (fused, {len(p.blocks)} blocks)" if p.blocks else ""
+    return display.words(p) + fused
+
+
+def _fold(path: str) -> tuple[str, int | None]:
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i] + ["*"] + parts[i + 1:]), int(part)
+    return path, None
+
+
+def _unfold(folded: str, ix: list[int]) -> str:
+    if not ix or ix[0] is None:
+        return folded
+    uniq = sorted(set(ix))
+    span = f"{uniq[0]}–{uniq[-1]}" if uniq == list(range(uniq[0], uniq[-1] + 1)) and len(uniq) > 1 \
+        else ",".join(map(str, uniq))
+    return folded.replace("*", span) + (f" ×{len(uniq)}" if len(uniq) > 1 else "")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _time(s: float) -> str:
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
+
+
+def local_shape(p: Any, shape: Sequence[int], n: int) -> str:
+    """A weight's local shape as the table shows it: ``768×4096``. A dim split unevenly shows
+    its distinct per-rank sizes in rank order, rank 0's first: ``25129/25128×768`` (rank 0
+    holds 25129 rows, some later rank 25128); ``768/256×4096`` (32 heads of 128 on 6 ranks:
+    6, 6, 6, 6, 6 and 2 heads)."""
+    dims = [str(s) for s in shape]
+    if isinstance(p, Shard):
+        d = p.dim % len(shape)
+        dims[d] = "/".join(map(str, dict.fromkeys(local_sizes(p, shape[d], n))))
+    return "×".join(dims)
+
+
+def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
+    """(module, op, split words, local weight shape, placements) per matmul, layers folded."""
+    c, choice = pd.candidates, pd.choice
+    n = c.world_size
+    rows: dict[tuple, list[int]] = defaultdict(list)
+    for name, nc in c.nodes.items():
+        display = op_info(nc.target).display
+        if display is None:
+            continue
+        st = nc.strategies[choice[name]]
+        wslot = next((i for i, v in enumerate(nc.slots) if c.nodes[v[0]].kind == "param"), None)
+        if display.by == "output":
+            words = _split_words(display, st.output)
+            shape = ""
+        elif wslot is None:
+            continue
+        else:
+            words = _split_words(display, st.inputs[wslot])
+            shape = local_shape(st.inputs[wslot], c.nodes[nc.slots[wslot][0]].metas[0].shape, n)
+        folded, idx = _fold(nc.module)
+        key = (folded, nc.op.split(".")[1], words, shape,
+               f"{', '.join(map(str, st.inputs))} → {st.output}")
+        rows[key].append(idx)
+    return [(_unfold(k[0], ix), k[1], k[2], k[3], k[4]) for k, ix in rows.items()]
+
+
+def _replicated_time(pd) -> float:
+    # strategy 0 of every node is all-Replicate (rules.strategies_from_dims, strategies.build)
+    from autotp.cost.evaluate import evaluate
+    ev = evaluate(pd.candidates, {n: 0 for n in pd.candidates.nodes}, pd.spec, pd.plan.mode)
+    return ev.time_s if ev is not None else float("nan")
+
+
+def print_table(pd, out: Console = out) -> None:
+    p = pd.plan
+    out.print(f"[bold]autotp plan[/bold]: world size {p.world_size}, device {p.device}, "
+              f"mode {p.mode}, objective {p.objective}")
+    t = Table(title="matmuls and attention", title_justify="left")
+    for col in ("module", "op", "split", "local weight", "placements (inputs → output)"):
+        t.add_column(col)
+    for row in matmul_rows(pd):
+        t.add_row(*row)
+    out.print(t)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for col in p.collectives:
+        folded, idx = _fold(col.module or "<input>")
+        groups[(folded, col.kind, col.phase, col.bytes)].append(idx)
+    t = Table(title="collectives per step", title_justify="left")
+    for col in ("after module", "kind", "phase", "bytes each", "count"):
+        t.add_column(col)
+    for (folded, kind, phase, nbytes), ix in groups.items():
+        t.add_row(_unfold(folded, ix), kind, phase, _bytes(nbytes), str(len(ix)))
+    out.print(t)
+    fwd = sum(x.bytes for x in p.collectives if x.phase == "forward")
+    bwd = sum(x.bytes for x in p.collectives if x.phase == "backward")
+    rep = _replicated_time(pd)
+    ideal = p.param_bytes_total / p.world_size
+    out.print(f"parameters per rank: {_bytes(p.param_bytes_per_rank)} "
+              f"(total/N = {_bytes(ideal)}, {p.param_bytes_per_rank / max(ideal, 1):.3f}× of it; "
+              f"total {_bytes(p.param_bytes_total)})")
+    act = ("kept for the backward" if p.mode == "training" else "peak of one op's inputs and output")
+    state = p.memory_bytes_per_rank - p.activation_bytes_per_rank
+    out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} = state {_bytes(state)} "
+              f"({'parameters, gradients, optimizer' if p.mode == 'training' else 'parameters'}) "
+              f"+ activations {_bytes(p.activation_bytes_per_rank)} ({act}); budget "
+              f"{_bytes(pd.budget or pd.spec.memory_bytes)}")
+    seq = len(p.sequence_split)
+    if seq:
+        out.print(f"sequence parallel: {seq} ops run on a split batch/sequence dim (the memory budget "
+                  f"binds); inputs must keep that dim divisible by {p.world_size}")
+    out.print(f"communication per step: forward {_bytes(fwd)}, backward {_bytes(bwd)} "
+              f"({len(p.collectives)} collectives)")
+    out.print(f"predicted step time: {_time(p.predicted_time_s)} (compute {_time(p.compute_time_s)}, "
+              f"communication {_time(p.comm_time_s)}); replicated plan {_time(rep)} "
+              f"→ {rep / p.predicted_time_s if p.predicted_time_s else float('nan'):.2f}× speed-up")
+
+
+def to_dot(pd) -> str:
+    colors = {"R": "lightgrey", "P": "orange"}
+    c, choice = pd.candidates, pd.choice
+    lines = ["digraph autotp {", "  rankdir=TB; node [shape=box, style=filled, fontsize=10];"]
+    for name, nc in c.nodes.items():
+        outp = str(nc.strategies[choice[name]].output)
+        color = colors.get(outp, "lightblue" if outp.startswith("S") else "white")
+        label = f"{name}\\n{nc.op.replace('aten.', '')}\\n{nc.module}\\n{outp}"
+        lines.append(f'  "{name}" [label="{label}", fillcolor="{color}"];')
+    marked = {(e.value[0], cons): e for e in _edges(pd) for cons, _ in e.consumers}
+    for name, nc in c.nodes.items():
+        for v in nc.slots:
+            e = marked.get((v[0], name))
+            if e is None:
+                lines.append(f'  "{v[0]}" -> "{name}";')
+            else:
+                ops = "+".join(x for x in e.transition.forward + tuple("bwd:" + y for y in e.transition.backward) if x != "slice")
+                lines.append(f'  "{v[0]}" -> "{name}" [color=red, penwidth=2, label="{ops or "slice"}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _edges(pd):
+    from autotp.cost.evaluate import evaluate
+    ev = evaluate(pd.candidates, pd.choice, pd.spec, pd.plan.mode)
+    return ev.edges if ev else ()
