@@ -149,3 +149,15 @@ def test_no_bare_asserts_in_autotp() -> None:
     found = [f"{path.relative_to(root)}:{node.lineno}" for path in sorted(root.rglob("*.py"))
              for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
     assert not found, found
+
+
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_infeasible_plan_suggests_only_what_helps(mode: str) -> None:
+    x = torch.randn(4, 16)
+    with pytest.raises(autotp.InfeasiblePlanError) as info:
+        autotp.plan(MLP(16, 64), (x,), world_size=2, mode=mode, memory_budget=64.0)
+    msg = str(info.value)
+    assert "world size of at least" in msg and info.value.min_world_size > 2
+    # switching to inference helps a training plan only; a plan in inference mode already is
+    assert ("mode='inference'" in msg) == (mode == "training")
+    assert ("optimizer" in msg) == (mode == "training")

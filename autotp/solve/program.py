@@ -8,7 +8,7 @@ then least time) under the memory budget. Exact: a 0/1 integer program solved by
     Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (Program._edges)
       y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
       z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
-    memory per rank <= memory budget                                   (Program.budget_rows)
+    memory per rank <= memory budget                                   (Program.memory_rows)
       training:  sum state_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
                  k[u,Q] >= sum_{t: need(t)=Q} x[c,t] for every op c that keeps value u
       inference: sum param_bytes(v,s) x[v,s] + U m <= budget, and for every op v
@@ -44,7 +44,7 @@ from scipy.sparse import coo_matrix
 
 from autotp.cost.model import local_bytes, pad_factor, transition, transition_time
 from autotp.cost.devices import DeviceSpec
-from autotp.errors import AutoTPError
+from autotp.errors import AutoTPError, AutoTPInternalError
 from autotp.core.placements import Placement
 from autotp.candidates import Candidates, Value
 from autotp.cost.evaluate import Choice, _dp_time, _edge_mode, _footprint, _keepers, _node_time, _param_mem, _working
@@ -83,10 +83,11 @@ class Program:
         self.index: dict[tuple[str, int], int] = {}
         self.zkey: dict[tuple, int] = {}
         self._base: tuple | None = None
-        self.peak: int | None = None  # inference peak-activation variable (budget_rows)
+        self.peak: int | None = None  # inference peak-activation variable (add_memory_variables)
         self.peak_scale = 0.0
         self.kept: dict[int, float] | None = None  # training: kept-activation variables
         self.foot: dict[int, float] = {}
+        self._memory = False  # add_memory_variables has run
         groups: dict[Value, dict[Placement, list[int]]] = defaultdict(lambda: defaultdict(list))
         for name in self.names:
             nc = c.nodes[name]
@@ -156,13 +157,14 @@ class Program:
             self.rows.append((row, 0.0, 0.0))
         self.n = len(self.time)
 
-    def budget_rows(self, budget: float | None) -> list[tuple[dict[int, float], float, float]]:
-        """Rows bounding memory per rank by ``budget`` bytes (None: only the inference peak's
-        definition, for the least-memory objective). In KB (SCALE_M). Inference needs a peak
-        variable ``m`` (scaled by an upper bound U of any op's working set so that m is in [0, 1])."""
+    def add_memory_variables(self) -> dict[int, float]:
+        """Adds, once, what memory per rank needs beyond the x variables (training: the
+        kept-activation variables of ``_kept_vars``; inference: the peak variable ``m`` and its
+        rows, sum_s working(v, s) x[v, s] <= U m, with U an upper bound of any op's working set
+        so that m is in [0, 1]) and sets ``foot``: memory per rank in KB (SCALE_M) per variable,
+        state included. Returns ``foot``. Changes the program: call before ``solve``."""
         c, mode = self.c, self.mode
         foot = {i: _footprint(c, n, s, mode) * SCALE_M for (n, s), i in self.index.items()}
-        rows = []
         if mode == "training":
             if self.kept is None:
                 self.kept = self._kept_vars()
@@ -182,10 +184,18 @@ class Program:
                         row[self.peak] = -self.peak_scale
                         self.rows.append((row, -np.inf, 0.0))
             foot[self.peak] = self.peak_scale
-        if budget is not None:
-            rows.append(({i: v for i, v in foot.items() if v}, -np.inf, bytes_bound(budget)))
         self.foot = foot
-        return rows
+        self._memory = True
+        return foot
+
+    def memory_rows(self, budget: float | None) -> list[tuple[dict[int, float], float, float]]:
+        """The row sum foot[i] * v[i] <= budget (KB), for ``solve``'s ``extra``; none for a
+        None budget. Pure: the variables must exist (``add_memory_variables``)."""
+        if not self._memory:
+            raise AutoTPInternalError("Program.memory_rows before add_memory_variables")
+        if budget is None:
+            return []
+        return [({i: v for i, v in self.foot.items() if v}, -np.inf, bytes_bound(budget))]
 
     def _kept_vars(self) -> dict[int, float]:
         """Training activations: KB (SCALE_M) per variable. A value one op keeps puts its bytes

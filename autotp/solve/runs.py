@@ -253,7 +253,7 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
         return None
     foot = np.zeros(0)
     if lam:
-        prog.budget_rows(None)  # adds the kept-activation variables: their KB in prog.foot
+        prog.add_memory_variables()  # kept-activation variables; their KB in prog.foot
         foot = np.array([prog.foot.get(i, 0.0) for i in range(prog.n)])
     weights = [weight(t, m) + (lam * foot[i] if lam else 0.0)
                for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
@@ -371,7 +371,7 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
     prog = Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
     extra: list = []
     if lam:
-        prog.budget_rows(None)  # memory of the nodes outside the runs (and kept-value variables)
+        prog.add_memory_variables()  # memory of the nodes outside the runs (and kept-value variables)
         for block, ws in zip(blocks, prog.block_index):
             for e, i in zip(block.entries, ws):
                 prog.foot[i] = prog.foot.get(i, 0.0) + e.foot

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -57,138 +58,172 @@ def _mem(c: Candidates, choice: Choice) -> float:
     return sum(_param_mem(c, n, s) for n, s in choice.items())
 
 
+@dataclass
+class _Problem:
+    """One solve's inputs, shared by the steps below; ``program`` is the whole-graph Program,
+    built the first time a step needs it (its memory variables are added once)."""
+    c: Candidates
+    spec: DeviceSpec
+    mode: str
+    pinned: dict[str, int]
+    runs: list
+    time_limit: float
+    budget: float
+    program: Program | None = None
+
+
 def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: str = "time",
           memory_budget: float | None = None, time_limit: float = 120.0,
           pinned: dict[str, int] | None = None, layers: bool = True) -> Choice:
     """The optimal Choice; ``pinned`` fixes some nodes' strategies (``autotp explain`` asks
     for the best plan given each candidate of a node). ``layers``: solve runs of identical
-    layers once (solve/runs.py); the result is optimal either way."""
+    layers once (solve/runs.py); the result is optimal either way.
+
+    Steps: a quick infeasibility bound from the parameters' state alone; then ``_best`` (by
+    layers, or the whole graph when a bound binds, or ``_priced_search`` on deep models);
+    objective="memory" runs it twice (least parameter bytes, then least time within
+    MEMORY_SLACK of them); ``_infeasible_error`` when nothing fits."""
     if mode not in MODES:
         raise AutoTPError(f"mode must be one of {MODES}, got {mode!r}")
     if objective not in ("time", "memory"):
         raise AutoTPError(f"objective must be 'time' or 'memory', got {objective!r}")
     pinned = dict(pinned or {})
     budget = spec.memory_bytes if memory_budget is None else memory_budget
-    runs = find_runs(c, set(pinned)) if layers else []
-    programs: list[Program] = []
-
-    def whole(kind: str, bound: float | None, limit: float | None) -> Choice | None:
-        """kind "time" / "memory" (parameter bytes) / "footprint" (memory per rank)."""
-        if not programs:
-            programs.append(Program(c, spec, mode))
-        prog = programs[0]
-        extra = prog.budget_rows(limit)
-        extra += [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
-        if bound is not None:
-            extra.append(({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf,
-                          bytes_bound(bound)))
-        if kind == "footprint":
-            w = [prog.foot.get(i, 0.0) for i in range(prog.n)]
-        else:
-            wf = _weight(kind)
-            w = [wf(t, m) for t, m in zip(prog.time, prog.mem)]
-        x = prog.solve(w, extra, time_limit)
-        return None if x is None else prog.choice(x)
-
-    def best(kind: str, bound: float | None = None, limit: float | None = None) -> Choice | None:
-        """The optimum with parameter bytes <= bound and memory per rank <= limit bytes: by
-        layers when neither binds."""
-        if runs:
-            choice = solve_runs(c, spec, mode, runs, kind, _weight(kind), pinned, time_limit)
-            if choice is None:  # infeasible without the bounds: infeasible with them
-                return None
-            if (bound is None or _mem(c, choice) <= bound) and \
-                    (limit is None or memory_bytes(c, choice, mode)[1] <= limit):
-                return choice
-            if len(c.nodes) > WHOLE_GRAPH_NODES and kind == "time" and bound is None \
-                    and limit is not None and mode == "training":
-                log.info("the memory budget binds on %d nodes: pricing memory per layer instead "
-                         "of solving the whole graph (fits, not proven optimal)", len(c.nodes))
-                return priced(limit)
-            log.info("the memory bound binds: solving the whole graph instead of one layer per class")
-        return whole(kind, bound, limit)
-
-    def priced(limit: float) -> Choice | None:
-        """Lagrangian search: minimize time + lam * memory by layers (solve/runs.py), lam in
-        microseconds per KB (SCALE_M) raised until the plan fits, then bisected (geometrically) between
-        the last lam that did not fit and the first that did; the fastest fitting plan wins.
-        Falls back to the whole graph when no lam makes it fit."""
-        w = _weight("time")
-        fits: list[tuple[float, Choice]] = []
-
-        def fit(choice: Choice | None) -> bool:
-            """Keep ``choice`` (with its predicted time) when it fits the budget."""
-            if choice is None or memory_bytes(c, choice, mode)[1] > limit:
-                return False
-            ev = evaluate(c, choice, spec, mode)
-            fits.append((ev.time_s if ev is not None else math.inf, choice))
-            return True
-
-        lo, hi, lam = 0.0, None, 1e-3
-        for _ in range(LAGRANGE_STEPS):
-            if fit(solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit, lam)):
-                hi = lam
-            else:
-                lo = lam
-            if hi is None:
-                if lam > 1e9:
-                    break
-                lam *= 8.0
-            else:
-                if lo and hi / lo < 1.02:
-                    break
-                lam = math.sqrt(lo * hi) if lo else hi / 8.0
-        if not fits:
-            return whole("time", None, limit)
-        if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
-            # (lean layers priced well above the flip point and the others well below it, so
-            # that a short run of either keeps its cells despite the cost of changing layout)
-            fit(solve_runs(c, spec, mode, runs, "time", w, pinned, time_limit,
-                           lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit)))
-        log.info("priced memory: %d plans fit, the fastest predicted %.3g s", len(fits),
-                 min(f[0] for f in fits))
-        return min(fits, key=lambda f: f[0])[1]
-
-    def infeasible(least: float, floor_only: bool) -> InfeasiblePlanError:
-        """``least``: the least memory any plan needs, or (``floor_only``) the parameters'
-        state split as far as it goes, a lower bound found before planning activations."""
-        n = c.world_size
-        need_n = max(n + 1, math.ceil(n * least / max(budget, 1)))
-        training = mode == "training"
-        what = (f"more than {least / 1e9:.2f} GB per rank, what parameters"
-                f"{', gradients and optimizer state' if training else ''} alone take when split as "
-                f"far as they go, before activations" if floor_only else
-                f"{least / 1e9:.2f} GB per rank (state and activations)")
-        return InfeasiblePlanError(
-            f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({mode}): the least "
-            f"any plan needs is {what}. Use a world size of at least {need_n}, a device with more "
-            f"memory{', an optimizer with less state (optimizer_bytes)' if floor_only and training else ''}"
-            f"{', a smaller batch or sequence' if not floor_only else ''}, or mode='inference'.",
-            least, need_n)
-
+    p = _Problem(c, spec, mode, pinned, find_runs(c, set(pinned)) if layers else [], time_limit,
+                 budget)
     # a quick bound first: every parameter split as far as it goes, no activations
     floor = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
                 for v, nc in c.nodes.items() if nc.kind == "param")
     if floor > budget:
-        raise infeasible(floor, floor_only=True)
+        raise _infeasible_error(p, floor, floor_only=True)
     if objective == "memory":
-        choice = best("memory", None, budget)
+        choice = _best(p, "memory", None, budget)
         if choice is not None:
             total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
                         for v, nc in c.nodes.items())
-            choice = best("time", _mem(c, choice) + MEMORY_SLACK * total + 1, budget)
+            choice = _best(p, "time", _mem(c, choice) + MEMORY_SLACK * total + 1, budget)
             if choice is None:
                 raise AutoTPInternalError("no plan within the least-memory plan's own memory "
                                           "bound (the least-memory plan itself should be one)")
     else:
-        choice = best("time", None, budget)
+        choice = _best(p, "time", None, budget)
     if choice is None:
-        if pinned and best("time") is None:
+        if pinned and _best(p, "time") is None:
             raise InfeasiblePlanError("no plan satisfies the pinned strategies")
-        least_choice = whole("footprint", None, None)
+        least_choice = _whole(p, "footprint", None, None)
         least = memory_bytes(c, least_choice, mode)[1] if least_choice is not None else math.inf
-        raise infeasible(least, floor_only=False)
+        raise _infeasible_error(p, least, floor_only=False)
     return choice
+
+
+def _whole(p: _Problem, kind: str, bound: float | None, limit: float | None) -> Choice | None:
+    """The whole graph as one program. kind "time" / "memory" (parameter bytes) / "footprint"
+    (memory per rank); parameter bytes <= ``bound``, memory per rank <= ``limit``."""
+    if p.program is None:
+        p.program = Program(p.c, p.spec, p.mode)
+    prog = p.program
+    prog.add_memory_variables()
+    extra = prog.memory_rows(limit)
+    extra += [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in p.pinned.items()]
+    if bound is not None:
+        extra.append(({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf,
+                      bytes_bound(bound)))
+    if kind == "footprint":
+        w = [prog.foot.get(i, 0.0) for i in range(prog.n)]
+    else:
+        wf = _weight(kind)
+        w = [wf(t, m) for t, m in zip(prog.time, prog.mem)]
+    x = prog.solve(w, extra, p.time_limit)
+    return None if x is None else prog.choice(x)
+
+
+def _best(p: _Problem, kind: str, bound: float | None = None, limit: float | None = None
+          ) -> Choice | None:
+    """The optimum with parameter bytes <= bound and memory per rank <= limit bytes: by
+    layers when neither binds, else the whole graph (or, training on more than
+    WHOLE_GRAPH_NODES nodes with a binding budget, the priced search)."""
+    c = p.c
+    if p.runs:
+        choice = solve_runs(c, p.spec, p.mode, p.runs, kind, _weight(kind), p.pinned, p.time_limit)
+        if choice is None:  # infeasible without the bounds: infeasible with them
+            return None
+        if (bound is None or _mem(c, choice) <= bound) and \
+                (limit is None or memory_bytes(c, choice, p.mode)[1] <= limit):
+            return choice
+        if len(c.nodes) > WHOLE_GRAPH_NODES and kind == "time" and bound is None \
+                and limit is not None and p.mode == "training":
+            log.info("the memory budget binds on %d nodes: pricing memory per layer instead "
+                     "of solving the whole graph (fits, not proven optimal)", len(c.nodes))
+            return _priced_search(p, limit)
+        log.info("the memory bound binds: solving the whole graph instead of one layer per class")
+    return _whole(p, kind, bound, limit)
+
+
+def _priced_search(p: _Problem, limit: float) -> Choice | None:
+    """Lagrangian search: minimize time + lam * memory by layers (solve/runs.py), lam in
+    microseconds per KB (SCALE_M) raised until the plan fits, then bisected (geometrically)
+    between the last lam that did not fit and the first that did; the fastest fitting plan
+    wins. Falls back to the whole graph when no lam makes it fit. Fits; not proven optimal."""
+    c, w = p.c, _weight("time")
+    fits: list[tuple[float, Choice]] = []
+
+    def fit(choice: Choice | None) -> bool:
+        """Keep ``choice`` (with its predicted time) when it fits the budget."""
+        if choice is None or memory_bytes(c, choice, p.mode)[1] > limit:
+            return False
+        ev = evaluate(c, choice, p.spec, p.mode)
+        fits.append((ev.time_s if ev is not None else math.inf, choice))
+        return True
+
+    def by_layers(lam: float, lean: tuple[float, float] | None = None) -> Choice | None:
+        return solve_runs(c, p.spec, p.mode, p.runs, "time", w, p.pinned, p.time_limit, lam, lean)
+
+    lo, hi, lam = 0.0, None, 1e-3
+    for _ in range(LAGRANGE_STEPS):
+        if fit(by_layers(lam)):
+            hi = lam
+        else:
+            lo = lam
+        if hi is None:
+            if lam > 1e9:
+                break
+            lam *= 8.0
+        else:
+            if lo and hi / lo < 1.02:
+                break
+            lam = math.sqrt(lo * hi) if lo else hi / 8.0
+    if not fits:
+        return _whole(p, "time", None, limit)
+    if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
+        # (lean layers priced well above the flip point and the others well below it, so
+        # that a short run of either keeps its cells despite the cost of changing layout)
+        fit(by_layers(lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit)))
+    log.info("priced memory: %d plans fit, the fastest predicted %.3g s", len(fits),
+             min(f[0] for f in fits))
+    return min(fits, key=lambda f: f[0])[1]
+
+
+def _infeasible_error(p: _Problem, least: float, floor_only: bool) -> InfeasiblePlanError:
+    """``least``: the least memory any plan needs, or (``floor_only``) the parameters' state
+    split as far as it goes, a lower bound found before planning activations. Suggests only
+    what could help: inference only to a training plan, a smaller batch only when activations
+    were counted, less optimizer state only when the optimizer's state counts."""
+    n, budget, training = p.c.world_size, p.budget, p.mode == "training"
+    need_n = max(n + 1, math.ceil(n * least / max(budget, 1)))
+    what = (f"more than {least / 1e9:.2f} GB per rank, what parameters"
+            f"{', gradients and optimizer state' if training else ''} alone take when split as "
+            f"far as they go, before activations" if floor_only else
+            f"{least / 1e9:.2f} GB per rank (state and activations)")
+    fixes = [f"a world size of at least {need_n}", "a device with more memory"]
+    if floor_only and training:
+        fixes.append("an optimizer with less state (optimizer_bytes)")
+    if not floor_only:
+        fixes.append("a smaller batch or sequence")
+    if training:
+        fixes.append("mode='inference'")
+    return InfeasiblePlanError(
+        f"no plan fits {budget / 1e9:.2f} GB per rank at world size {n} ({p.mode}): the least "
+        f"any plan needs is {what}. Use {', '.join(fixes[:-1])} or {fixes[-1]}.", least, need_n)
 
 
 def brute_force(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: str = "time",
