@@ -249,7 +249,7 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15, help="rounds per collective and size")
     ap.add_argument("--quantile", type=float, default=None,
-                    help="statistic of the rounds (default: autotp.runtime.calibrate's, 0.2)")
+                    help="statistic of the rounds (default: autotp.calibrate's, 0.2)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-steps", action="store_true", help="only the per-collective part")
     a = ap.parse_args()

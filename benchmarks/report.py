@@ -305,7 +305,8 @@ def _plan_time_md(res: dict[str, Any], img: str) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|"]
     from benchmarks.plan_time import solver_status
     for r in res["rows"]:
-        coll = f"{r['collectives']} ({4 * r['layers']})" if "collectives" in r else "n/a"
+        per = r.get("collectives_per_layer_megatron", 2)  # inference plans: 2 all-reduces a layer
+        coll = f"{r['collectives']} ({per * r['layers']})" if "collectives" in r else "n/a"
         status = solver_status(r) if "solves" in r else "n/a"
         out.append(f"| {r['layers']} | {r['capture_s']:.1f} | {r['strategies_s']:.1f} | "
                    f"{r['solve_s']:.1f} | {r['total_s']:.1f} | {r['nodes']} | "
@@ -313,7 +314,7 @@ def _plan_time_md(res: dict[str, Any], img: str) -> list[str]:
     stopped = [r for r in res["rows"] if "optimal" in r and not r["optimal"]]
     if stopped:
         out += ["", f"**The ILP solver stopped at its time limit** (HiGHS, `time_limit=120` s in "
-                f"`autotp/solver.py`) for {', '.join(str(r['layers']) for r in stopped)} layers and "
+                f"`autotp/solve/solve.py`) for {', '.join(str(r['layers']) for r in stopped)} layers and "
                 "autotp returned the incumbent without a warning: those plans are not proven optimal "
                 "(see the gap) and carry more collectives than Megatron's 4 per layer, and their "
                 "plan time is the time limit, not a property of the model. The fit below is "
@@ -325,6 +326,13 @@ def _plan_time_md(res: dict[str, Any], img: str) -> list[str]:
                 + (f"**{res['llama2_70b_s']:.1f} s** measured." if res["llama2_70b_s"] is not None
                    else f"{f['predicted_80_s']:.1f} s by the fit (80 layers not run)."),
                 "", f"![plan time]({img})"]
+    if "compare" in res:  # the same plans under another transformers release, in the same run
+        from benchmarks.plan_time import side_by_side
+        from benchmarks.common import describe
+        out += ["", "The same plans with another transformers release, measured in the same run "
+                "(`benchmarks/plan_time.py --compare-python`), total plan time: "
+                f"{describe(res['compare']['machine'])}.", "", "```",
+                side_by_side(res, res["compare"]), "```"]
     return out
 
 
@@ -408,7 +416,7 @@ def _cost_md(res: dict[str, Any], img: str) -> list[str]:
         return t
     stat = (f"the {q} quantile of {res['config']['repeats']} interleaved rounds per point"
             if q is not None else f"the median of {res['config']['repeats']} repeats per point")
-    out = [f"`autotp.runtime.calibrate` on gloo, {res['config']['world_size']} ranks, {stat}: "
+    out = [f"`autotp.calibrate` on gloo, {res['config']['world_size']} ranks, {stat}: "
            f"α = {s['latency_us']:.0f} µs, β = {s['link_GBps']:.3f} GB/s over all "
            "kinds; per kind (what the cost model uses) "
            + ", ".join(link(k, v) for k, v in s["per_kind"].items())

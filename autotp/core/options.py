@@ -1,6 +1,6 @@
 """PlanOptions: everything a plan depends on besides the model and its example inputs.
 
-``autotp.plan``, ``autotp.parallelize`` and ``autotp.tools.simulate`` each turn their keyword
+``autotp.plan``, ``autotp.parallelize`` and ``autotp.simulate`` each turn their keyword
 arguments into one ``PlanOptions`` and hand it to ``pipeline.plan_model``; a new option is one
 field here (plus the keyword that sets it), not a parameter threaded through every stage.
 """

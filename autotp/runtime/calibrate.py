@@ -218,7 +218,7 @@ def calibrate(group: dist.ProcessGroup | None = None, *, sizes=DEFAULT_SIZES,
     """Measure this process group; returns the fitted DeviceSpec and the raw measurements.
     Collective: call on every rank. ``spec.extra`` holds the fit's relative errors."""
     if not dist.is_initialized():
-        raise ProcessGroupError("autotp.runtime.calibrate measures a process group: call "
+        raise ProcessGroupError("autotp.calibrate measures a process group: call "
                                 "torch.distributed.init_process_group first (torchrun)")
     comm = DistComm(group)
     backend = dist.get_backend(group)

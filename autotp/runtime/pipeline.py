@@ -2,7 +2,7 @@
 this rank's rewritten module (``rank_module``).
 
 ``autotp.plan`` / ``plan_details``, ``autotp.parallelize`` and the thread simulator
-(``autotp.tools.simulate``) all run these two steps; they differ only in what surrounds them (a
+(``autotp.simulate``) all run these two steps; they differ only in what surrounds them (a
 process group and a plan broadcast, or threads), so the simulator runs exactly what
 ``parallelize`` runs: the same options, memory budget, optimizer state, data-parallel pricing
 and meta-device capture.
