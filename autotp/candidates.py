@@ -25,6 +25,7 @@ from autotp._compat import pytree
 from autotp.capture import Captured, describe, module_path
 from autotp.core.meta import TensorMeta
 from autotp.core.options import ADAM_FP32_BYTES
+from autotp.errors import AutoTPInternalError
 from autotp.core.placements import Replicate, Shard, make_shard
 from autotp.rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for, strategies_from_dims)
 
@@ -285,9 +286,19 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
         warnings.warn(msg, stacklevel=3)
         log.info(msg)
     _warn_broken(list(broken.values()))
+    _check_replicate_first(nodes)
     return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled),
                       frozenset(needs_grad), _layer_units(nodes, captured.stacks),
                       dp_size=dp_size, optimizer_bytes=optimizer_bytes)
+
+
+def _check_replicate_first(nodes: dict) -> None:
+    """Stage invariant (docs/architecture.md): strategy 0 of every node is all-Replicate, the
+    fallback every node can take and the baseline the plan tables compare with."""
+    for name, nc in nodes.items():
+        st = nc.strategies[0] if nc.strategies else None
+        if st is None or not all(isinstance(p, Replicate) for p in st.inputs + st.outputs()):
+            raise AutoTPInternalError(f"strategy 0 of node {name} is not all-Replicate: {st}")
 
 
 def _warn_broken(broken: list[tuple[fx.Node, str, Exception]]) -> None:

@@ -174,6 +174,9 @@ def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = No
     spec = spec or get_device(options.device)
     extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
     choice = solve(c, spec, options.mode, options.objective, options.memory_budget, **extra)
+    if set(choice) != set(c.nodes):  # stage invariant: one strategy for every node
+        raise AutoTPInternalError(f"the solver's choice misses {len(set(c.nodes) - set(choice))} "
+                                  f"nodes and names {len(set(choice) - set(c.nodes))} unknown ones")
     ev = evaluate(c, choice, spec, options.mode)
     if ev is None:
         raise AutoTPInternalError("the solver returned an assignment its own evaluation calls "
