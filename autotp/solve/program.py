@@ -2,13 +2,16 @@
 then least time) under the memory budget. Exact: a 0/1 integer program solved by HiGHS
 (scipy.optimize.milp), in the formulation of Alpa's intra-operator pass:
 
-    x[v,s] in {0,1}, sum_s x[v,s] = 1                      one strategy per node  (Program)
-    minimize   sum compute(v,s) x[v,s] + sum cost(k) z[k]                      (solve, _weight)
+    x[v,s] in {0,1}, sum_s x[v,s] = 1               one strategy per node  (Program._one_hot)
+    e[u,P] in {0,1}, sum_P e[u,P] = 1               an outside value's placement (_externals)
+    w[b,k] in {0,1}, sum_k w[b,k] = 1, ins equal producers' outputs       (Program._blocks)
+    R[b,u,Q,G] = sum_{k reads (u,Q,G)} w[b,k]; y[P] <= X(P), sum_P y = R (_shared_reads)
+    minimize   sum compute(v,s) x[v,s] + sum cost(k) z[k]            (solve.py, _weight)
     per edge u -> (c, slot), with X(P) = sum_{s: out(s)=P} x[u,s] and
     Y(Q,G) = sum_{t: need(t)=(Q,G)} x[c,t]:                                     (Program._edges)
       y[P,Q,G] >= 0 for possible (P,Q,G) only,  sum_(Q,G) y = X(P),  sum_P y = Y(Q,G)
       z[u,P,Q,G] >= y[P,Q,G]              (one z per key: paid once for all consumers)
-    memory per rank <= memory budget                                   (Program.memory_rows)
+    memory per rank <= memory budget     (Program.add_memory_variables, Program.memory_rows)
       training:  sum state_bytes(v,s) x[v,s] + sum kept(u,Q) k[u,Q] <= budget, where
                  k[u,Q] >= sum_{t: need(t)=Q} x[c,t] for every op c that keeps value u
       inference: sum param_bytes(v,s) x[v,s] + U m <= budget, and for every op v
@@ -89,6 +92,21 @@ class Program:
         self.foot: dict[int, float] = {}
         self._memory = False  # add_memory_variables has run
         groups: dict[Value, dict[Placement, list[int]]] = defaultdict(lambda: defaultdict(list))
+        self._one_hot(groups)
+        self.ext_index: dict[tuple[Value, Placement], int] = {}
+        self._externals(externals or {}, groups)
+        self.block_index: list[list[int]] = []
+        self._blocks(blocks, groups)
+        self._edges(groups, set(self.names))
+        for b, ws in zip(blocks, self.block_index):
+            self._shared_reads(b, ws, groups)
+        self.n = len(self.time)
+
+    def _one_hot(self, groups: dict) -> None:
+        """x[v, s] binary with sum_s x[v, s] = 1 for every node v of the program; its
+        coefficients are the strategy's compute (+ data-parallel gradient sync) time and
+        parameter bytes. Records X(P) of each output: the x whose strategy outputs P."""
+        c, spec, mode = self.c, self.spec, self.mode
         for name in self.names:
             nc = c.nodes[name]
             row = {}
@@ -100,8 +118,11 @@ class Program:
                 for oi, p in enumerate(st.outputs()):
                     groups[(name, oi)][p].append(i)
             self.rows.append((row, 1.0, 1.0))
-        self.ext_index: dict[tuple[Value, Placement], int] = {}
-        for value, places in (externals or {}).items():
+
+    def _externals(self, externals: dict[Value, Sequence[Placement]], groups: dict) -> None:
+        """e[u, P] binary with sum_P e[u, P] = 1 for a value produced outside the program (a
+        caller pins one P); X(P) of u is e[u, P]."""
+        for value, places in externals.items():
             row = {}
             for p in dict.fromkeys(places):
                 i = self._var(0.0, 0.0, 1)
@@ -109,7 +130,12 @@ class Program:
                 groups[value][p].append(i)
                 row[i] = 1.0
             self.rows.append((row, 1.0, 1.0))
-        self.block_index: list[list[int]] = []
+
+    def _blocks(self, blocks: Sequence, groups: dict) -> None:
+        """w[b, k] binary with sum_k w[b, k] = 1 per block (a run of identical layers, one
+        entry per (reads, a, b) state, costed by solve/runs.py); X(P) of a carried value out of
+        the block is the w of the entries whose state b gives it P; and the block's inputs
+        equal their producers' outputs: for every P, sum_{k: a_k = P} w[b, k] = X_in(P)."""
         for b in blocks:
             ws = [self._var(e.time, e.mem, 1) for e in b.entries]
             self.block_index.append(ws)
@@ -117,7 +143,7 @@ class Program:
             for k, value in enumerate(b.outs):
                 for e, i in zip(b.entries, ws):
                     groups[value][e.b[k]].append(i)
-        for b, ws in zip(blocks, self.block_index):  # block inputs equal their producers' outputs
+        for b, ws in zip(blocks, self.block_index):
             for k, value in enumerate(b.ins):
                 by_p: dict[Placement, dict[int, float]] = defaultdict(dict)
                 for e, i in zip(b.entries, ws):
@@ -127,10 +153,6 @@ class Program:
                         by_p[p][i] = by_p[p].get(i, 0.0) - 1.0
                 for row in by_p.values():
                     self.rows.append((row, 0.0, 0.0))
-        self._edges(groups, set(self.names))
-        for b, ws in zip(blocks, self.block_index):
-            self._shared_reads(b, ws, groups)
-        self.n = len(self.time)
 
     def _shared_reads(self, b, ws: list[int], groups: dict) -> None:
         """A block's layers read a shared value u in placement (Q, G) when the chosen entry
