@@ -135,122 +135,129 @@ def _static_shard(nc: NodeCands, oi: int) -> bool:
 def build(captured: Captured, world_size: int, *, dp_size: int = 1,
           optimizer_bytes: float = ADAM_FP32_BYTES) -> Candidates:
     """The candidates of every node of ``captured`` at ``world_size``; ``dp_size`` and
-    ``optimizer_bytes`` are the options the cost model reads (see ``options.PlanOptions``)."""
-    gm, metas = captured.gm, captured.metas
-    n = world_size
-    followers: dict[str, Value] = {}
-    calls: dict[str, OpCall] = {}
-    dims: dict[str, DimMap | None] = {}
-    order: list[fx.Node] = []
-    broken: dict[str, tuple[fx.Node, str, Exception]] = {}  # node -> (node, rule part, error)
+    ``optimizer_bytes`` are the options the cost model reads (see ``options.PlanOptions``).
 
-    def value_of(a: fx.Node) -> Value:
-        return followers.get(a.name, (a.name, 0))
+    Phases, in order (each a method of ``_Build``): the ops and their DimMaps
+    (``ops``); block hints, backwards from splits (``block_hints``); grain hints
+    (``_grain_hints``); the strategies of every node (``strategies``); which nodes carry
+    gradients and who consumes each value (``finish``)."""
+    bd = _Build(captured, world_size)
+    bd.ops()
+    bd.block_hints()
+    bd.grains = _grain_hints(bd.order, bd.calls, bd.dims, captured.metas, bd.value_of, world_size)
+    for node in bd.order:
+        bd.nodes[node.name] = bd.strategies(node)
+    return bd.finish(dp_size, optimizer_bytes)
 
-    def guarded(node: fx.Node, part: str, fn: Callable[..., Any], *args: Any) -> Any:
+
+class _Build:
+    """The state ``build``'s phases share."""
+
+    def __init__(self, captured: Captured, n: int):
+        self.captured, self.n = captured, n
+        self.metas = captured.metas
+        self.followers: dict[str, Value] = {}
+        self.calls: dict[str, OpCall] = {}
+        self.dims: dict[str, DimMap | None] = {}
+        self.order: list[fx.Node] = []
+        self.broken: dict[str, tuple[fx.Node, str, Exception]] = {}  # node -> (node, part, error)
+        # hints[node name][(output index, dim)] = block tuples a consumer splits that dim into
+        self.hints: dict[str, dict[tuple[int, int], set[tuple[int, ...]]]] = \
+            defaultdict(lambda: defaultdict(set))
+        self.grains: Grains = {}
+        self.nodes: dict[str, NodeCands] = {}
+        self.unruled: dict[str, list[str]] = defaultdict(list)
+
+    def value_of(self, a: fx.Node) -> Value:
+        return self.followers.get(a.name, (a.name, 0))
+
+    def guarded(self, node: fx.Node, part: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, a call into ``node``'s rule; if it raises, the node falls back to
         Replicate-only (its DimMap is dropped) and ``_warn_broken`` reports it: a bug in a
         rule costs speed, never the plan."""
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - any rule bug gets the documented fallback
-            broken.setdefault(node.name, (node, part, e))
-            dims[node.name] = None
+            self.broken.setdefault(node.name, (node, part, e))
+            self.dims[node.name] = None
             return None
 
-    for node in gm.graph.nodes:
-        meta = metas.get(node.name)
-        if node.op == "call_function" and node.target is operator.getitem and \
-                isinstance(metas.get(node.args[0].name), tuple):
-            followers[node.name] = (node.args[0].name, node.args[1])
-            continue
-        if node.op == "output" or (node.op in ("placeholder", "get_attr", "call_function")
-                                   and meta is not None):
-            order.append(node)
-        if node.op == "call_function" and meta is not None:
-            outs = meta if isinstance(meta, tuple) else (meta,)
-            if any(o is None for o in outs):
+    def ops(self) -> None:
+        """The decision nodes in graph order (getitems of multi-output ops follow their
+        producer), and each op's OpCall and DimMap from its rule."""
+        metas, n = self.metas, self.n
+        for node in self.captured.gm.graph.nodes:
+            meta = metas.get(node.name)
+            if node.op == "call_function" and node.target is operator.getitem and \
+                    isinstance(metas.get(node.args[0].name), tuple):
+                self.followers[node.name] = (node.args[0].name, node.args[1])
                 continue
-            call = OpCall(node, tuple(metas[a.name] for a in tensor_slots(node, metas)), outs, n)
-            calls[node.name] = call
+            if node.op == "output" or (node.op in ("placeholder", "get_attr", "call_function")
+                                       and meta is not None):
+                self.order.append(node)
+            if node.op == "call_function" and meta is not None:
+                outs = meta if isinstance(meta, tuple) else (meta,)
+                if any(o is None for o in outs):
+                    continue
+                call = OpCall(node, tuple(metas[a.name] for a in tensor_slots(node, metas)), outs, n)
+                self.calls[node.name] = call
+                rule = rule_for(node)
+                self.dims[node.name] = self.guarded(node, "dims", rule.dims, call) if rule else None
+
+    def block_hints(self) -> None:
+        """Block hints flow backwards from splits (a rule's ``hints``) through ops that carry
+        the same label, to the fused projection's output and its weight."""
+        metas, hints = self.metas, self.hints
+        for node in reversed(self.order):
+            call = self.calls.get(node.name)
+            if call is None:
+                continue
+            slots = tensor_slots(node, metas)
             rule = rule_for(node)
-            dims[node.name] = guarded(node, "dims", rule.dims, call) if rule else None
-
-    # block hints flow backwards from splits through ops that carry the same label
-    # hints[node name][(output index, dim)] = block tuples a consumer splits that dim into
-    hints: dict[str, dict[tuple[int, int], set[tuple[int, ...]]]] = defaultdict(lambda: defaultdict(set))
-    for node in reversed(order):
-        call = calls.get(node.name)
-        if call is None:
-            continue
-        slots = tensor_slots(node, metas)
-        rule = rule_for(node)
-        if rule and rule.hints and node.name not in broken:
-            for slot, d, blocks in guarded(node, "hints", rule.hints, call) or []:
-                p, oi = value_of(slots[slot])
-                hints[p][(oi, d)].add(blocks)
-        dm = dims.get(node.name)
-        if dm is None:
-            continue
-        for (oi, d), bset in list(hints.get(node.name, {}).items()):
-            if oi >= len(dm.outputs) or d >= len(dm.outputs[oi]):
+            if rule and rule.hints and node.name not in self.broken:
+                for slot, d, blocks in self.guarded(node, "hints", rule.hints, call) or []:
+                    p, oi = self.value_of(slots[slot])
+                    hints[p][(oi, d)].add(blocks)
+            dm = self.dims.get(node.name)
+            if dm is None:
                 continue
-            lab = dm.outputs[oi][d]
-            if lab is None:
-                continue
-            for j, labs in enumerate(dm.inputs):
-                if lab in labs:
-                    dj = labs.index(lab)
-                    p, poi = value_of(slots[j])
-                    for b in bset:
-                        if call.inputs[j].shape[dj] == sum(b):
-                            hints[p][(poi, dj)].add(b)
+            for (oi, d), bset in list(hints.get(node.name, {}).items()):
+                if oi >= len(dm.outputs) or d >= len(dm.outputs[oi]):
+                    continue
+                lab = dm.outputs[oi][d]
+                if lab is None:
+                    continue
+                for j, labs in enumerate(dm.inputs):
+                    if lab in labs:
+                        dj = labs.index(lab)
+                        p, poi = self.value_of(slots[j])
+                        for b in bset:
+                            if call.inputs[j].shape[dj] == sum(b):
+                                hints[p][(poi, dj)].add(b)
 
-    grains = _grain_hints(order, calls, dims, metas, value_of, n)
-    nodes: dict[str, NodeCands] = {}
-    unruled: dict[str, list[str]] = defaultdict(list)
-    for node in order:
+    def strategies(self, node: fx.Node) -> NodeCands:
+        """One node's candidates: placeholders and buffers Replicate; parameters Replicate or
+        Shard on any static dim (even, uneven in whole units, on hinted grains and blocks); ops
+        from their rule, or Replicate-only (with a warning when an input could be split)."""
+        metas, n = self.metas, self.n
         meta = metas.get(node.name)
         slots_n = tensor_slots(node, metas) if node.op in ("call_function", "output") else []
-        slots = tuple(value_of(a) for a in slots_n)
+        slots = tuple(self.value_of(a) for a in slots_n)
         slot_names = tuple(a.name for a in slots_n)
         outs = tuple(meta) if isinstance(meta, tuple) else ((meta,) if meta is not None else ())
         fallback = False
         if node.op == "placeholder":
             kind, strategies = "input", [Strategy((), Replicate())]
         elif node.op == "get_attr":
-            is_param = node.target in captured.param_names
+            is_param = node.target in self.captured.param_names
             kind = "param" if is_param else "buffer"
-            strategies = [Strategy((), Replicate())]
-            if is_param and n > 1:
-                m = outs[0]
-                for d, size in enumerate(m.shape):
-                    hinted = [(0, g) for g in sorted(grains.get((node.name, 0), {}).get(d, ()))]
-                    for units in label_units([size], hinted):
-                        strategies.append(Strategy((), make_shard(d, size, size // units, n)))
-                    for b in sorted(hints.get(node.name, {}).get((0, d), ())):
-                        if sum(b) == size and all(x % n == 0 and x >= n for x in b):
-                            strategies.append(Strategy((), Shard(d, b)))
-                strategies = list(dict.fromkeys(strategies))
+            strategies = self._param_strategies(node, outs[0]) if is_param and n > 1 else \
+                [Strategy((), Replicate())]
         elif node.op == "output":
             kind, strategies = "output", [Strategy(tuple(Replicate() for _ in slots), ())]
         else:
             kind = "op"
-            call = calls[node.name]
-            dm = dims.get(node.name)
-            rule = rule_for(node)
-            found = None
-            if dm is not None:
-                ins_v = [value_of(a) for a in tensor_slots(node, metas)]
-
-                def grains_of(kind: str, i: int, d: int, _ins=ins_v, _me=node.name) -> set[int]:
-                    v = _ins[i] if kind == "in" else (_me, i)
-                    return grains.get(v, {}).get(d, set())
-                found = guarded(node, "strategies", strategies_from_dims, call, dm,
-                                hints.get(node.name, {}), grains_of)
-                if found is not None and rule and rule.extra and n > 1:
-                    extra = guarded(node, "extra", rule.extra, call)
-                    found = None if extra is None else found + [s for s in extra if s not in found]
+            found = self._op_strategies(node)
             if found is not None:
                 strategies = found
             else:
@@ -258,38 +265,71 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
                 strategies = replicate_only(len(slots), len(outs) if isinstance(meta, tuple) else None)
                 # worth a warning when an input may be split on a static dim (a split of a
                 # batch/sequence dim is only chosen when memory binds)
-                if node.name not in broken and n > 1 and \
-                        any(_static_shard(nodes[v[0]], v[1]) for v in slots if v[0] in nodes):
-                    unruled[_op_name(node)].append(module_path(node) or "<root>")
-        nodes[node.name] = NodeCands(node.name, kind, slots, slot_names, strategies, outs,
-                                     module_path(node), _op_name(node),
-                                     node.target if node.op in ("call_function", "get_attr") else None,
-                                     fallback)
+                if node.name not in self.broken and n > 1 and \
+                        any(_static_shard(self.nodes[v[0]], v[1]) for v in slots if v[0] in self.nodes):
+                    self.unruled[_op_name(node)].append(module_path(node) or "<root>")
+        return NodeCands(node.name, kind, slots, slot_names, strategies, outs, module_path(node),
+                         _op_name(node),
+                         node.target if node.op in ("call_function", "get_attr") else None, fallback)
 
-    needs_grad: set[str] = set(captured.inputs_requiring_grad)
-    for nc in nodes.values():
-        if nc.kind == "param":
-            if gm.get_parameter(str(nc.target)).requires_grad:
+    def _param_strategies(self, node: fx.Node, m: TensorMeta) -> list[Strategy]:
+        n = self.n
+        strategies = [Strategy((), Replicate())]
+        for d, size in enumerate(m.shape):
+            hinted = [(0, g) for g in sorted(self.grains.get((node.name, 0), {}).get(d, ()))]
+            for units in label_units([size], hinted):
+                strategies.append(Strategy((), make_shard(d, size, size // units, n)))
+            for b in sorted(self.hints.get(node.name, {}).get((0, d), ())):
+                if sum(b) == size and all(x % n == 0 and x >= n for x in b):
+                    strategies.append(Strategy((), Shard(d, b)))
+        return list(dict.fromkeys(strategies))
+
+    def _op_strategies(self, node: fx.Node) -> list[Strategy] | None:
+        """The rule's strategies (plus its ``extra`` ones), or None: no rule, or it raised."""
+        dm = self.dims.get(node.name)
+        if dm is None:
+            return None
+        call, rule, grains = self.calls[node.name], rule_for(node), self.grains
+        ins_v = [self.value_of(a) for a in tensor_slots(node, self.metas)]
+
+        def grains_of(side: str, i: int, d: int) -> set[int]:
+            v = ins_v[i] if side == "in" else (node.name, i)
+            return grains.get(v, {}).get(d, set())
+        found = self.guarded(node, "strategies", strategies_from_dims, call, dm,
+                             self.hints.get(node.name, {}), grains_of)
+        if found is not None and rule and rule.extra and self.n > 1:
+            extra = self.guarded(node, "extra", rule.extra, call)
+            found = None if extra is None else found + [s for s in extra if s not in found]
+        return found
+
+    def finish(self, dp_size: int, optimizer_bytes: float) -> Candidates:
+        """Gradient flags, consumers, the warnings, the stage invariant; the Candidates."""
+        gm, nodes = self.captured.gm, self.nodes
+        needs_grad: set[str] = set(self.captured.inputs_requiring_grad)
+        for nc in nodes.values():
+            if nc.kind == "param":
+                if gm.get_parameter(str(nc.target)).requires_grad:
+                    needs_grad.add(nc.name)
+            elif any(v[0] in needs_grad for v in nc.slots) and \
+                    any(m is not None and m.dtype.is_floating_point for m in nc.metas):
                 needs_grad.add(nc.name)
-        elif any(v[0] in needs_grad for v in nc.slots) and \
-                any(m is not None and m.dtype.is_floating_point for m in nc.metas):
-            needs_grad.add(nc.name)
-    consumers: dict[Value, list[tuple[str, int]]] = defaultdict(list)
-    for nc in nodes.values():
-        for i, v in enumerate(nc.slots):
-            consumers[v].append((nc.name, i))
-    for op, mods in unruled.items():
-        uniq = list(dict.fromkeys(mods))
-        shown = ", ".join(uniq[:3]) + (f" and {len(uniq) - 3} more" if len(uniq) > 3 else "")
-        msg = (f"autotp: {op} has no sharding rule; it runs replicated with its inputs gathered "
-               f"first (in {shown}). Correct but may be slow: see docs/adding_an_op_rule.md")
-        warnings.warn(msg, stacklevel=3)
-        log.info(msg)
-    _warn_broken(list(broken.values()))
-    _check_replicate_first(nodes)
-    return Candidates(captured, n, nodes, followers, dict(consumers), dict(unruled),
-                      frozenset(needs_grad), _layer_units(nodes, captured.stacks),
-                      dp_size=dp_size, optimizer_bytes=optimizer_bytes)
+        consumers: dict[Value, list[tuple[str, int]]] = defaultdict(list)
+        for nc in nodes.values():
+            for i, v in enumerate(nc.slots):
+                consumers[v].append((nc.name, i))
+        for op, mods in self.unruled.items():
+            uniq = list(dict.fromkeys(mods))
+            shown = ", ".join(uniq[:3]) + (f" and {len(uniq) - 3} more" if len(uniq) > 3 else "")
+            msg = (f"autotp: {op} has no sharding rule; it runs replicated with its inputs gathered "
+                   f"first (in {shown}). Correct but may be slow: see docs/adding_an_op_rule.md")
+            warnings.warn(msg, stacklevel=4)
+            log.info(msg)
+        _warn_broken(list(self.broken.values()), stacklevel=5)
+        _check_replicate_first(nodes)
+        return Candidates(self.captured, self.n, nodes, self.followers, dict(consumers),
+                          dict(self.unruled), frozenset(needs_grad),
+                          _layer_units(nodes, self.captured.stacks), dp_size=dp_size,
+                          optimizer_bytes=optimizer_bytes)
 
 
 def _check_replicate_first(nodes: dict) -> None:
@@ -301,7 +341,7 @@ def _check_replicate_first(nodes: dict) -> None:
             raise AutoTPInternalError(f"strategy 0 of node {name} is not all-Replicate: {st}")
 
 
-def _warn_broken(broken: list[tuple[fx.Node, str, Exception]]) -> None:
+def _warn_broken(broken: list[tuple[fx.Node, str, Exception]], stacklevel: int = 4) -> None:
     """One warning per op and error whose rule raised during enumeration: the op, the first
     node's module path and user source line (capture.describe), the other modules, and the
     error. Those nodes run replicated (correct, maybe slow); the rule has a bug."""
@@ -316,7 +356,7 @@ def _warn_broken(broken: list[tuple[fx.Node, str, Exception]]) -> None:
         msg = (f"autotp: the sharding rule of {op} raised {err} (in its {part}) at "
                f"{describe(node)}{more}. Those nodes run replicated with their inputs gathered "
                f"first: correct but may be slow. This is a bug in autotp, please report it.")
-        warnings.warn(msg, stacklevel=4)
+        warnings.warn(msg, stacklevel=stacklevel)
         log.warning(msg)
 
 
