@@ -137,7 +137,13 @@ def _check_refs(nodes: list[fx.Node], allowed: set[fx.Node], forbidden: set[fx.N
 
 def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> fx.Graph:
     """The graph ``g`` of the cut model with ``stack`` at full depth (a new Graph; the layers'
-    parameters are attached to ``gm``)."""
+    parameters are attached to ``gm``).
+
+    Longer than the rest on purpose: it is one pass of ``node_copy`` over the graph in which
+    the environment that maps old nodes to new ones changes per emitted layer copy, and its
+    helpers (``attr``, ``emit_copies``, ``arg``) close over that environment; split apart they
+    would pass it around by hand. Every structural assumption was checked by ``_segments``
+    and ``_shape_of`` before this runs."""
     sg = _segments(g, stack)
     t = KEEP - 1  # template layer
     last = stack.size - 1

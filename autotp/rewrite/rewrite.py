@@ -40,12 +40,19 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
     of every parameter name (aliases of tied weights included). ``load(names, full, place)``
     gives this rank's piece of the parameter known by ``names`` (``full`` is the model's
     tensor, possibly on meta); by default the piece is sliced from ``full``."""
+    placements = _parameters(c, choice, comm.rank, load)
+    _transitions(c, choice, comm)
+    c.captured.gm.graph.lint()
+    c.captured.gm.recompile()
+    return c.captured.gm, placements
+
+
+def _parameters(c: Candidates, choice: Choice, rank: int, load: Load | None) -> dict[str, Placement]:
+    """Edit 1: every parameter becomes a fresh tensor (this rank's slice where Shard), so the
+    user's model is never aliased; tied names share one. Returns each name's placement."""
     gm = c.captured.gm
     graph = gm.graph
-    n, rank = c.world_size, comm.rank
-    metas = c.captured.metas
-
-    # 1. parameters: fresh tensors (sliced where Shard), so the user's model is never aliased
+    n = c.world_size
     aliases: dict[int, list[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
@@ -75,8 +82,17 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
                 new = nn.Parameter(local, requires_grad=obj.requires_grad)
                 for a in ids:
                     set_attr(gm, a, new)
+    return placements
 
-    # 2 + 3. transitions and local shape arguments
+
+def _transitions(c: Candidates, choice: Choice, comm: Comm) -> None:
+    """Edits 2 and 3: a Redistribute before every consumer whose strategy needs another
+    placement (or gradient placement) than its producer's, one per (value, need) for all
+    its consumers; then the rule's ``localize`` makes shape arguments local (head counts)."""
+    gm = c.captured.gm
+    graph = gm.graph
+    n, rank = c.world_size, comm.rank
+    metas = c.captured.metas
     made: dict[tuple[str, Placement, Placement], fx.Node] = {}
     count = 0
     for node in list(graph.nodes):
@@ -117,7 +133,3 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
         rule = rule_for(node)  # a fallback node runs replicated: its global sizes are local
         if rule is not None and rule.localize is not None and not nc.fallback:
             rule.localize(node, st, n, rank)
-
-    graph.lint()
-    gm.recompile()
-    return gm, placements
