@@ -16,6 +16,7 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from enum import Enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +35,20 @@ log = logging.getLogger(__name__)
 Value = tuple[str, int]  # (producer node name, output index; 0 for single-tensor nodes)
 
 
+class NodeKind(str, Enum):
+    """The role of a decision node. A str Enum: the JSON boundary and old callers still see
+    "param" etc.; code compares with the members, so a typo fails to import, not silently."""
+    INPUT = "input"
+    PARAM = "param"
+    BUFFER = "buffer"
+    OP = "op"
+    OUTPUT = "output"
+
+
 @dataclass
 class NodeCands:
     name: str
-    kind: str  # "input" | "param" | "buffer" | "op" | "output"
+    kind: NodeKind
     slots: tuple[Value, ...]  # producer value of each tensor input slot
     slot_nodes: tuple[str, ...]  # the graph node each slot reads (a getitem for tuple values)
     strategies: list[Strategy]
@@ -247,16 +258,16 @@ class _Build:
         outs = tuple(meta) if isinstance(meta, tuple) else ((meta,) if meta is not None else ())
         fallback = False
         if node.op == "placeholder":
-            kind, strategies = "input", [Strategy((), Replicate())]
+            kind, strategies = NodeKind.INPUT, [Strategy((), Replicate())]
         elif node.op == "get_attr":
             is_param = node.target in self.captured.param_names
-            kind = "param" if is_param else "buffer"
+            kind = NodeKind.PARAM if is_param else NodeKind.BUFFER
             strategies = self._param_strategies(node, outs[0]) if is_param and n > 1 else \
                 [Strategy((), Replicate())]
         elif node.op == "output":
-            kind, strategies = "output", [Strategy(tuple(Replicate() for _ in slots), ())]
+            kind, strategies = NodeKind.OUTPUT, [Strategy(tuple(Replicate() for _ in slots), ())]
         else:
-            kind = "op"
+            kind = NodeKind.OP
             found = self._op_strategies(node)
             if found is not None:
                 strategies = found
@@ -307,7 +318,7 @@ class _Build:
         gm, nodes = self.captured.gm, self.nodes
         needs_grad: set[str] = set(self.captured.inputs_requiring_grad)
         for nc in nodes.values():
-            if nc.kind == "param":
+            if nc.kind is NodeKind.PARAM:
                 if gm.get_parameter(str(nc.target)).requires_grad:
                     needs_grad.add(nc.name)
             elif any(v[0] in needs_grad for v in nc.slots) and \

@@ -13,7 +13,7 @@ from autotp.cost.model import MODES
 from autotp.errors import AutoTPInternalError
 from autotp.core.placements import format_out
 from autotp.cost.evaluate import Choice, Evaluation
-from autotp.candidates import Candidates
+from autotp.candidates import Candidates, NodeKind
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
     for name, nc in c.nodes.items():
         st = nc.strategies[choice[name]]
         decisions.append(Decision(name, nc.module, nc.op, tuple(map(str, st.inputs)), format_out(st.output)))
-        if nc.kind == "op" and any(m is not None and m.splits_dynamic(o) for o, m in zip(st.outputs(), nc.metas)):
+        if nc.kind is NodeKind.OP and any(m is not None and m.splits_dynamic(o) for o, m in zip(st.outputs(), nc.metas)):
             seq.append(name)
-        if nc.kind == "param":
+        if nc.kind is NodeKind.PARAM:
             total += nc.metas[0].nbytes
             params.append(ParamShard(str(nc.target), nc.metas[0].shape, str(st.output)))
     # parameters the graph never reads stay whole on every rank; count them too

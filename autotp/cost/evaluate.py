@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from autotp.cost.model import (Transition, compute_time, dp_grad_sync_time, local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time, state_bytes, working_bytes)
 from autotp.cost.devices import DeviceSpec
 from autotp.core.placements import Placement
-from autotp.candidates import Candidates, Value
+from autotp.candidates import Candidates, Value, NodeKind
 
 
 Choice = dict[str, int]
@@ -44,7 +44,7 @@ class Evaluation:
 
 def _node_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> float:
     nc = c.nodes[name]
-    if nc.kind != "op":
+    if nc.kind is not NodeKind.OP:
         return 0.0
     ins = tuple(c.nodes[v[0]].metas[v[1]] for v in nc.slots)
     return compute_time(nc.target, ins, nc.metas, nc.strategies[s], c.world_size, spec, mode)
@@ -59,7 +59,7 @@ def _dp_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> f
 
 def _param_mem(c: Candidates, name: str, s: int) -> float:
     nc = c.nodes[name]
-    if nc.kind != "param":
+    if nc.kind is not NodeKind.PARAM:
         return 0.0
     return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
 
@@ -73,9 +73,9 @@ def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
         return c.cache["keepers"]
     out: dict[Value, list[tuple[str, int]]] = {}
     for value, cons in c.consumers.items():
-        if c.nodes[value[0]].kind in ("param", "buffer"):
+        if c.nodes[value[0]].kind in (NodeKind.PARAM, NodeKind.BUFFER):
             continue  # parameters are counted as state
-        keep = [(n, slot) for n, slot in cons if c.nodes[n].kind == "op" and n in c.needs_grad
+        keep = [(n, slot) for n, slot in cons if c.nodes[n].kind is NodeKind.OP and n in c.needs_grad
                 and saves_inputs(c.nodes[n].target, len(c.nodes[n].slots))]
         if keep:
             out[value] = keep
@@ -86,7 +86,7 @@ def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
 def _working(c: Candidates, name: str, s: int) -> float:
     """Inference: bytes live while op ``name`` runs with strategy ``s``."""
     nc = c.nodes[name]
-    if nc.kind != "op":
+    if nc.kind is not NodeKind.OP:
         return 0.0
     ins = tuple(c.nodes[v[0]].metas[v[1]] for v in nc.slots)
     return working_bytes(ins, nc.metas, nc.strategies[s], c.world_size)
@@ -95,7 +95,7 @@ def _working(c: Candidates, name: str, s: int) -> float:
 def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
     """State bytes per rank (parameters; in training also gradients and optimizer states)."""
     nc = c.nodes[name]
-    if nc.kind != "param":
+    if nc.kind is not NodeKind.PARAM:
         return 0.0
     return state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
                        name in c.needs_grad, c.optimizer_bytes)
@@ -131,7 +131,7 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
             groups[(value, p, st.inputs[slot], st.grad_placement(slot))].append((name, slot))
     edges = []
     for (value, p, q, g), cons in groups.items():
-        t = transition(p, q, g, c.nodes[value[0]].kind == "param")
+        t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM)
         if t is None:
             return None
         if not t.forward and not t.backward:

@@ -23,7 +23,7 @@ from autotp.errors import AutoTPInternalError
 from autotp.core.placements import Placement, Replicate, Shard, shard_tensor
 from autotp.rules import rule_for
 from autotp.cost.evaluate import Choice
-from autotp.candidates import Candidates
+from autotp.candidates import Candidates, NodeKind
 
 
 def value_placement(c: Candidates, choice: Choice, name: str) -> Placement:
@@ -58,7 +58,7 @@ def _parameters(c: Candidates, choice: Choice, rank: int, load: Load | None) -> 
         aliases.setdefault(id(p), []).append(name)
     placements: dict[str, Placement] = {name: Replicate() for ids in aliases.values() for name in ids}
     for node in graph.nodes:
-        if node.op != "get_attr" or c.nodes.get(node.name) is None or c.nodes[node.name].kind != "param":
+        if node.op != "get_attr" or c.nodes.get(node.name) is None or c.nodes[node.name].kind is not NodeKind.PARAM:
             continue
         full = fetch_attr(gm, node.target)
         place = value_placement(c, choice, node.name)
@@ -97,7 +97,7 @@ def _transitions(c: Candidates, choice: Choice, comm: Comm) -> None:
     count = 0
     for node in list(graph.nodes):
         nc = c.nodes.get(node.name)
-        if nc is None or nc.kind not in ("op", "output"):
+        if nc is None or nc.kind not in (NodeKind.OP, NodeKind.OUTPUT):
             continue
         st = nc.strategies[choice[node.name]]
         slot = 0

@@ -49,7 +49,7 @@ from autotp.cost.model import local_bytes, pad_factor, transition, transition_ti
 from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError
 from autotp.core.placements import Placement
-from autotp.candidates import Candidates, Value
+from autotp.candidates import Candidates, Value, NodeKind
 from autotp.cost.evaluate import Choice, _dp_time, _edge_mode, _footprint, _keepers, _node_time, _param_mem, _working
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Program:
         """Cost of the transition (value, P, Q, G); None when impossible."""
         value, p, q, g = key
         c = self.c
-        t = transition(p, q, g, c.nodes[value[0]].kind == "param")
+        t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM)
         if t is None:
             return None
         pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)

@@ -53,7 +53,7 @@ from typing import Callable
 import numpy as np
 
 from autotp.core.placements import Placement
-from autotp.candidates import Candidates, Value
+from autotp.candidates import Candidates, Value, NodeKind
 from autotp.solve.program import Program, bytes_bound
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _shape(c: Candidates, unit: tuple[str, ...], prev: tuple[str, ...] | None) -
         nc = c.nodes[name]
         refs = tuple(("self", pos[p], oi) if p in pos else ("prev", ppos[p], oi) if p in ppos
                      else ("out", p, oi) for p, oi in nc.slots)
-        out.append((nc.kind, nc.op, nc.target if nc.kind == "op" else None, tuple(nc.strategies),
+        out.append((nc.kind, nc.op, nc.target if nc.kind is NodeKind.OP else None, tuple(nc.strategies),
                     nc.metas, name in c.needs_grad, nc.fallback, refs))
     return tuple(out)
 

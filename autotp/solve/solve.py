@@ -16,7 +16,7 @@ import numpy as np
 from autotp.cost.model import MODES
 from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError, InfeasiblePlanError
-from autotp.candidates import Candidates
+from autotp.candidates import Candidates, NodeKind
 from autotp.solve.runs import find_runs, solve_runs
 from autotp.cost.evaluate import Choice, Evaluation, _footprint, _param_mem, evaluate, memory_bytes
 from autotp.solve.program import SCALE_M, SCALE_MB, SCALE_T, Program, bytes_bound
@@ -93,7 +93,7 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
                  budget)
     # a quick bound first: every parameter split as far as it goes, no activations
     floor = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
-                for v, nc in c.nodes.items() if nc.kind == "param")
+                for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
     if floor > budget:
         raise _infeasible_error(p, floor, floor_only=True)
     if objective == "memory":
@@ -243,6 +243,6 @@ def brute_force(c: Candidates, spec: DeviceSpec, mode: str = "training", objecti
             feasible.append((choice, ev))
     if objective == "memory" and feasible:
         least = min(ev.param_bytes for _, ev in feasible)
-        total = sum(c.nodes[v].metas[0].nbytes for v in names if c.nodes[v].kind == "param")
+        total = sum(c.nodes[v].metas[0].nbytes for v in names if c.nodes[v].kind is NodeKind.PARAM)
         feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes <= least + MEMORY_SLACK * total + 1]
     return min(feasible, key=lambda f: f[1].time_s) if feasible else None

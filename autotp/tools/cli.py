@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from autotp.candidates import NodeKind
 from autotp.core.options import ADAM_FP32_BYTES
 from autotp.errors import AutoTPError, AutoTPInternalError, RankError
 from autotp.rules import op_info_named
@@ -80,8 +81,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     for path in a.module:
         names = [n for n, nc in c.nodes.items()
                  if (nc.module == path or nc.module.startswith(path + ".")) and
-                 len(nc.strategies) > 1 and (nc.kind == "param" or _shown(nc.target) or
-                                             (a.all and nc.kind == "op"))]
+                 len(nc.strategies) > 1 and (nc.kind is NodeKind.PARAM or _shown(nc.target) or
+                                             (a.all and nc.kind is NodeKind.OP))]
         if not names:
             mods = sorted({nc.module for nc in c.nodes.values() if nc.module})
             close = [m for m in mods if path.split(".")[-1] in m][:5]
@@ -113,11 +114,11 @@ def cmd_explain(a: argparse.Namespace) -> int:
                     best = "+0.00 µs"
                 if ev is None:
                     t.add_row(mark, str(st), "", "impossible with the neighbours' placements", "", best,
-                              _bytes(_param_mem(c, name, s)) if nc.kind == "param" else "")
+                              _bytes(_param_mem(c, name, s)) if nc.kind is NodeKind.PARAM else "")
                     continue
                 t.add_row(mark, str(st), _time(_node_time(c, name, s, pd.spec, pd.plan.mode)),
                           _time(ev.comm_s - base.comm_s), f"{(ev.time_s - base.time_s) * 1e6:+.2f} µs", best,
-                          _bytes(_param_mem(c, name, s)) if nc.kind == "param" else "")
+                          _bytes(_param_mem(c, name, s)) if nc.kind is NodeKind.PARAM else "")
             out.print(t)
         out.print("The chosen strategy minimizes the whole plan's predicted step time (objective "
                   f"{pd.plan.objective!r}). Δ communication / Δ step time: changing only this node, "

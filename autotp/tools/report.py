@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from autotp.candidates import NodeKind
 from autotp.core.placements import OutPlacement, Shard, local_sizes
 from autotp.rules import Display, op_info
 
@@ -87,7 +88,7 @@ def matmul_rows(pd) -> list[tuple[str, str, str, str, str]]:
         if display is None:
             continue
         st = nc.strategies[choice[name]]
-        wslot = next((i for i, v in enumerate(nc.slots) if c.nodes[v[0]].kind == "param"), None)
+        wslot = next((i for i, v in enumerate(nc.slots) if c.nodes[v[0]].kind is NodeKind.PARAM), None)
         if display.by == "output":
             words = _split_words(display, st.output)
             shape = ""
