@@ -80,3 +80,28 @@ class _FailsOnRanks(nn.Module):
 
 def fails_on_ranks():
     return _FailsOnRanks(), (torch.randn(2, 4),)
+
+
+class _Cum(nn.Module):
+    """A weight read only by an op without a sharding rule (cumsum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return x @ torch.cumsum(self.w, 0)
+
+
+class _Whole(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.lin = _Cum(), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(self.blk(x))
+
+
+def whole():
+    torch.manual_seed(0)
+    return _Whole(), (torch.randn(2, 3, 16),)

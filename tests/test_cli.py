@@ -102,3 +102,13 @@ def test_bad_input_is_one_clear_message(args, code, words) -> None:
     assert r.returncode == code, (r.stdout, r.stderr)
     assert words in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_explain_says_why_weights_stay_whole() -> None:
+    r = autotp("explain", "cli_targets:whole", "blk", "lin", "--world-size", "2")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines()
+            if line.startswith("│") and line.count("│") == 4}
+    # a missing rule reads differently from a deliberate choice
+    assert "no rule: aten.cumsum.default" in rows["blk.w"]
+    assert "cost:" in rows["lin.weight"] and "µs" in rows["lin.weight"]

@@ -27,7 +27,7 @@ from autotp.core.options import ADAM_FP32_BYTES
 from autotp.errors import AutoTPError, AutoTPInternalError, RankError
 from autotp.rules import op_info_named
 from autotp.tools.targets import UsageError, load_target
-from autotp.tools.report import _bytes, _shown, _time, matmul_rows, out, print_table, to_dot
+from autotp.tools.report import _bytes, _shown, _time, matmul_rows, out, print_table, to_dot, print_whole, why_whole
 
 
 err = Console(stderr=True, highlight=False)
@@ -83,7 +83,10 @@ def cmd_explain(a: argparse.Namespace) -> int:
                  if (nc.module == path or nc.module.startswith(path + ".")) and
                  len(nc.strategies) > 1 and (nc.kind is NodeKind.PARAM or _shown(nc.target) or
                                              (a.all and nc.kind is NodeKind.OP))]
+        whole = why_whole(pd, [path], 20 if len(c.nodes) <= a.resolve_limit else 0)
         if not names:
+            print_whole(whole)
+            found = found or bool(whole)
             mods = sorted({nc.module for nc in c.nodes.values() if nc.module})
             close = [m for m in mods if path.split(".")[-1] in m][:5]
             err.print(f"no splittable op in module {path!r}" + (f"; did you mean: {', '.join(close)}" if close else ""))
@@ -120,6 +123,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
                           _time(ev.comm_s - base.comm_s), f"{(ev.time_s - base.time_s) * 1e6:+.2f} µs", best,
                           _bytes(_param_mem(c, name, s)) if nc.kind is NodeKind.PARAM else "")
             out.print(t)
+        print_whole(whole)
         out.print("The chosen strategy minimizes the whole plan's predicted step time (objective "
                   f"{pd.plan.objective!r}). Δ communication / Δ step time: changing only this node, "
                   "the others fixed; Δ best plan with it: the best whole plan that uses this "

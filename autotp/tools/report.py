@@ -181,3 +181,71 @@ def _edges(pd):
     from autotp.cost.evaluate import evaluate
     ev = evaluate(pd.candidates, pd.choice, pd.spec, pd.plan.mode)
     return ev.edges if ev else ()
+
+
+def why_whole(pd, modules: Sequence[str] = (), resolve_limit: int = 20) -> list[tuple[str, str, str]]:
+    """For every weight the plan keeps whole (Replicate) in ``modules`` (all when empty): its
+    name, bytes, and why, so that a missing rule reads differently from a choice:
+
+    - "no rule": every op that reads it has no sharding rule (it runs replicated);
+    - "no split": no dim of it can be split at this world size;
+    - "consumers": the ops that read it take it only whole (their rules offer no split of it);
+    - "cost" / "memory": a split exists; the best whole plan that splits it is slower by the
+      amount shown (objective "time"), or (objective "memory") keeping it whole is within the
+      memory objective's slack. Re-solved per weight, for at most ``resolve_limit`` weights."""
+    from autotp.cost.evaluate import evaluate
+    from autotp.errors import AutoTPError
+    from autotp.solve.solve import solve
+    c, choice = pd.candidates, pd.choice
+    base = evaluate(c, choice, pd.spec, pd.plan.mode)
+    rows, resolved = [], 0
+    for name, nc in c.nodes.items():
+        if nc.kind is not NodeKind.PARAM or isinstance(nc.strategies[choice[name]].output, Shard):
+            continue
+        if modules and not any(nc.module == m or nc.module.startswith(m + ".") for m in modules):
+            continue
+        users = [(c.nodes[u], slot) for u, slot in c.consumers.get((name, 0), ())]
+        size = _bytes(nc.metas[0].nbytes)
+        if users and all(u.fallback for u, _ in users):
+            ops = ", ".join(sorted({u.op for u, _ in users}))
+            rows.append((str(nc.target), size, f"no rule: {ops} has no sharding rule and runs "
+                         "replicated (docs/adding_an_op_rule.md)"))
+        elif len(nc.strategies) == 1:
+            rows.append((str(nc.target), size, f"no split: no dim of {tuple(nc.metas[0].shape)} "
+                         f"splits at world size {c.world_size}"))
+        elif not any(isinstance(st.inputs[slot], Shard) for u, slot in users for st in u.strategies):
+            rows.append((str(nc.target), size, "consumers: the ops that read it take it only whole"))
+        elif pd.plan.objective == "memory":
+            rows.append((str(nc.target), size, "memory: kept whole within the memory objective's "
+                         "slack (0.1% of the parameters), which spares gathering activations for it"))
+        else:
+            why = "cost: the plan is faster with it whole"
+            if resolved < resolve_limit and base is not None:
+                resolved += 1
+                best = None
+                for s, st in enumerate(nc.strategies):
+                    if not isinstance(st.output, Shard):
+                        continue
+                    try:
+                        alt = solve(c, pd.spec, pd.plan.mode, pd.plan.objective, pd.budget,
+                                    pinned={name: s})
+                    except AutoTPError:
+                        continue
+                    ev = evaluate(c, alt, pd.spec, pd.plan.mode)
+                    if ev is not None and (best is None or ev.time_s < best):
+                        best = ev.time_s
+                why += (f" (the best plan that splits it: {(best - base.time_s) * 1e6:+.2f} µs)"
+                        if best is not None else " (no plan that splits it fits)")
+            rows.append((str(nc.target), size, why))
+    return rows
+
+
+def print_whole(rows: list[tuple[str, str, str]], out: Console = out) -> None:
+    if not rows:
+        return
+    t = Table(title="weights kept whole, and why", title_justify="left")
+    for col in ("weight", "bytes", "why"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
