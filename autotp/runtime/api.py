@@ -16,7 +16,7 @@ from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, ProcessGroupError
 from autotp.core.options import Mode, Objective, PlanOptions
 from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
-    ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
+    ModeFamily, ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
     on_meta, plan_model, rank_module, retarget_device)
 from autotp.plans import Plan
 from autotp.runtime.weights import open_weights
@@ -111,6 +111,8 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
         if box[0] != mine:
             planned = planned.with_plan(Plan.from_json(box[0]))
     pm = rank_module(planned, comm, weights=source, here=here)
+    if plan is None:  # another mode is planned like this one (a given plan fixes one mode)
+        object.__setattr__(pm, "_family", ModeFamily(model, options, bgroup, here))
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         pm.data_parallel(dp_group, here)
     return pm

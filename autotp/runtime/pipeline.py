@@ -33,7 +33,7 @@ from autotp.plans import Plan, make_plan
 from autotp.rewrite.rewrite import rewrite
 from autotp.cost.evaluate import Choice, evaluate
 from autotp.solve.solve import solve
-from autotp.candidates import Candidates, build
+from autotp.candidates import Candidates, NodeKind, build
 from autotp.runtime.weights import WeightSource
 
 Progress = Callable[[str], Any]
@@ -169,10 +169,30 @@ def candidates(captured: Captured, options: PlanOptions) -> Candidates:
                  optimizer_bytes=options.optimizer_bytes)
 
 
-def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = None) -> tuple[Plan, Choice]:
-    """The optimal Plan of ``c`` under ``options`` (and the Choice behind it)."""
+def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:
+    """The strategy index of every parameter node named in ``placements`` whose output is
+    that placement (AutoTPError when this capture offers no such split)."""
+    pins = {}
+    for name, nc in c.nodes.items():
+        want = placements.get(str(nc.target)) if nc.target is not None else None
+        if want is None or nc.kind is not NodeKind.PARAM:
+            continue
+        s = next((s for s, st in enumerate(nc.strategies) if st.output == want), None)
+        if s is None:
+            raise AutoTPError(f"parameter {nc.target} is held as {want} but the new capture offers "
+                              f"only {', '.join(str(st.output) for st in nc.strategies)} for it")
+        pins[name] = s
+    return pins
+
+
+def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = None,
+               pinned: dict[str, int] | None = None) -> tuple[Plan, Choice]:
+    """The optimal Plan of ``c`` under ``options`` (and the Choice behind it); ``pinned``
+    fixes some nodes' strategies (their indices)."""
     spec = spec or get_device(options.device)
     extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
+    if pinned:
+        extra["pinned"] = pinned
     choice = solve(c, spec, options.mode, options.objective, options.memory_budget, **extra)
     if set(choice) != set(c.nodes):  # stage invariant: one strategy for every node
         raise AutoTPInternalError(f"the solver's choice misses {len(set(c.nodes) - set(choice))} "
@@ -186,10 +206,12 @@ def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = No
 
 def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | None,
                options: PlanOptions, *, plan: Plan | None = None,
-               progress: Progress | None = None) -> Planned:
+               progress: Progress | None = None,
+               pinned_params: dict[str, Placement] | None = None) -> Planned:
     """Capture ``model`` (on meta when its parameters are), build its candidates and solve
     them under ``options``; with ``plan`` given, map that plan onto the capture instead of
-    solving. ``progress(stage)`` is called as each stage starts."""
+    solving. ``progress(stage)`` is called as each stage starts. ``pinned_params``: parameter
+    name -> the placement it must keep (a program captured later over the same shards)."""
     args, kwargs = check_args(example_inputs, example_kwargs)
     note = progress or (lambda _stage: None)
     spec = get_device(options.device)
@@ -201,7 +223,7 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
         c = candidates(captured, options)
         if plan is None:
             note("solving")
-            p, choice = solve_plan(c, options, spec)
+            p, choice = solve_plan(c, options, spec, _pins(c, pinned_params or {}))
         else:
             p, choice = plan, choice_from_plan(c, plan)
     return Planned(p, c, choice, spec, options, real_buffers, meta)
@@ -231,9 +253,43 @@ class ParallelModule(nn.Module):
         self.training = captured.training
         self._ddp: nn.Module | None = None
         self.dp_group: dist.ProcessGroup | None = None
+        # the programs by mode (training flag); the first is ``module``. Kept outside the
+        # module tree: every program reads the same Parameter objects, under the same names
+        object.__setattr__(self, "_programs", {captured.training: gm})
+        object.__setattr__(self, "_family", None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return (self._ddp or self.module)(*args, **kwargs)
+        mode = self.training if self._mode_sensitive else next(iter(self._programs))
+        gm = self._programs.get(mode)
+        if gm is None:
+            gm = self._capture_mode(mode, args, kwargs)
+        if gm is self.module:
+            return (self._ddp or self.module)(*args, **kwargs)
+        return gm(*args, **kwargs)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes captured so far ("train", "eval"), the first at parallelize."""
+        return tuple("train" if m else "eval" for m in self._programs)
+
+    def _capture_mode(self, mode: bool, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+        """The first call in a mode with no program: capture the model in that mode on every
+        rank (SPMD: every rank makes this call), plan it with every parameter pinned to the
+        placement it already has (rank 0's plan is broadcast), and rewrite it over the same
+        Parameter objects, so the optimizer and its state stay valid."""
+        fam = self._family
+        if fam is None:
+            raise AutoTPError(
+                f"the model was captured in {'train' if self.training else 'eval'} mode and has "
+                f"mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); this module cannot "
+                f"capture the other mode (it was not made by autotp.parallelize): call "
+                f"model.{'train' if mode else 'eval'}() before making it instead")
+        if self._ddp is not None:
+            raise AutoTPError("switching train/eval on a data-parallel (mesh) module is not "
+                              "supported yet: parallelize one module per mode")
+        gm = fam.program(self, mode, args, kwargs)
+        self._programs[mode] = gm
+        return gm
 
     def data_parallel(self, dp_group: dist.ProcessGroup, device: torch.device) -> None:
         """Replicate this tensor-parallel module across ``dp_group`` with DDP (gradients
@@ -249,14 +305,9 @@ class ParallelModule(nn.Module):
         self.dp_group = dp_group
 
     def train(self, mode: bool = True) -> "ParallelModule":
-        # The exported graph fixed dropout/batch-norm behaviour at capture time (and
-        # ep.module() refuses train()/eval()). Switching is only harmless when nothing depends
-        # on the mode.
-        if mode != self.training and self._mode_sensitive:
-            raise AutoTPError(
-                f"the model was captured in {'train' if self.training else 'eval'} mode and has "
-                f"mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); call "
-                f"model.{'train' if mode else 'eval'}() before autotp.parallelize instead")
+        """Like nn.Module.train. A model with mode-dependent ops (dropout, batch norm) gets a
+        program per mode: the first call in a mode not captured yet captures it (see
+        ``_capture_mode``); a model without them runs one program in both."""
         self.training = mode
         return self
 
@@ -264,6 +315,59 @@ class ParallelModule(nn.Module):
     def collective_counts(self) -> dict[tuple[str, str], int]:
         """Collectives issued so far, by (kind, phase)."""
         return dict(self.comm.counts)
+
+
+@dataclass
+class ModeFamily:
+    """What capturing the same model in another mode needs: the model itself (its code and
+    module tree; its weights are not read), the options it was planned with, the group whose
+    rank 0's plan is authoritative, and the device the module runs on."""
+    model: nn.Module
+    options: PlanOptions
+    group: "dist.ProcessGroup | None"
+    here: torch.device
+
+    def program(self, pm: ParallelModule, mode: bool, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+        model, was = self.model, self.model.training
+        model.train(mode)
+        try:
+            planned = plan_model(model, args, kwargs, self.options,
+                                 pinned_params=dict(pm.placements))
+        finally:
+            model.train(was)
+        mine = planned.plan.to_json()
+        box = [mine if dist.get_rank(self.group) == 0 else None]
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        if box[0] != mine:
+            planned = planned.with_plan(Plan.from_json(box[0]))
+        c = planned.candidates
+        if planned.on_meta:
+            retarget_device(c.captured.gm, torch.device("meta"), self.here)
+        existing = dict(pm.module.named_parameters(remove_duplicate=False))
+
+        def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
+            have = next((n for n in names if n in existing), None)
+            if have is None:
+                raise AutoTPError(f"the {('train' if mode else 'eval')} program reads parameter "
+                                  f"{names[0]}, which the first program did not hold")
+            return existing[have].detach()
+        gm, _ = rewrite(c, planned.choice, pm.comm, load)
+        for name, p in existing.items():  # the same Parameter objects: one set of shards
+            if _has(gm, name):
+                set_attr(gm, name, p)
+        for name, b in pm.module.named_buffers():
+            if _has(gm, name):
+                set_attr(gm, name, b)
+        return gm
+
+
+def _has(gm: nn.Module, name: str) -> bool:
+    try:
+        fetch_attr(gm, name)
+        return True
+    except AttributeError:
+        return False
 
 
 def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = None,
