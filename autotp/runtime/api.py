@@ -111,8 +111,8 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
         if box[0] != mine:
             planned = planned.with_plan(Plan.from_json(box[0]))
     pm = rank_module(planned, comm, weights=source, here=here)
-    if plan is None:  # another mode is planned like this one (a given plan fixes one mode)
-        object.__setattr__(pm, "_family", ModeFamily(model, options, bgroup, here))
+    if plan is None:  # other modes and call structures are planned like this one
+        pm.adopt(ModeFamily(model, options, bgroup, here), args, kwargs)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         pm.data_parallel(dp_group, here)
     return pm

@@ -251,45 +251,71 @@ class ParallelModule(nn.Module):
         self.state_meta = captured.state_meta
         self._mode_sensitive = captured.mode_sensitive
         self.training = captured.training
+        self._captured_training = captured.training
         self._ddp: nn.Module | None = None
         self.dp_group: dist.ProcessGroup | None = None
-        # the programs by mode (training flag); the first is ``module``. Kept outside the
+        # the programs by (mode, call structure); the first is ``module``. Kept outside the
         # module tree: every program reads the same Parameter objects, under the same names
-        object.__setattr__(self, "_programs", {captured.training: gm})
+        object.__setattr__(self, "_programs", {})
         object.__setattr__(self, "_family", None)
 
+    def adopt(self, family: "ModeFamily", args: tuple, kwargs: dict) -> None:
+        """Let this module capture programs for other modes and call structures (parallelize
+        does this); ``args``/``kwargs`` are the example inputs ``module`` was captured with."""
+        object.__setattr__(self, "_family", family)
+        self._programs[self._key(self.training, args, kwargs)] = self.module
+
+    def _key(self, mode: bool, args: tuple, kwargs: dict) -> tuple:
+        """What makes a call need its own program: the mode (when the model has dropout or batch
+        norm) and the call's structure (which arguments are given or None, tensor ranks and
+        dtypes, other values by value); sizes are dynamic and never make a new program."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        sig = tuple(("T", x.dim(), x.dtype) if isinstance(x, torch.Tensor) else ("V", type(x).__name__, repr(x))
+                    for x in leaves)
+        return (mode if self._mode_sensitive else None, str(spec), sig)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        mode = self.training if self._mode_sensitive else next(iter(self._programs))
-        gm = self._programs.get(mode)
+        if self._family is None:  # one program (made by simulate, or from a given plan)
+            if self._mode_sensitive and self.training != self._captured_training:
+                raise AutoTPError(
+                    f"the model was captured in {'train' if self._captured_training else 'eval'} "
+                    f"mode and has mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); "
+                    f"this module holds one program (it was made from a given plan or by "
+                    f"simulate): call model.{'train' if self.training else 'eval'}() before "
+                    "making it instead")
+            return (self._ddp or self.module)(*args, **kwargs)
+        key = self._key(self.training, args, kwargs)
+        gm = self._programs.get(key)
         if gm is None:
-            gm = self._capture_mode(mode, args, kwargs)
+            gm = self._capture_mode(self.training, args, kwargs)
+            self._programs[key] = gm
         if gm is self.module:
             return (self._ddp or self.module)(*args, **kwargs)
         return gm(*args, **kwargs)
 
     @property
+    def programs(self) -> int:
+        """How many programs (mode x call structure) this module holds."""
+        return max(1, len(self._programs))
+
+    @property
     def modes(self) -> tuple[str, ...]:
-        """The modes captured so far ("train", "eval"), the first at parallelize."""
-        return tuple("train" if m else "eval" for m in self._programs)
+        """The modes captured so far ("train", "eval"), in order; a model without dropout or
+        batch norm runs one program in both, listed as its capture mode."""
+        seen = dict.fromkeys(k[0] for k in self._programs) or {self._captured_training: None}
+        return tuple("train" if (self._captured_training if m is None else m) else "eval" for m in seen)
 
     def _capture_mode(self, mode: bool, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-        """The first call in a mode with no program: capture the model in that mode on every
-        rank (SPMD: every rank makes this call), plan it with every parameter pinned to the
-        placement it already has (rank 0's plan is broadcast), and rewrite it over the same
-        Parameter objects, so the optimizer and its state stay valid."""
-        fam = self._family
-        if fam is None:
-            raise AutoTPError(
-                f"the model was captured in {'train' if self.training else 'eval'} mode and has "
-                f"mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); this module cannot "
-                f"capture the other mode (it was not made by autotp.parallelize): call "
-                f"model.{'train' if mode else 'eval'}() before making it instead")
+        """The first call in a mode or call structure with no program: capture the model with
+        this call's inputs in that mode on every rank (SPMD: every rank makes this call), plan
+        it with every parameter pinned to the placement it already has (rank 0's plan is
+        broadcast), and rewrite it over the same Parameter objects, so the optimizer and its
+        state stay valid."""
         if self._ddp is not None:
-            raise AutoTPError("switching train/eval on a data-parallel (mesh) module is not "
-                              "supported yet: parallelize one module per mode")
-        gm = fam.program(self, mode, args, kwargs)
-        self._programs[mode] = gm
-        return gm
+            raise AutoTPError("a new mode or call structure on a data-parallel (mesh) module is "
+                              "not supported yet: call it the way the example inputs did, in "
+                              "the mode it was made in")
+        return self._family.program(self, mode, args, kwargs)
 
     def data_parallel(self, dp_group: dist.ProcessGroup, device: torch.device) -> None:
         """Replicate this tensor-parallel module across ``dp_group`` with DDP (gradients
