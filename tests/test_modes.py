@@ -103,7 +103,7 @@ def _new_arguments(rank: int, world: int) -> dict:
         m2[1, :5] = 0
         errs.append(float((tp(input_ids=ids2, attention_mask=m2, use_cache=False).logits
                            - model(input_ids=ids2, attention_mask=m2, use_cache=False).logits).abs().max()))
-        errs.append(float((tp(input_ids=ids, use_cache=False).logits
+        errs.append(float((tp(use_cache=False, input_ids=ids).logits  # keyword order is free
                            - model(input_ids=ids, use_cache=False).logits).abs().max()))
     return {"errs": errs, "programs": tp.programs}
 

@@ -269,7 +269,7 @@ class ParallelModule(nn.Module):
         """What makes a call need its own program: the mode (when the model has dropout or batch
         norm) and the call's structure (which arguments are given or None, tensor ranks and
         dtypes, other values by value); sizes are dynamic and never make a new program."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))  # keyword order is free
         sig = tuple(("T", x.dim(), x.dtype) if isinstance(x, torch.Tensor) else ("V", type(x).__name__, repr(x))
                     for x in leaves)
         return (mode if self._mode_sensitive else None, str(spec), sig)
