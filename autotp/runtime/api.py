@@ -17,7 +17,7 @@ from autotp.errors import AutoTPError, ProcessGroupError
 from autotp.core.options import Mode, Objective, PlanOptions
 from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
     ModeFamily, ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
-    on_meta, plan_model, rank_module, retarget_device)
+    on_meta, plan_model, rank0_plan, rank_module, retarget_device)
 from autotp.plans import Plan
 from autotp.runtime.weights import open_weights
 
@@ -105,11 +105,7 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
         # every rank solves the same program; rank 0's plan is authoritative all the same
         # (on a mesh: global rank 0's, so that data-parallel replicas hold the same shards)
         bgroup = None if dp_group is not None else group
-        mine = planned.plan.to_json()
-        box = [mine if dist.get_rank(bgroup) == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(bgroup, 0) if bgroup else 0, group=bgroup)
-        if box[0] != mine:
-            planned = planned.with_plan(Plan.from_json(box[0]))
+        planned = rank0_plan(planned, bgroup)
     pm = rank_module(planned, comm, weights=source, here=here)
     if plan is None:  # other modes and call structures are planned like this one
         pm.adopt(ModeFamily(model, options, bgroup, here), args, kwargs)

@@ -24,6 +24,7 @@ from torch import nn
 from autotp._compat import pytree
 
 from autotp.capture import Captured, capture, fetch_attr, set_attr
+from autotp.core.attrs import has_attr
 from autotp.rewrite.collectives import Comm
 from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, PlanError
@@ -302,8 +303,8 @@ class ParallelModule(nn.Module):
     def modes(self) -> tuple[str, ...]:
         """The modes captured so far ("train", "eval"), in order; a model without dropout or
         batch norm runs one program in both, listed as its capture mode."""
-        seen = dict.fromkeys(k[0] for k in self._programs) or {self._captured_training: None}
-        return tuple("train" if (self._captured_training if m is None else m) else "eval" for m in seen)
+        modes = [self._captured_training if k[0] is None else k[0] for k in self._programs]
+        return tuple(dict.fromkeys("train" if m else "eval" for m in modes or [self._captured_training]))
 
     def _capture_mode(self, mode: bool, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
         """The first call in a mode or call structure with no program: capture the model with
@@ -343,6 +344,17 @@ class ParallelModule(nn.Module):
         return dict(self.comm.counts)
 
 
+def rank0_plan(planned: Planned, group: "dist.ProcessGroup | None") -> Planned:
+    """Every rank solves the same program, but rank 0's plan (of ``group``; None: the default
+    group) is authoritative: broadcast, and taken by every rank whose own plan differs, so that
+    every rank holds the same shards and issues the same collectives."""
+    mine = planned.plan.to_json()
+    box = [mine if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                               group=group)
+    return planned if box[0] == mine else planned.with_plan(Plan.from_json(box[0]))
+
+
 @dataclass
 class ModeFamily:
     """What capturing the same model in another mode needs: the model itself (its code and
@@ -361,12 +373,7 @@ class ModeFamily:
                                  pinned_params=dict(pm.placements))
         finally:
             model.train(was)
-        mine = planned.plan.to_json()
-        box = [mine if dist.get_rank(self.group) == 0 else None]
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=self.group)
-        if box[0] != mine:
-            planned = planned.with_plan(Plan.from_json(box[0]))
+        planned = rank0_plan(planned, self.group)
         c = planned.candidates
         if planned.on_meta:
             retarget_device(c.captured.gm, torch.device("meta"), self.here)
@@ -380,20 +387,12 @@ class ModeFamily:
             return existing[have].detach()
         gm, _ = rewrite(c, planned.choice, pm.comm, load)
         for name, p in existing.items():  # the same Parameter objects: one set of shards
-            if _has(gm, name):
+            if has_attr(gm, name):
                 set_attr(gm, name, p)
         for name, b in pm.module.named_buffers():
-            if _has(gm, name):
+            if has_attr(gm, name):
                 set_attr(gm, name, b)
         return gm
-
-
-def _has(gm: nn.Module, name: str) -> bool:
-    try:
-        fetch_attr(gm, name)
-        return True
-    except AttributeError:
-        return False
 
 
 def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = None,

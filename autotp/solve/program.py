@@ -177,7 +177,6 @@ class Program:
                 if t > 0:
                     self._pay((value, p, q, g), {y: 1.0})
             self.rows.append((row, 0.0, 0.0))
-        self.n = len(self.time)
 
     def add_memory_variables(self) -> dict[int, float]:
         """Adds, once, what memory per rank needs beyond the x variables (training: the

@@ -18,14 +18,14 @@ Exactness. The cost of the whole graph splits along a run without approximation 
   is made per set of reads available (``_table``), so the layers stay uncoupled whatever
   the shared value's own placement;
 - no memory budget binds: the layers' memory adds up across the run, a knapsack
-  constraint a boundary DP can't carry. ``solver.solve`` solves without the budget, and
+  constraint a boundary DP can't carry. ``solve.solve`` solves without the budget, and
   when the result breaks it (or the least-memory bound of objective="memory"), solves the
   whole graph instead when it is small enough to be solved exactly in reasonable time;
   on deeper models it prices memory instead (``lam``: time + lam * memory, a Lagrangian
-  relaxation, searched over lam until the plan fits; see solve/program.py). That result fits the
+  relaxation, searched over lam until the plan fits; see solve/solve.py). That result fits the
   budget but is not proven optimal.
 
-Method. For the first layer of a run, a small program (solver.Program over that layer, the
+Method. For the first layer of a run, a small program (program.Program over that layer, the
 values it reads from the layer before as *external* values whose placement is pinned) gives
 ``T[A][a][b]``: the least cost of one layer given the set A of shared-value reads it may use,
 the incoming carried values' placements a and its own carried values' placements b
@@ -86,7 +86,7 @@ class Cell:
     time: float
     mem: float
     choice: tuple[int, ...]  # strategy index per node of the layer
-    foot: float = 0.0  # memory per rank in solver.SCALE_M units (state + kept activations), priced by lam
+    foot: float = 0.0  # memory per rank in program.SCALE_M units (state + kept activations), priced by lam
     reads: frozenset[Read] = frozenset()  # the placements in which this layer reads shared values
 
 
@@ -95,6 +95,7 @@ class Entry:
     reads: frozenset[Read]  # the placements in which the run's layers read the shared values
     a: tuple[Placement, ...]
     b: tuple[Placement, ...]
+    cost: float  # objective units, the sum of the cells'
     time: float
     mem: float
     cells: tuple[Cell, ...]  # per layer of the run
@@ -230,13 +231,12 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     shared values the layer may use (a read the outer program pays for once, however many
     layers use it), a and b the carried values' placements in and out; None when there are
     too many sets of reads to table. ``lam``: objective units per KB of memory (state + kept
-    activations, in solver.SCALE_M units) added to the weight.
+    activations, in program.SCALE_M units) added to the weight.
 
     The shared values' own placement does not enter the table: a layer only sees the
     placement each consumer reads. Monotone: more available reads never cost more, so a cell
     whose optimum at a larger set only uses reads of a smaller one is that set's optimum too
     (and an infeasible cell stays infeasible with fewer reads): most cells are not solved."""
-
     key = ("table", run.key, spec.to_json(), mode, kind, lam)
     if key in c.cache:
         return c.cache[key]
@@ -300,12 +300,7 @@ def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = 
     met by some layers). Entries are kept only when no entry with a subset of their reads
     costs as little (a read costs the outer program something or nothing, never less)."""
     ks = range(len(run.units) + 1) if lean is not None else (0,)
-    lean = table if lean is None else lean
-    by: dict[frozenset, dict[tuple, dict[tuple, Cell]]] = {}
-    lean_by: dict[frozenset, dict[tuple, dict[tuple, Cell]]] = {}
-    for src, dst in ((table, by), (lean, lean_by)):
-        for (avail, a, b), cell in src.items():
-            dst.setdefault(avail, {}).setdefault(a, {})[b] = cell
+    by, lean_by = _by_reads(table), (_by_reads(lean) if lean is not None else {})
     seen: set[tuple] = set()
     best: dict[tuple, list[Entry]] = {}
     for avail in by:
@@ -325,11 +320,19 @@ def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = 
     return Block(run.ins, run.shared, run.outs, [e for g in best.values() for e in g])
 
 
+def _by_reads(table: dict[tuple, Cell]) -> dict[frozenset, dict[tuple, dict[tuple, Cell]]]:
+    """``table`` as avail -> a -> b -> Cell."""
+    out: dict[frozenset, dict[tuple, dict[tuple, Cell]]] = {}
+    for (avail, a, b), cell in table.items():
+        out.setdefault(avail, {}).setdefault(a, {})[b] = cell
+    return out
+
+
 def _dominates(o: Entry, e: Entry) -> bool:
     """``o`` is as good as ``e`` for any outer program: no more reads to pay, no more cost,
     time, parameter memory or footprint."""
-    return (o.reads <= e.reads and sum(x.cost for x in o.cells) <= sum(x.cost for x in e.cells)
-            and o.time <= e.time and o.mem <= e.mem and o.foot <= e.foot)
+    return (o.reads <= e.reads and o.cost <= e.cost and o.time <= e.time and o.mem <= e.mem
+            and o.foot <= e.foot)
 
 
 def _chain_k(run: Run, by_a: dict[tuple, dict[tuple, Cell]], lean_a: dict[tuple, dict[tuple, Cell]],
@@ -347,7 +350,7 @@ def _chain_k(run: Run, by_a: dict[tuple, dict[tuple, Cell]], lean_a: dict[tuple,
                         nxt[b2] = (total, cells + (cell,))
             best = nxt
         for b, (cost, cells) in best.items():
-            entries.append(Entry(frozenset().union(*(x.reads for x in cells)), a0, b,
+            entries.append(Entry(frozenset().union(*(x.reads for x in cells)), a0, b, cost,
                                  sum(x.time for x in cells), sum(x.mem for x in cells), cells,
                                  sum(x.foot for x in cells)))
     return entries
@@ -357,7 +360,7 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
                pinned: dict[str, int], time_limit: float, lam: float = 0.0,
                lean: tuple[float, float] | None = None) -> dict[str, int] | None:
     """The optimal Choice without a memory bound, each run solved as a block; None when no
-    plan satisfies the pins. ``lam`` > 0 adds lam * (memory per rank in solver.SCALE_M units) to the objective.
+    plan satisfies the pins. ``lam`` > 0 adds lam * (memory per rank in program.SCALE_M units) to the objective.
     ``lean`` = (lam_lean, budget bytes): each run may take its first k layers from the table
     priced at lam_lean and the rest from the one at lam, and the rest of the graph is solved
     for least time under the budget (memory per layer as the tables count it)."""

@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 # objective="memory" accepts plans within this fraction of the total parameter bytes of the
 # least-memory plan: it keeps a norm's few weights whole rather than gather activations for them
 MEMORY_SLACK = 1e-3
-
-
 TIE_BREAK_US_PER_MB = 1e-4
 
 
@@ -37,11 +35,7 @@ TIE_BREAK_US_PER_MB = 1e-4
 # (a Lagrangian search, not proven optimal) instead of one exact program over the whole graph,
 # which HiGHS does not finish in minutes beyond a few thousand nodes with a binding budget
 WHOLE_GRAPH_NODES = 1500
-
-
 LAGRANGE_STEPS = 16
-
-
 LEAN_FACTOR = 4.0
 
 

@@ -27,7 +27,7 @@ from autotp.core.options import ADAM_FP32_BYTES
 from autotp.errors import AutoTPError, AutoTPInternalError, RankError
 from autotp.rules import op_info_named
 from autotp.tools.targets import UsageError, load_target
-from autotp.tools.report import _bytes, _shown, _time, matmul_rows, out, print_table, to_dot, print_whole, why_whole
+from autotp.tools.report import _bytes, _shown, _time, matmul_rows, out, print_table, to_dot, in_module, print_whole, why_whole
 
 
 err = Console(stderr=True, highlight=False)
@@ -80,7 +80,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     found = False
     for path in a.module:
         names = [n for n, nc in c.nodes.items()
-                 if (nc.module == path or nc.module.startswith(path + ".")) and
+                 if in_module(nc.module, path) and
                  len(nc.strategies) > 1 and (nc.kind is NodeKind.PARAM or _shown(nc.target) or
                                              (a.all and nc.kind is NodeKind.OP))]
         whole = why_whole(pd, [path], 20 if len(c.nodes) <= a.resolve_limit else 0)

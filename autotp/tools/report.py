@@ -183,6 +183,11 @@ def _edges(pd):
     return ev.edges if ev else ()
 
 
+def in_module(path: str, module: str) -> bool:
+    """Whether module path ``path`` is ``module`` or inside it."""
+    return path == module or path.startswith(module + ".")
+
+
 def why_whole(pd, modules: Sequence[str] = (), resolve_limit: int = 20) -> list[tuple[str, str, str]]:
     """For every weight the plan keeps whole (Replicate) in ``modules`` (all when empty): its
     name, bytes, and why, so that a missing rule reads differently from a choice:
@@ -202,7 +207,7 @@ def why_whole(pd, modules: Sequence[str] = (), resolve_limit: int = 20) -> list[
     for name, nc in c.nodes.items():
         if nc.kind is not NodeKind.PARAM or isinstance(nc.strategies[choice[name]].output, Shard):
             continue
-        if modules and not any(nc.module == m or nc.module.startswith(m + ".") for m in modules):
+        if modules and not any(in_module(nc.module, m) for m in modules):
             continue
         users = [(c.nodes[u], slot) for u, slot in c.consumers.get((name, 0), ())]
         size = _bytes(nc.metas[0].nbytes)
