@@ -114,3 +114,12 @@ def test_facts_of_builtin_ops() -> None:
     assert cost.compute_time(aten.gelu.default, (_meta(4, 4),), (_meta(4, 4),),
                              Strategy((Replicate(),), Replicate()), 1, get_device("h100"),
                              "training") == 0.0
+
+
+def test_every_random_op_with_a_rule_draws_like_one_device() -> None:
+    """A random op that may be split must know how to keep its slice of the full draw (its
+    ``draws`` fact); one without a rule runs replicated, which draws the full value anyway."""
+    random = [op for op, info in rules.OPS.items() if rules.random_op(op) and info.rule is not None]
+    assert aten.dropout.default in random and aten.scaled_dot_product_attention.default in random
+    assert [str(op) for op in random if op_info(op).draws is None] == []
+    assert rules.random_op(aten.bernoulli.p) and not rules.random_op(aten.mul.Tensor)

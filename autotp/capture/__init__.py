@@ -28,7 +28,7 @@ from autotp.errors import CaptureError
 from autotp.capture.stacks import Stack, Unsupported, find_stacks
 from autotp.capture.normalize import canonical_names
 from autotp.capture.expand import capture_cut
-from autotp.rules import op_info
+from autotp.rules import OPS, op_info, random_op
 from autotp.core.meta import TensorMeta
 from autotp.capture.export import _export
 from autotp.core.attrs import fetch_attr, has_attr, set_attr
@@ -147,9 +147,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
 
 
 def _mode_sensitive(node: fx.Node) -> bool:
-    """Whether the node computes differently in train and eval mode (its registry entry's
-    ``mode_sensitive`` fact: dropout, batch_norm)."""
-    return node.op == "call_function" and op_info(node.target).mode_sensitive(node)
+    """Whether the node computes differently in train and eval mode: its registry entry's
+    ``mode_sensitive`` fact (dropout, batch_norm, attention dropout); an op nobody registered
+    counts when it is random (noise a model adds in training, e.g. a router's jitter)."""
+    if node.op != "call_function":
+        return False
+    if node.target in OPS:
+        return op_info(node.target).mode_sensitive(node)
+    return random_op(node.target)
 
 
 __all__ = ["Captured", "TensorMeta", "capture", "describe", "module_path", "source_line",

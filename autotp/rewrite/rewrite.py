@@ -5,7 +5,13 @@ Three edits, then ``graph.lint()``:
 2. a ``Redistribute`` module is inserted on every edge whose producer placement P differs from
    what the consumer needs (Q), or whose gradient needs a conjugate collective (G != dual(P));
    consumers of one value that need the same (Q, G) share one;
-3. shape arguments holding global sizes (view/expand head counts, split sizes) become local.
+3. shape arguments holding global sizes (view/expand head counts, split sizes) become local;
+4. a random op whose output is split (dropout of a column-split activation, attention dropout
+   with split heads) becomes a ``SplitRandom`` module: it draws the full-size value from the
+   generator every rank shares and keeps this rank's slice (the op's ``draws`` fact), so with
+   the same ``torch.manual_seed`` on every rank the parallel model draws exactly the numbers
+   one device draws, and every rank's generator advances as one device's does. A replicated
+   random op already draws the full value on every rank.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from autotp.capture import fetch_attr, set_attr
 from autotp.rewrite.collectives import Comm, Redistribute
 from autotp.errors import AutoTPInternalError
 from autotp.core.placements import Placement, Replicate, Shard, shard_tensor
-from autotp.rules import rule_for
+from autotp.rules import SplitDraw, op_info, random_op, rule_for
 from autotp.cost.evaluate import Choice
 from autotp.candidates import Candidates, NodeKind
 
@@ -42,6 +48,7 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
     tensor, possibly on meta); by default the piece is sliced from ``full``."""
     placements = _parameters(c, choice, comm.rank, load)
     _transitions(c, choice, comm)
+    _random_draws(c, choice, comm)
     c.captured.gm.graph.lint()
     c.captured.gm.recompile()
     return c.captured.gm, placements
@@ -133,3 +140,43 @@ def _transitions(c: Candidates, choice: Choice, comm: Comm) -> None:
         rule = rule_for(node)  # a fallback node runs replicated: its global sizes are local
         if rule is not None and rule.localize is not None and not nc.fallback:
             rule.localize(node, st, n, rank)
+
+
+class SplitRandom(nn.Module):
+    """A random op run on this rank's split of its output: ``draws(split, args, kwargs)``
+    draws the full-size value and keeps this rank's slice (see ``SplitDraw``)."""
+
+    def __init__(self, op: object, split: SplitDraw):
+        super().__init__()
+        self.op, self.split = op, split
+        self.draws = op_info(op).draws
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.draws(self.split, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.op}, output {self.split.place}"
+
+
+def _random_draws(c: Candidates, choice: Choice, comm: Comm) -> None:
+    """Edit 4: every random op whose output is split draws like one device (``SplitRandom``)."""
+    gm = c.captured.gm
+    metas = c.captured.metas
+    count = 0
+    for node in list(gm.graph.nodes):
+        nc = c.nodes.get(node.name)
+        if nc is None or nc.kind is not NodeKind.OP or node.op != "call_function" or not random_op(node.target):
+            continue
+        place = nc.strategies[choice[node.name]].outputs()[0]
+        if not isinstance(place, Shard):
+            continue
+        if op_info(node.target).draws is None:  # rules/: a random op with a rule has ``draws``
+            raise AutoTPInternalError(f"{node.format_node()} is random and split but its op has no "
+                                      "``draws`` fact: it would draw other numbers than one device")
+        meta = metas[node.name]
+        d = place.dim % len(meta.shape)
+        size = None if meta.dynamic[d] else int(meta.shape[d])
+        target = f"autotp_random_{count}"
+        count += 1
+        gm.add_submodule(target, SplitRandom(node.target, SplitDraw(place, size, comm.rank, c.world_size)))
+        node.op, node.target = "call_module", target  # same node and name: plans still read it

@@ -45,7 +45,8 @@ and tools/cli.py ask ``op_info(target)``. See docs/adding_an_op_rule.md.
 from autotp.rules.registry import (Label, Strategy, OpCall, DimMap, Rule, Metas, Flops, Keeps,  # noqa: F401
     ModeCheck, Unbias, Words, keeps_inputs, keeps_nothing, keeps_tensor_operands,  # noqa: F401
     never_mode_sensitive, always_mode_sensitive, elementwise_flops, matmul_flops, column_row,  # noqa: F401
-    Display, OpInfo, UNKNOWN, OPS, declare, register, op_info, op_info_named, rule_for)  # noqa: F401
+    Display, OpInfo, UNKNOWN, OPS, declare, register, op_info, op_info_named, rule_for,  # noqa: F401
+    Draw, SplitDraw, random_op)  # noqa: F401
 from autotp.rules.enumerate import (label_units, strategies_from_dims, replicate_only,  # noqa: F401
     broadcast_labels, norm_dims, scale_shape_arg)  # noqa: F401
 

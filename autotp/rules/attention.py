@@ -5,13 +5,18 @@ every query head with its key/value head (q head i uses kv head i // (h / h_kv))
 dim and key positions are mixed nonlinearly (softmax), so they are never split.
 
 FLOPs: QK^T and PV are 2 L E S each per batch and head, 4 S per element of q. Plan tables show
-it by its output: "heads" when dim 1 (the heads of (batch, heads, L, E)) is split."""
+it by its output: "heads" when dim 1 (the heads of (batch, heads, L, E)) is split.
+
+Attention dropout (``dropout_p`` > 0, train mode) makes the op random: split, it draws the
+full-size mask one device draws and keeps its slice (``_draw_sdpa``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from autotp.core.placements import Shard
-from autotp.rules.registry import DimMap, Display, Label, Metas, OpCall, elementwise_flops, register
+from autotp.rules.registry import DimMap, Display, Label, Metas, OpCall, SplitDraw, elementwise_flops, register
 
 aten = torch.ops.aten
 
@@ -31,8 +36,48 @@ def _heads(p: Shard) -> str:
     return "heads" if p.dim == 1 else "replicated"
 
 
+def _dropout_p(node) -> bool:
+    """Attention dropout is on (the program was captured in train mode with dropout_p > 0)."""
+    return bool(_bind(*node.args, **node.kwargs)["dropout_p"])
+
+
+def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+          enable_gqa=False) -> dict:
+    return dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
+                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _draw_sdpa(d: SplitDraw, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Attention dropout with split heads (or batch, or query positions): one device's math
+    kernel drops out the (..., L, S) attention weights with a mask drawn for their full shape,
+    so this rank draws that full mask (dropout of ones, which is exactly the mask scaled by
+    1/(1-p)), keeps its slice and computes softmax(q k^T * scale + mask) * slice @ v with
+    public ops. Without dropout it is the op itself."""
+    a = _bind(*args, **kwargs)
+    p = a["dropout_p"]
+    if not p:
+        return aten.scaled_dot_product_attention.default(*args, **kwargs)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    L, S = q.shape[-2], k.shape[-2]
+    # the weights one device drops out are a fresh (contiguous) matmul output
+    ones = torch.ones(d.full_shape((*q.shape[:-1], S)), dtype=q.dtype, device=q.device)
+    noise = d.keep(aten.dropout.default(ones, p, True))
+    if a["enable_gqa"] and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    w = (q @ k.transpose(-2, -1)) * scale
+    if a["is_causal"]:
+        w = w.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask
+    probs = torch.softmax(w, dim=-1)
+    probs = torch.where(torch.isneginf(w).all(-1, keepdim=True), 0.0, probs)  # a fully masked row: 0
+    return (probs * noise) @ v
+
+
 @register(aten.scaled_dot_product_attention.default, flops=sdpa_flops,
-          display=Display(_heads, by="output"))
+          display=Display(_heads, by="output"), mode_sensitive=_dropout_p, draws=_draw_sdpa)
 def _sdpa(call: OpCall) -> DimMap | None:
     q, k, v = call.inputs[:3]
     r = len(q.shape)

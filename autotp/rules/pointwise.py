@@ -3,14 +3,16 @@ aligned dims. Linearity (which inputs may be Partial) is per op.
 
 Facts: no FLOPs (fused into their producer); sums, casts, copies and products with a Python
 number keep nothing for the backward, a product of two tensors keeps both, nonlinear ops keep
-their input; alias/detach/contiguous are views; dropout depends on train/eval mode."""
+their input; alias/detach/contiguous are views; dropout depends on train/eval mode and, split,
+keeps its slice of the full-size draw (``_draw_dropout``)."""
 from __future__ import annotations
 
 import torch
 
 import torch.fx as fx
 
-from autotp.rules.registry import DimMap, OpCall, always_mode_sensitive, declare, keeps_nothing, keeps_tensor_operands, register
+from autotp.rules.registry import (DimMap, OpCall, SplitDraw, always_mode_sensitive, declare, keeps_nothing,
+                                   keeps_tensor_operands, register)
 from autotp.rules.enumerate import broadcast_labels
 
 aten = torch.ops.aten
@@ -67,7 +69,22 @@ def _dropout_in_training(node: fx.Node) -> bool:
 declare(aten.native_dropout.default, mode_sensitive=always_mode_sensitive)
 
 
-@register(aten.dropout.default, mode_sensitive=_dropout_in_training)
+def _draw_dropout(d: SplitDraw, args: tuple, kwargs: dict) -> torch.Tensor:
+    """dropout(x) = x * noise, noise = bernoulli(1 - p) / (1 - p), drawn from x's shape and
+    layout only: draw the full-size noise (dropout of ones, exactly the noise) and multiply
+    this rank's slice of it; x * noise is then bit for bit the single device's."""
+    x, p, train = _bind_dropout(*args, **kwargs)
+    if not train or p == 0:
+        return aten.dropout.default(x, p, train)
+    noise = aten.dropout.default(d.full_like(x).fill_(1), p, train)
+    return x * d.keep(noise)
+
+
+def _bind_dropout(input: torch.Tensor, p: float, train: bool) -> tuple[torch.Tensor, float, bool]:
+    return input, p, train
+
+
+@register(aten.dropout.default, mode_sensitive=_dropout_in_training, draws=_draw_dropout)
 def _dropout(call: OpCall) -> DimMap:
     p, train = call.arg(1, "p", 0.5), call.arg(2, "train", True)
     identity = (not train) or p == 0

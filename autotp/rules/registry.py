@@ -5,11 +5,12 @@ vocabulary rules are written in (Strategy, OpCall, DimMap)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable, Literal
+from typing import Any, Callable, Hashable, Literal, Sequence
 
+import torch
 import torch.fx as fx
 
-from autotp.core.placements import (OutPlacement, Partial, Placement, Replicate, Shard)
+from autotp.core.placements import (OutPlacement, Partial, Placement, Replicate, Shard, shard_tensor)
 
 
 from autotp.core.meta import TensorMeta
@@ -103,6 +104,11 @@ Keeps = Callable[[int], bool]
 ModeCheck = Callable[[fx.Node], bool]
 
 
+# a random op run on a split output: its local args/kwargs -> its local result, drawn so that
+# it is this rank's slice of what one device draws (see ``SplitDraw``)
+Draw = Callable[["SplitDraw", tuple, dict], Any]
+
+
 # the bias-free op a node splits into: (target, args, bias node), or None to leave it
 Unbias = Callable[[fx.Node], "tuple[Any, tuple[Any, ...], Any] | None"]
 
@@ -134,6 +140,58 @@ def never_mode_sensitive(node: fx.Node) -> bool:
 
 def always_mode_sensitive(node: fx.Node) -> bool:
     """The op differs between train and eval mode (batch_norm's batch statistics)."""
+    return True
+
+
+def random_op(target: Any) -> bool:
+    """Whether an ATen op draws from the random generator: ATen tags every such op
+    ``nondeterministic_seeded`` (dropout, rand_like, bernoulli, scaled_dot_product_attention)."""
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
+@dataclass(frozen=True)
+class SplitDraw:
+    """What a random op whose output is split needs to draw exactly what one device draws: it
+    draws the full-size value from the generator every rank shares (every rank then advances
+    the generator as one device does) and keeps this rank's slice. ``place``: the output's
+    Shard; ``size``: the global size along ``place.dim`` (None for a dynamic dim, which is only
+    ever split evenly: the local size times the world size)."""
+
+    place: Shard
+    size: int | None
+    rank: int
+    world_size: int
+
+    def full_shape(self, local: Sequence[int]) -> list[int]:
+        """The global shape of a tensor split like the output whose local shape is ``local``."""
+        shape = list(local)
+        d = self.place.dim % len(shape)
+        shape[d] = self.size if self.size is not None else shape[d] * self.world_size
+        return shape
+
+    def full_like(self, x: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """An uninitialized full-size tensor laid out as one device would lay out ``x``'s full
+        value (a random fill follows memory order, so a transposed input draws transposed)."""
+        shape = self.full_shape(x.shape) if shape is None else list(shape)
+        dense = x.dim() > 0 and x.is_contiguous() is False and _dense(x)
+        if not dense:
+            return torch.empty(shape, dtype=x.dtype, device=x.device)
+        order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
+        return torch.empty_permuted(shape, order, dtype=x.dtype, device=x.device)
+
+    def keep(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full-size draw."""
+        return shard_tensor(full, self.place, self.rank, self.world_size)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its strides are a permutation of a contiguous layout's."""
+    dims = sorted((d for d in range(x.dim()) if x.shape[d] != 1), key=lambda i: x.stride(i))
+    expect = 1
+    for d in dims:
+        if x.stride(d) != expect:
+            return False
+        expect *= x.shape[d]
     return True
 
 
@@ -185,6 +243,10 @@ class OpInfo:
     - ``display``: how plan tables show it; None: not a row of the matmul table.
     - ``unbias``: capture replaces the node by a bias-free op plus an add (linear, addmm),
       so a row-split output is never given the bias on every rank.
+    - ``draws``: a random op with a rule: how it runs when its output is split, so that it
+      keeps its slice of the single device's draw (rewrite.py's edit 4). A random op
+      (``random_op``) with a rule must have it; one without a rule runs replicated, which
+      draws what one device draws on every rank.
     """
 
     rule: Rule | None = None
@@ -194,6 +256,7 @@ class OpInfo:
     mode_sensitive: ModeCheck = never_mode_sensitive
     display: Display | None = None
     unbias: Unbias | None = None
+    draws: Draw | None = None
 
     def saves_inputs(self, tensor_inputs: int) -> bool:
         """Whether the op, on the gradient path, keeps its inputs for the backward: not a
@@ -216,7 +279,7 @@ def declare(*ops: Any, **facts: Any) -> None:
 
 def register(*ops: Any, extra=None, localize=None, hints=None, **facts: Any) -> Callable:
     """Decorator: ``fn(call) -> DimMap | None`` is the sharding rule of ``ops``; ``facts``
-    are their other ``OpInfo`` fields (flops, view, keeps, mode_sensitive, display, unbias)."""
+    are their other ``OpInfo`` fields (flops, view, keeps, mode_sensitive, display, unbias, draws)."""
     def deco(fn: Callable[[OpCall], DimMap | None]) -> Callable:
         declare(*ops, rule=Rule(fn, extra, localize, hints), **facts)
         return fn

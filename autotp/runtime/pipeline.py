@@ -219,7 +219,10 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
     meta = on_meta(model)
     with gc_paused():
         note("capturing the model with torch.export")
-        captured, real_buffers = capture_model(model, args, kwargs)
+        # capture runs on fake tensors and should draw nothing; a later program is captured
+        # mid-training, so the generator is kept exactly as it was (randomness equal to one device)
+        with torch.random.fork_rng(devices=[]):
+            captured, real_buffers = capture_model(model, args, kwargs)
         note("building candidate strategies")
         c = candidates(captured, options)
         if plan is None:
@@ -244,13 +247,19 @@ class ParallelModule(nn.Module):
     def __init__(self, gm: torch.fx.GraphModule, plan: Plan, comm: Comm,
                  placements: dict[str, Placement], captured: Captured):
         super().__init__()
-        self.module = gm
+        # the first program; its module tree (the model's own, with the shards) is this
+        # module's tree, so parameters, buffers and state_dict keys keep the model's names
+        object.__setattr__(self, "module", gm)
+        self._adopt_tree(gm)
         self.plan = plan
         self.comm = comm
         self.placements = placements
         self.state_keys = captured.state_keys
         self.state_meta = captured.state_meta
-        self._mode_sensitive = captured.mode_sensitive
+        # a program captured in eval mode may lack what train mode adds (a dropout written
+        # ``if self.training: ...`` leaves no node in eval): only a train-mode capture with
+        # no mode-dependent op is known to serve both modes
+        self._mode_sensitive = captured.mode_sensitive or (() if captured.training else ("<eval capture>",))
         self.training = captured.training
         self._captured_training = captured.training
         self._ddp: nn.Module | None = None
@@ -259,6 +268,24 @@ class ParallelModule(nn.Module):
         # module tree: every program reads the same Parameter objects, under the same names
         object.__setattr__(self, "_programs", {})
         object.__setattr__(self, "_family", None)
+
+    def _adopt_tree(self, gm: torch.fx.GraphModule) -> None:
+        """Register the program's submodules, parameters and buffers as this module's own (the
+        same objects): ``named_parameters()`` / ``state_dict()`` read ``up.weight``, as the
+        original model does, not ``module.up.weight``; the collectives' and random draws'
+        helper modules stay the program's."""
+        for name, child in gm.named_children():
+            if name.startswith("autotp_") or name == "_guards_fn":
+                continue
+            if hasattr(type(self), name) or name in self.__dict__:
+                raise AutoTPError(f"the model has a submodule named {name!r}, which is an attribute "
+                                  "of autotp's ParallelModule; rename it to parallelize the model")
+            self.add_module(name, child)
+        for name, p in gm.named_parameters(recurse=False, remove_duplicate=False):
+            self.register_parameter(name, p)
+        kept = {k for k in gm.state_dict(keep_vars=True) if "." not in k}
+        for name, b in gm.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name in kept)
 
     def adopt(self, family: "ModeFamily", args: tuple, kwargs: dict) -> None:
         """Let this module capture programs for other modes and call structures (parallelize
@@ -280,15 +307,17 @@ class ParallelModule(nn.Module):
             if self._mode_sensitive and self.training != self._captured_training:
                 raise AutoTPError(
                     f"the model was captured in {'train' if self._captured_training else 'eval'} "
-                    f"mode and has mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); "
-                    f"this module holds one program (it was made from a given plan or by "
+                    + (f"mode and has mode-dependent ops ({', '.join(self._mode_sensitive[:3])}); "
+                       if self._captured_training else "mode, which may lack ops train mode adds; ")
+                    + "this module holds one program (it was made from a given plan or by "
                     f"simulate): call model.{'train' if self.training else 'eval'}() before "
                     "making it instead")
             return (self._ddp or self.module)(*args, **kwargs)
         key = self._key(self.training, args, kwargs)
         gm = self._programs.get(key)
-        if gm is None:
-            gm = self._capture_mode(self.training, args, kwargs)
+        if gm is None:  # a program serving both modes is captured in the mode the first was
+            gm = self._capture_mode(self.training if key[0] is not None else self._captured_training,
+                                    args, kwargs)
             self._programs[key] = gm
         if gm is self.module:
             return (self._ddp or self.module)(*args, **kwargs)
@@ -332,11 +361,11 @@ class ParallelModule(nn.Module):
         self.dp_group = dp_group
 
     def train(self, mode: bool = True) -> "ParallelModule":
-        """Like nn.Module.train. A model with mode-dependent ops (dropout, batch norm) gets a
-        program per mode: the first call in a mode not captured yet captures it (see
-        ``_capture_mode``); a model without them runs one program in both."""
-        self.training = mode
-        return self
+        """Like nn.Module.train (recursive). A model with mode-dependent ops (dropout, batch
+        norm) gets a program per mode: the first call in a mode not captured yet captures it
+        (see ``_capture_mode``); a model captured in train mode without them runs one program
+        in both."""
+        return super().train(mode)
 
     @property
     def collective_counts(self) -> dict[tuple[str, str], int]:
