@@ -71,6 +71,8 @@ def _train_like_one_device(rank: int, world: int, names: tuple[str, ...]) -> dic
         ref = copy.deepcopy(model)
         tp = autotp.parallelize(model, (), kw, objective="memory")
         ids = [id(p) for p in tp.parameters()]
+        names = set(tp.state_dict()) == set(ref.state_dict())  # the model's own names
+        names = names and {n for n, _ in tp.named_parameters()} <= set(ref.state_dict())
         opt = torch.optim.AdamW(tp.parameters(), lr=1e-3)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
         ref_params = dict(ref.named_parameters())
@@ -115,7 +117,7 @@ def _train_like_one_device(rank: int, world: int, names: tuple[str, ...]) -> dic
         step()  # back in train mode: the first program, the same parameters
         split = sum(1 for p in tp.placements.values() if not isinstance(p, autotp.Replicate))
         report[name] = {"steps": steps, "eval": eval_err, "eval_rng": eval_rng, "split_draws": split_draws, "split": split,
-                        "modes": tp.modes, "same_params": ids == [id(p) for p in tp.parameters()]}
+                        "modes": tp.modes, "names": names, "same_params": ids == [id(p) for p in tp.parameters()]}
     return report
 
 
@@ -125,7 +127,7 @@ def _check(reports: list[dict], split_draws: tuple[str, ...]) -> None:
     for rep in reports:
         for name, r in rep.items():
             assert r["split"] > 0 and (r["split_draws"] > 0) == (name in split_draws), (name, r)
-            assert r["modes"] == ("train", "eval") and r["same_params"], (name, r)
+            assert r["modes"] == ("train", "eval") and r["same_params"] and r["names"], (name, r)
             assert r["eval"] < TOL and r["eval_rng"], (name, r)
             for i, s in enumerate(r["steps"]):
                 assert s["rng"], (name, i, s)  # the generator advanced as one device's
