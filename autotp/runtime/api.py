@@ -19,6 +19,7 @@ from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
     ModeFamily, ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
     on_meta, plan_model, rank0_plan, rank_module, retarget_device)
 from autotp.plans import Plan
+from autotp.runtime.inputs import default_inputs
 from autotp.runtime.weights import open_weights
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,32 @@ log = logging.getLogger(__name__)
 _check_args = check_args  # the old private name, kept for callers outside the package
 
 
-def plan_details(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
+def resolve_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
+    """The example inputs as (args, kwargs); none given: derived from a Hugging Face model's
+    config (runtime/inputs.py says which shapes), else an AutoTPError asking for them."""
+    if example_inputs is None and example_kwargs is None:
+        args, kwargs, described = default_inputs(model)
+        log.info("autotp: no example inputs given; planning %s for %s (from its config)",
+                 type(model).__name__, described)
+        return args, kwargs
+    return check_args(() if example_inputs is None else example_inputs, example_kwargs)
+
+
+def plan_details(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
                  world_size: int, device: "str | DeviceSpec" = "h100", objective: Objective = "time",
                  mode: Mode = "training", memory_budget: float | None = None,
                  progress: Callable[[str], Any] | None = None, data_parallel: int = 1,
                  optimizer_bytes: float = ADAM_FP32_BYTES) -> Planned:
     """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
     each stage starts (capture, strategies, solve)."""
-    args, kwargs = check_args(example_inputs, example_kwargs)
+    args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
     options = PlanOptions(world_size=world_size, device=device, mode=mode, objective=objective,
                           memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
                           dp_size=data_parallel)
     return plan_model(model, args, kwargs, options, progress=progress)
 
 
-def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
+def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
          world_size: int, device: "str | DeviceSpec" = "h100", objective: Objective = "time",
          mode: Mode = "training", memory_budget: float | None = None,
          data_parallel: int = 1, optimizer_bytes: float = ADAM_FP32_BYTES) -> Plan:
@@ -57,7 +69,7 @@ def plan(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = No
                         optimizer_bytes=optimizer_bytes).plan
 
 
-def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
+def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
                 device: "str | DeviceSpec | None" = None, objective: Objective = "time",
                 plan: Plan | None = None, group: dist.ProcessGroup | None = None,
                 mode: Mode = "training", weights: Any = None,
@@ -66,6 +78,12 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
                 optimizer_bytes: float = ADAM_FP32_BYTES) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
+
+    ``example_inputs`` / ``example_kwargs``: a call of the model the first program is
+    captured and planned for (later calls with other arguments or in another mode capture
+    their own programs). Omitted for a Hugging Face model: inputs derived from its config
+    (token ids of shape (2, min(128, max positions)), or pixel values; see
+    autotp/runtime/inputs.py), and the plan is made for those sizes.
 
     ``weights`` (a state dict, a ``.safetensors`` file or a Hugging Face-style checkpoint
     folder) supplies the parameters: each rank reads only its slices. It is required when the
@@ -86,7 +104,7 @@ def parallelize(model: nn.Module, example_inputs: Any, example_kwargs: dict | No
             "with `torchrun --nproc-per-node N script.py` and call "
             "torch.distributed.init_process_group('gloo' on CPU or 'nccl' on GPUs) first; "
             "use autotp.plan(...) to plan without processes")
-    args, kwargs = check_args(example_inputs, example_kwargs)
+    args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
     dp_group = None
     if mesh is not None:
         group, dp_group = _mesh_groups(mesh, group)

@@ -27,7 +27,7 @@ from autotp.capture import Captured, capture, fetch_attr, set_attr
 from autotp.core.attrs import has_attr
 from autotp.rewrite.collectives import Comm
 from autotp.cost.devices import DeviceSpec, get_device
-from autotp.errors import AutoTPError, AutoTPInternalError, PlanError
+from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out
 from autotp.plans import Plan, make_plan
@@ -189,20 +189,51 @@ def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:
 def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = None,
                pinned: dict[str, int] | None = None) -> tuple[Plan, Choice]:
     """The optimal Plan of ``c`` under ``options`` (and the Choice behind it); ``pinned``
-    fixes some nodes' strategies (their indices)."""
+    fixes some nodes' strategies (their indices). A pin restricts its node's candidates to
+    the pinned strategy, so layers pinned alike stay identical and are still solved once per
+    run of layers (solve/runs.py) instead of as one whole graph."""
     spec = spec or get_device(options.device)
     extra = {} if options.time_limit is None else {"time_limit": options.time_limit}
-    if pinned:
-        extra["pinned"] = pinned
-    choice = solve(c, spec, options.mode, options.objective, options.memory_budget, **extra)
+    pinned = dict(pinned or {})
+    cs = c if not pinned else dataclasses.replace(
+        c, cache={}, nodes={n: dataclasses.replace(nc, strategies=[nc.strategies[pinned[n]]]) if n in pinned else nc
+                            for n, nc in c.nodes.items()})
+    choice = solve(cs, spec, options.mode, options.objective, options.memory_budget, **extra)
     if set(choice) != set(c.nodes):  # stage invariant: one strategy for every node
         raise AutoTPInternalError(f"the solver's choice misses {len(set(c.nodes) - set(choice))} "
                                   f"nodes and names {len(set(choice) - set(c.nodes))} unknown ones")
+    choice = {n: pinned.get(n, s) for n, s in choice.items()}
     ev = evaluate(c, choice, spec, options.mode)
     if ev is None:
         raise AutoTPInternalError("the solver returned an assignment its own evaluation calls "
                                   "infeasible")
     return make_plan(c, choice, ev, spec.name, options.objective, options.mode), choice
+
+
+# a later program whose pinned plan is predicted this much slower than its own free optimum
+# is reported (a warning with both times): its shards were chosen for another call
+PIN_WARN_RATIO = 1.2
+
+
+def solve_pinned(c: Candidates, options: PlanOptions, spec: DeviceSpec,
+                 placements: dict[str, Placement]) -> tuple[Plan, Choice]:
+    """The plan of a later program over parameters that already have placements: solved with
+    every such parameter pinned, and once more without pins (the free optimum) to warn when
+    the pins make it much slower (``PIN_WARN_RATIO``)."""
+    p, choice = solve_plan(c, options, spec, _pins(c, placements))
+    try:
+        free, _ = solve_plan(c, options, spec)
+    except PlanError:  # the free problem has no better plan to report
+        return p, choice
+    if p.predicted_time_s > PIN_WARN_RATIO * free.predicted_time_s:
+        warnings.warn(
+            f"autotp: this call's program keeps the parameters' placements from the first "
+            f"program; predicted {p.predicted_time_s * 1e3:.3f} ms per {options.mode} step against "
+            f"{free.predicted_time_s * 1e3:.3f} ms for its own best plan "
+            f"({p.predicted_time_s / free.predicted_time_s:.2f}x). If this call is the one that "
+            "matters (e.g. serving after training), parallelize with example inputs like it",
+            stacklevel=4)
+    return p, choice
 
 
 def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | None,
@@ -227,10 +258,50 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
         c = candidates(captured, options)
         if plan is None:
             note("solving")
-            p, choice = solve_plan(c, options, spec, _pins(c, pinned_params or {}))
+            p, choice = (solve_plan(c, options, spec) if not pinned_params
+                         else solve_pinned(c, options, spec, pinned_params))
         else:
             p, choice = plan, choice_from_plan(c, plan)
     return Planned(p, c, choice, spec, options, real_buffers, meta)
+
+
+def _arg_names(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    return [(f"positional argument {i}", a) for i, a in enumerate(args)] + sorted(kwargs.items())
+
+
+def _describe_value(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor({x.dim()}-D {str(x.dtype).removeprefix('torch.')})"
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return repr(x)
+    leaves = pytree.tree_leaves(x)
+    if len(leaves) == 1 and leaves[0] is x:
+        return type(x).__name__
+    return f"{type(x).__name__} of {len(leaves)}"
+
+
+def describe_call(args: tuple, kwargs: dict) -> str:
+    """A call's structure in words: ``input_ids: Tensor(2-D int64), use_cache: False``."""
+    return ", ".join(f"{n}: {_describe_value(a)}" for n, a in _arg_names(args, kwargs)) or "no arguments"
+
+
+_EXPORTABLE = (torch.Tensor, bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def check_exportable(args: tuple, kwargs: dict, captured_with: str) -> None:
+    """AutoTPError naming the first argument torch.export cannot take as an input: a leaf
+    (after flattening lists, tuples, dicts and registered pytree types) that is not a tensor,
+    a number, a bool, a string or None, e.g. a KV-cache object or a custom class."""
+    for name, a in _arg_names(args, kwargs):
+        bad = next((x for x in pytree.tree_leaves(a) if not isinstance(x, _EXPORTABLE)), None)
+        if bad is None:
+            continue
+        raise AutoTPError(
+            f"argument {name} is a {type(bad).__name__}" + (f" inside a {type(a).__name__}" if bad is not a else "")
+            + ", which torch.export cannot take as an input, so no program can be captured for "
+            f"this call; the module was captured with ({captured_with}). Pass tensors, numbers, "
+            "bools, strings or None (for a Hugging Face cache: use_cache=False and no "
+            "past_key_values), or register the type with torch.utils._pytree.register_pytree_node")
 
 
 def missing_weights_error() -> AutoTPError:
@@ -292,6 +363,7 @@ class ParallelModule(nn.Module):
         does this); ``args``/``kwargs`` are the example inputs ``module`` was captured with."""
         object.__setattr__(self, "_family", family)
         self._programs[self._key(self.training, args, kwargs)] = self.module
+        self._captured_with = describe_call(args, kwargs)
 
     def _key(self, mode: bool, args: tuple, kwargs: dict) -> tuple:
         """What makes a call need its own program: the mode (when the model has dropout or batch
@@ -345,7 +417,14 @@ class ParallelModule(nn.Module):
             raise AutoTPError("a new mode or call structure on a data-parallel (mesh) module is "
                               "not supported yet: call it the way the example inputs did, in "
                               "the mode it was made in")
-        return self._family.program(self, mode, args, kwargs)
+        check_exportable(args, kwargs, self._captured_with)
+        try:
+            return self._family.program(self, mode, args, kwargs)
+        except CaptureError as e:
+            raise CaptureError(
+                f"this call ({describe_call(args, kwargs)}) needs a new program, and capturing "
+                f"it failed; the module was captured with ({self._captured_with}). Call it with "
+                f"arguments like those, or fix what follows:\n{e}") from e
 
     def data_parallel(self, dp_group: dist.ProcessGroup, device: torch.device) -> None:
         """Replicate this tensor-parallel module across ``dp_group`` with DDP (gradients
@@ -414,7 +493,12 @@ class ModeFamily:
                 raise AutoTPError(f"the {('train' if mode else 'eval')} program reads parameter "
                                   f"{names[0]}, which the first program did not hold")
             return existing[have].detach()
-        gm, _ = rewrite(c, planned.choice, pm.comm, load)
+        gm, placements = rewrite(c, planned.choice, pm.comm, load)
+        differ = [f"{n}: {placements[n]} here, {pm.placements[n]} in the first program"
+                  for n in placements if n in pm.placements and placements[n] != pm.placements[n]]
+        if differ:  # impossible by construction (the pins); a broken pin must not run silently
+            raise AutoTPInternalError("the new program's plan places parameters unlike the first "
+                                      "program's: " + "; ".join(differ[:5]))
         for name, p in existing.items():  # the same Parameter objects: one set of shards
             if has_attr(gm, name):
                 set_attr(gm, name, p)
