@@ -27,6 +27,7 @@ class Arch:
     tied: bool
     unruled: bool  # an op without a sharding rule between matmuls
     attention: bool
+    dropout: float = 0.0  # attention probs, MLP hidden and residual branches (train mode only)
 
 
 class RMSNorm(nn.Module):
@@ -78,7 +79,11 @@ class Attention(nn.Module):
         if rep > 1:
             k = k[:, :, None].expand(b, a.kv_heads, rep, t, self.d).reshape(b, a.heads, t, self.d)
             v = v[:, :, None].expand(b, a.kv_heads, rep, t, self.d).reshape(b, a.heads, t, self.d)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=a.causal)
+        if a.dropout:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=a.causal,
+                                               dropout_p=a.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=a.causal)
         return self.o(y.transpose(1, 2).reshape(b, t, a.heads * self.d))
 
 
@@ -99,6 +104,8 @@ class MLPBlock(nn.Module):
             h = (F.gelu if a.mlp == "gelu" else F.silu)(self.up(x))
         if a.unruled:
             h = torch.cumsum(h, dim=-1) * 0.1  # no sharding rule: replicated, with a warning
+        if a.dropout:
+            h = F.dropout(h, a.dropout, self.training)
         return self.down(h)
 
 
@@ -112,14 +119,17 @@ class Block(nn.Module):
         self.n2 = norm()
         self.mlp = MLPBlock(a)
 
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        return F.dropout(y, self.a.dropout, self.training) if self.a.dropout else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attn is None:
-            return x + self.mlp(self.n2(x))
+            return x + self._drop(self.mlp(self.n2(x)))
         if self.a.parallel:
             y = self.n1(x)
-            return x + self.attn(y) + self.mlp(y)
-        x = x + self.attn(self.n1(x))
-        return x + self.mlp(self.n2(x))
+            return x + self._drop(self.attn(y)) + self._drop(self.mlp(y))
+        x = x + self._drop(self.attn(self.n1(x)))
+        return x + self._drop(self.mlp(self.n2(x)))
 
 
 class RandomLM(nn.Module):
@@ -156,6 +166,14 @@ def archs(draw: st.DrawFn) -> Arch:
                 bias=draw(st.booleans()), rotary=draw(st.booleans()), causal=draw(st.booleans()),
                 parallel=draw(st.booleans()), tied=draw(st.booleans()),
                 unruled=draw(st.booleans()), attention=draw(st.booleans()))
+
+
+@st.composite
+def dropout_archs(draw: st.DrawFn) -> Arch:
+    """An arch of ``archs()`` with dropout p drawn from {0, 0.1, 0.5} (a separate strategy:
+    ``archs()`` keeps drawing what it always drew, with dropout off)."""
+    import dataclasses
+    return dataclasses.replace(draw(archs()), dropout=draw(st.sampled_from([0.0, 0.1, 0.5])))
 
 
 @st.composite
