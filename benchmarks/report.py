@@ -11,6 +11,8 @@ from benchmarks.common import describe, fmt_bytes, fmt_collectives
 TARGET_MEGATRON = 1.05
 TARGET_PM = 1.0
 TARGET_COLLECTIVE_ERR = 0.30
+TARGET_RECAPTURE = 0.5
+TARGET_DROPOUT = 1.2
 
 
 def _plt():
@@ -478,6 +480,49 @@ def _cost_md(res: dict[str, Any], img: str) -> list[str]:
     return out
 
 
+def _modes_md(res: dict[str, Any]) -> list[str]:
+    from benchmarks.modes import STAGES
+    rc, dr = res["recapture"], res["dropout"]
+    c = rc["config"]
+    out = [f"**Recapture**: GPT-2 ({c['layers']} layers, 768 wide, dropout {c['p']}), input_ids "
+           f"{c['batch']}×{c['seq']}, gloo world {c['world_size']}; {c['repeats']} process pairs × "
+           f"{c['models']} fresh models (\"cold\": the first parallelize in its process, \"warm\": the "
+           "later ones); the slowest rank's time; medians in seconds. A recapture's cost is its first "
+           "call minus the median of three cached calls of the same kind.", "",
+           "| | call | total | " + " | ".join(STAGES) + " |", "|---|---|---|" + "---|" * len(STAGES)]
+    names = {"parallelize": "first parallelize (train)", "eval_first": "first call after eval()",
+             "mask_first": "first call with attention_mask"}
+    for label, sm in rc["summary"].items():
+        if label == "all" and len(rc["summary"]) > 2:
+            continue
+        for key, name in names.items():
+            d = sm[key]
+            out.append(f"| {label} | {name} | {d['total']:.2f} | " + " | ".join(f"{d[st]:.2f}" for st in STAGES) + " |")
+    out += ["", "| | recapture | cached call s | capture alone s | / first parallelize | target |", "|---|---|---|---|---|---|"]
+    for label, sm in rc["summary"].items():
+        if label == "all" and len(rc["summary"]) > 2:
+            continue
+        for kind, name in (("eval", "eval()"), ("mask", "attention_mask")):
+            r = sm[f"{kind}_ratio"]
+            out.append(f"| {label} | {name} | {sm[f'{kind}_cached']['median']:.2f} | "
+                       f"{sm[f'{kind}_capture']['median']:.2f} | {r['median']:.3f} [{r['p25']:.3f}–{r['p75']:.3f}] | "
+                       f"≤ {TARGET_RECAPTURE} ({_verdict(r['median'], TARGET_RECAPTURE)}) |")
+    d = dr["config"]
+    r = dr["ratios"]
+    out += ["", f"**Dropout**: GPT-2 ({d['layers']} layers, 768 wide) training step (forward, backward, "
+            f"AdamW), batch {d['batch']}×{d['seq']}, dropout {d['p']} (resid, embd, attn) against 0, gloo world "
+            f"{d['world_size']} and one device (one copy per rank at the same time), {d['iters']} interleaved "
+            "iterations, medians [p25–p75] ms:", "", "| variant | ms |", "|---|---|"]
+    out += [f"| {k} | {_ms(v)} |" for k, v in dr["ms"].items()]
+    out += ["", f"overhead_tp {r['overhead_tp']:.3f}, overhead_1 {r['overhead_1']:.3f}, ratio "
+            f"**{r['overhead_tp/overhead_1']:.3f}** (target ≤ {TARGET_DROPOUT}: "
+            f"{_verdict(r['overhead_tp/overhead_1'], TARGET_DROPOUT)}); median of per-iteration ratios "
+            f"{r['paired']['median']:.3f}. Random ops in the plans: "
+            + "; ".join(f"{k}: {v['split_random']} split (SplitRandom), {v['replicated_random']} replicated"
+                        for k, v in dr["info"].items()) + "."]
+    return out
+
+
 def _part_machine(part: dict[str, Any]) -> list[str]:
     m = part.get("machine")
     wall = f" ({part['wall_s']:.0f} s)" if "wall_s" in part else ""
@@ -533,6 +578,17 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         md.append(f"| cost model per collective, abs. error median / worst | "
                   f"{c['collective_error_median']:.0%} / {c['collective_error_max']:.0%} | ±30% |")
         md.append("| cost model per whole step, error (predicted − measured) / measured | " + ", ".join(f"{e:+.0%}" for e in errs) + " | |")
+    if "modes" in p:
+        for label, sm in p["modes"]["recapture"]["summary"].items():
+            if label == "all" and len(p["modes"]["recapture"]["summary"]) > 2:
+                continue
+            for kind, name in (("eval", "first call after eval()"), ("mask", "first call with a new call structure")):
+                x = sm[f"{kind}_ratio"]["median"]
+                md.append(f"| recapture ({label}), {name} / first parallelize | {x:.3f}× | "
+                          f"≤ {TARGET_RECAPTURE}× ({_verdict(x, TARGET_RECAPTURE)}) |")
+        x = p["modes"]["dropout"]["ratios"]["overhead_tp/overhead_1"]
+        md.append(f"| dropout 0.1 overhead, world 2 / one device | {x:.3f}× | "
+                  f"≤ {TARGET_DROPOUT}× ({_verdict(x, TARGET_DROPOUT)}) |")
     if "runtime" in p:
         md.append(f"| tensor_parallel package | {p['runtime']['peer']} | |")
     md.append("")
@@ -554,14 +610,17 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         md += _cost_md(p["cost_model"], f"{rel}/cost_model.png") + [""]
     md += ["## 5. The tensor_parallel package", ""]
     md += _peer_md(p.get("runtime")) + [""]
+    if "modes" in p:
+        md += ["## 6. Programs for other modes and call structures; dropout", ""] + _part_machine(p["modes"])
+        md += _modes_md(p["modes"]) + [""]
     md += ["## Reproduce", "",
            "```bash",
            "pip install -e '.[bench]'            # matplotlib, tensor_parallel",
-           "python benchmarks/run.py             # all parts, ~10-15 min on 2 cores; --quick for ~3 min",
+           "python benchmarks/run.py             # all parts, ~20 min on 2 cores; --quick for ~5 min",
            "python benchmarks/run.py --parts runtime cost_model",
            "python benchmarks/run.py --from-json # redraw this page from benchmarks/results.json",
            "```", "",
            "Each part also runs alone and prints its tables: `benchmarks/runtime.py`, "
-           "`plan_time.py`, `plan_quality.py`, `collectives.py`.", ""]
+           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`.", ""]
     with open(md_path, "w") as f:
         f.write("\n".join(md))

@@ -1,12 +1,13 @@
 """All benchmarks side by side in one run: runtime against the peers (and the tensor_parallel
-package), plan time against depth, plan quality against Megatron's closed form, and cost-model
-accuracy after calibration. Prints each part's table, stores everything in
+package), plan time against depth, plan quality against Megatron's closed form, cost-model
+accuracy after calibration, and the recapture cost of other modes and call structures with the
+cost of dropout that draws like one device. Prints each part's table, stores everything in
 benchmarks/results.json and writes docs/benchmarks.md with plots in docs/benchmarks/.
 
-    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model]
+    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes]
     python benchmarks/run.py --from-json      # redraw the report from benchmarks/results.json
 
-The full run takes about 10-15 minutes on a 2-core machine; --quick about 3."""
+The full run takes about 20 minutes on a 2-core machine; --quick about 5."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import collectives, plan_quality, plan_time, report, runtime  # noqa: E402
+from benchmarks import collectives, modes, plan_quality, plan_time, report, runtime  # noqa: E402
 from benchmarks.common import ROOT, describe, load_average, machine  # noqa: E402
 
-PARTS = ("runtime", "plan_time", "plan_quality", "cost_model")
+PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes")
 
 
 def run_part(name: str, quick: bool, peer: bool) -> dict:
@@ -34,6 +35,12 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
     elif name == "plan_quality":
         res = plan_quality.run([2, 4, 8], layers=2 if quick else None)
         print(plan_quality.report(res))
+    elif name == "modes":
+        layers = 4 if quick else 12
+        res = {"recapture": modes.run_recapture(repeats=1 if quick else 3, models=2, layers=layers),
+               "dropout": modes.run_dropout(iters=4 if quick else 10, layers=layers)}
+        print(modes.report_recapture(res["recapture"]))
+        print(modes.report_dropout(res["dropout"]))
     else:
         res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)
