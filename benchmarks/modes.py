@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import spawn_collect, stats  # noqa: E402
 
 P = 0.1
-STAGES = ("capture", "candidates", "solve", "broadcast", "rewrite", "other")
+STAGES = ("capture", "derive", "candidates", "solve", "broadcast", "rewrite", "other")
 _PROGRESS = {"capturing": "capture", "building": "candidates", "solving": "solve"}
 
 
@@ -66,7 +66,8 @@ def _quiet() -> None:
 
 class Stages:
     """Seconds per pipeline stage while active: plan_model's ``progress`` marks (capture,
-    candidates, solve), rank0_plan (the plan broadcast) and rewrite, by wrapping those
+    candidates, solve), ModeFamily._derived (an eval program derived from the train one
+    instead of captured: capture/modes.py), rank0_plan (the plan broadcast) and rewrite, by wrapping those
     functions where parallelize and ModeFamily.program look them up (autotp reports no
     timings itself). ``take()`` returns the stages since the last ``take()``."""
 
@@ -74,7 +75,8 @@ class Stages:
         import autotp.runtime.api as api
         import autotp.runtime.pipeline as pl
         self._saved = [(m, n, getattr(m, n)) for m in (api, pl) for n in ("plan_model", "rank0_plan")
-                       if hasattr(m, n)] + [(pl, "rewrite", pl.rewrite)]
+                       if hasattr(m, n)] + [(pl, "rewrite", pl.rewrite),
+                                            (pl.ModeFamily, "_derived", pl.ModeFamily._derived)]
         self.t: dict[str, float] = {}
         plan_model, rank0_plan, rewrite = pl.plan_model, pl.rank0_plan, pl.rewrite
 
@@ -107,6 +109,8 @@ class Stages:
             m.plan_model = timed_plan_model
             m.rank0_plan = timed("broadcast", rank0_plan)
         pl.rewrite = timed("rewrite", rewrite)
+        # an eval program derived from the train one (record both modes, edit, map the plan)
+        pl.ModeFamily._derived = timed("derive", pl.ModeFamily._derived)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,6 +185,7 @@ def recapture_worker(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[st
             row["mask_first"], row["mask_cached"] = _first_and_cached(lambda tp=tp: tp(**kw_mask), st)
             row["programs"] = tp.programs
             row["modes"] = list(tp.modes)
+            row["made"] = list(tp._family.made)
             rows.append(_slowest(row))
             del tp, model
     dist.barrier()

@@ -3,8 +3,10 @@ the parallel model draws exactly the numbers the unmodified model draws on one d
 dropout (a column-split activation, attention dropout with split heads) draws the full-size
 mask and keeps its slice (rewrite.py, edit 4), so training with dropout is compared with one
 device step by step: losses, gradients, weights after AdamW and the generator state itself.
-Then ``eval()`` (a program of its own, captured at its first call over the same Parameter
-objects) equals the single device's eval, and ``train()`` again gives one more equal step.
+Then ``eval()`` (a program of its own, derived from the train program at its first call over
+the same Parameter objects: capture/modes.py) equals the single device's eval, and ``train()``
+again gives one more equal step. In-process: the derivation refuses every model whose code
+branches on the mode in another way, and what it derives computes what eval mode does.
 
 AdamW turns a one-ulp difference in a gradient element that is nearly zero into an update
 difference of up to ``lr``; the weights are compared at lr 1e-3, where that stays < 1e-5."""
@@ -117,7 +119,7 @@ def _train_like_one_device(rank: int, world: int, names: tuple[str, ...]) -> dic
         step()  # back in train mode: the first program, the same parameters
         split = sum(1 for p in tp.placements.values() if not isinstance(p, autotp.Replicate))
         report[name] = {"steps": steps, "eval": eval_err, "eval_rng": eval_rng, "split_draws": split_draws, "split": split,
-                        "modes": tp.modes, "names": names, "same_params": ids == [id(p) for p in tp.parameters()]}
+                        "modes": tp.modes, "made": list(tp._family.made), "names": names, "same_params": ids == [id(p) for p in tp.parameters()]}
     return report
 
 
@@ -129,6 +131,8 @@ def _check(reports: list[dict], split_draws: tuple[str, ...]) -> None:
             assert r["split"] > 0 and (r["split_draws"] > 0) == (name in split_draws), (name, r)
             assert r["modes"] == ("train", "eval") and r["same_params"] and r["names"], (name, r)
             assert r["eval"] < TOL and r["eval_rng"], (name, r)
+            # their code differs between the modes only in dropout: eval is derived, not exported
+            assert r["made"] == ["eval derived"], (name, r)
             for i, s in enumerate(r["steps"]):
                 assert s["rng"], (name, i, s)  # the generator advanced as one device's
                 assert s["loss"] < TOL and s["grad"] < TOL and s["weight"] < TOL, (name, i, s)
@@ -145,3 +149,63 @@ def test_dropout_training_equals_one_device_world_3() -> None:
     """World 3: 4 heads split 2/1/1, so the masks' slices are uneven (the plans of GPT-2, and of
     Llama with its 2 kv heads, keep attention whole at world 3)."""
     _check(run_ranks(_train_like_one_device, 3, MODELS), ("mlp", "bert"))
+
+
+# --- the eval program derived from the train capture (capture/modes.py), in-process -------
+
+
+class _Branchy(nn.Module):
+    """Dropout, plus ``how`` the code depends on the mode beyond dropout."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.drop = nn.Dropout(P)
+        self.norm = nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor):
+        h = self.drop(torch.relu(self.up(x)))
+        if self.how == "extra op" and self.training:
+            h = h * 0.5
+        if self.how == "always drops":
+            h = torch.nn.functional.dropout(h, P, training=True)
+        if self.how == "batch norm":
+            h = self.norm(h)
+        out = self.down(h)
+        if self.how == "outputs" and self.training:
+            return out, h
+        return out
+
+
+def _derive(how: str):
+    from autotp.capture import capture
+    from autotp.capture.modes import derive_eval, keep_source
+    torch.manual_seed(0)
+    model = _Branchy(how).train()
+    x = torch.randn(4, 8)
+    source = keep_source(capture(model, (x,), {}))
+    derived, why = derive_eval(source, model, (x,), {})
+    return model, x, source, derived, why
+
+
+def test_eval_derived_from_train_computes_eval_mode() -> None:
+    model, x, source, derived, why = _derive("plain")
+    assert derived is not None, why
+    assert model.training and source.training and source.mode_sensitive  # neither is changed
+    assert not derived.training and derived.mode_sensitive == ()
+    model.eval()
+    assert torch.equal(derived.gm(x), model(x))
+    # the source graph still draws: calling it in train mode drops out as the model does
+    model.train()
+    torch.manual_seed(3)
+    want = model(x)
+    torch.manual_seed(3)
+    assert torch.equal(source.gm(x), want)
+
+
+def test_eval_is_exported_when_the_code_branches_on_the_mode() -> None:
+    for how, reason in (("extra op", "torch calls"), ("outputs", "outputs differ"),
+                        ("always drops", "draws in both modes"), ("batch norm", "no eval form")):
+        _model, _x, _source, derived, why = _derive(how)
+        assert derived is None and reason in why, (how, why)

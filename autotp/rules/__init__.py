@@ -46,7 +46,7 @@ from autotp.rules.registry import (Label, Strategy, OpCall, DimMap, Rule, Metas,
     ModeCheck, Unbias, Words, keeps_inputs, keeps_nothing, keeps_tensor_operands,  # noqa: F401
     never_mode_sensitive, always_mode_sensitive, elementwise_flops, matmul_flops, column_row,  # noqa: F401
     Display, OpInfo, UNKNOWN, OPS, declare, register, op_info, op_info_named, rule_for,  # noqa: F401
-    Draw, SplitDraw, random_op)  # noqa: F401
+    Draw, SplitDraw, random_op, set_arg)  # noqa: F401
 from autotp.rules.enumerate import (label_units, strategies_from_dims, replicate_only,  # noqa: F401
     broadcast_labels, norm_dims, scale_shape_arg)  # noqa: F401
 

@@ -16,7 +16,7 @@ import math
 import torch
 
 from autotp.core.placements import Shard
-from autotp.rules.registry import DimMap, Display, Label, Metas, OpCall, SplitDraw, elementwise_flops, register
+from autotp.rules.registry import DimMap, Display, Label, Metas, OpCall, SplitDraw, elementwise_flops, register, set_arg
 
 aten = torch.ops.aten
 
@@ -76,8 +76,13 @@ def _draw_sdpa(d: SplitDraw, args: tuple, kwargs: dict) -> torch.Tensor:
     return (probs * noise) @ v
 
 
+def _sdpa_to_eval(node) -> None:
+    set_arg(node, 4, "dropout_p", 0.0)  # attention without dropout, as eval mode calls it
+
+
 @register(aten.scaled_dot_product_attention.default, flops=sdpa_flops,
-          display=Display(_heads, by="output"), mode_sensitive=_dropout_p, draws=_draw_sdpa)
+          display=Display(_heads, by="output"), mode_sensitive=_dropout_p, draws=_draw_sdpa,
+          to_eval=_sdpa_to_eval)
 def _sdpa(call: OpCall) -> DimMap | None:
     q, k, v = call.inputs[:3]
     r = len(q.shape)

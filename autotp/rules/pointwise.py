@@ -11,7 +11,7 @@ import torch
 
 import torch.fx as fx
 
-from autotp.rules.registry import (DimMap, OpCall, SplitDraw, always_mode_sensitive, declare, keeps_nothing,
+from autotp.rules.registry import (DimMap, OpCall, SplitDraw, always_mode_sensitive, declare, keeps_nothing, set_arg,
                                    keeps_tensor_operands, register)
 from autotp.rules.enumerate import broadcast_labels
 
@@ -84,7 +84,12 @@ def _bind_dropout(input: torch.Tensor, p: float, train: bool) -> tuple[torch.Ten
     return input, p, train
 
 
-@register(aten.dropout.default, mode_sensitive=_dropout_in_training, draws=_draw_dropout)
+def _dropout_to_eval(node: fx.Node) -> None:
+    set_arg(node, 2, "train", False)  # dropout(x, p, False) is x
+
+
+@register(aten.dropout.default, mode_sensitive=_dropout_in_training, draws=_draw_dropout,
+          to_eval=_dropout_to_eval)
 def _dropout(call: OpCall) -> DimMap:
     p, train = call.arg(1, "p", 0.5), call.arg(2, "train", True)
     identity = (not train) or p == 0

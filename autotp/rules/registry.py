@@ -143,6 +143,15 @@ def always_mode_sensitive(node: fx.Node) -> bool:
     return True
 
 
+def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    """Set the argument of ``node`` passed at position ``index`` or as keyword ``name``
+    (added as a keyword when the call left it out)."""
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
 def random_op(target: Any) -> bool:
     """Whether an ATen op draws from the random generator: ATen tags every such op
     ``nondeterministic_seeded`` (dropout, rand_like, bernoulli, scaled_dot_product_attention)."""
@@ -247,6 +256,9 @@ class OpInfo:
       keeps its slice of the single device's draw (rewrite.py's edit 4). A random op
       (``random_op``) with a rule must have it; one without a rule runs replicated, which
       draws what one device draws on every rank.
+    - ``to_eval``: a mode-dependent op's eval form: edits the node in place so that it
+      computes what the op does in eval mode (dropout: ``train=False``), for an eval program
+      derived from a train capture (capture/modes.py); None: eval mode is exported.
     """
 
     rule: Rule | None = None
@@ -257,6 +269,7 @@ class OpInfo:
     display: Display | None = None
     unbias: Unbias | None = None
     draws: Draw | None = None
+    to_eval: Callable[[fx.Node], None] | None = None
 
     def saves_inputs(self, tensor_inputs: int) -> bool:
         """Whether the op, on the gradient path, keeps its inputs for the backward: not a

@@ -124,9 +124,13 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
         # (on a mesh: global rank 0's, so that data-parallel replicas hold the same shards)
         bgroup = None if dp_group is not None else group
         planned = rank0_plan(planned, bgroup)
-    pm = rank_module(planned, comm, weights=source, here=here)
+    family = None
     if plan is None:  # other modes and call structures are planned like this one
-        pm.adopt(ModeFamily(model, options, bgroup, here), args, kwargs)
+        family = ModeFamily(model, options, bgroup, here)
+        family.keep(args, kwargs, planned)  # before the rewrite edits the capture
+    pm = rank_module(planned, comm, weights=source, here=here)
+    if family is not None:
+        pm.adopt(family, args, kwargs)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         pm.data_parallel(dp_group, here)
     return pm

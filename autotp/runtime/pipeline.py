@@ -13,7 +13,9 @@ import copy
 import dataclasses
 import difflib
 import gc
+import logging
 import warnings
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -24,6 +26,7 @@ from torch import nn
 from autotp._compat import pytree
 
 from autotp.capture import Captured, capture, fetch_attr, set_attr
+from autotp.capture.modes import derive_eval, keep_source
 from autotp.core.attrs import has_attr
 from autotp.rewrite.collectives import Comm
 from autotp.cost.devices import DeviceSpec, get_device
@@ -38,6 +41,8 @@ from autotp.candidates import Candidates, NodeKind, build
 from autotp.runtime.weights import WeightSource
 
 Progress = Callable[[str], Any]
+
+log = logging.getLogger(__name__)
 
 
 def check_args(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
@@ -203,11 +208,15 @@ def solve_plan(c: Candidates, options: PlanOptions, spec: DeviceSpec | None = No
         raise AutoTPInternalError(f"the solver's choice misses {len(set(c.nodes) - set(choice))} "
                                   f"nodes and names {len(set(choice) - set(c.nodes))} unknown ones")
     choice = {n: pinned.get(n, s) for n, s in choice.items()}
+    return plan_of(c, choice, options, spec), choice
+
+
+def plan_of(c: Candidates, choice: Choice, options: PlanOptions, spec: DeviceSpec) -> Plan:
+    """The Plan of strategy ``choice`` on ``c``: its predicted time and memory under ``options``."""
     ev = evaluate(c, choice, spec, options.mode)
     if ev is None:
-        raise AutoTPInternalError("the solver returned an assignment its own evaluation calls "
-                                  "infeasible")
-    return make_plan(c, choice, ev, spec.name, options.objective, options.mode), choice
+        raise AutoTPInternalError("a chosen assignment is infeasible by its own evaluation")
+    return make_plan(c, choice, ev, spec.name, options.objective, options.mode)
 
 
 # a later program whose pinned plan is predicted this much slower than its own free optimum
@@ -263,6 +272,15 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
         else:
             p, choice = plan, choice_from_plan(c, plan)
     return Planned(p, c, choice, spec, options, real_buffers, meta)
+
+
+def call_structure(args: tuple, kwargs: dict) -> tuple:
+    """A call's structure: which arguments are given or None, tensor ranks and dtypes, other
+    values by value. Sizes are dynamic and never make a new program."""
+    leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))  # keyword order is free
+    sig = tuple(("T", x.dim(), x.dtype) if isinstance(x, torch.Tensor) else ("V", type(x).__name__, repr(x))
+                for x in leaves)
+    return (str(spec), sig)
 
 
 def _arg_names(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
@@ -367,12 +385,8 @@ class ParallelModule(nn.Module):
 
     def _key(self, mode: bool, args: tuple, kwargs: dict) -> tuple:
         """What makes a call need its own program: the mode (when the model has dropout or batch
-        norm) and the call's structure (which arguments are given or None, tensor ranks and
-        dtypes, other values by value); sizes are dynamic and never make a new program."""
-        leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))  # keyword order is free
-        sig = tuple(("T", x.dim(), x.dtype) if isinstance(x, torch.Tensor) else ("V", type(x).__name__, repr(x))
-                    for x in leaves)
-        return (mode if self._mode_sensitive else None, str(spec), sig)
+        norm) and the call's structure (``call_structure``)."""
+        return (mode if self._mode_sensitive else None, *call_structure(args, kwargs))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._family is None:  # one program (made by simulate, or from a given plan)
@@ -467,21 +481,62 @@ def rank0_plan(planned: Planned, group: "dist.ProcessGroup | None") -> Planned:
 class ModeFamily:
     """What capturing the same model in another mode needs: the model itself (its code and
     module tree; its weights are not read), the options it was planned with, the group whose
-    rank 0's plan is authoritative, and the device the module runs on."""
+    rank 0's plan is authoritative, and the device the module runs on.
+
+    ``sources``: per call structure, a train-mode program with dropout as it was before its
+    rewrite (its capture, a copy over the same tensors, and its plan): the eval program of
+    that structure is derived from it when the model's code allows (capture/modes.py) instead
+    of exported, and keeps its whole plan. ``made``: how each program was made, in order."""
     model: nn.Module
     options: PlanOptions
     group: "dist.ProcessGroup | None"
     here: torch.device
+    sources: dict[tuple, Planned] = field(default_factory=dict, repr=False)
+    made: list[str] = field(default_factory=list)
+
+    def keep(self, args: tuple, kwargs: dict, planned: Planned) -> None:
+        """Keep ``planned`` (about to be rewritten) as the source of its eval program."""
+        cap = planned.candidates.captured
+        if cap.training and cap.mode_sensitive:
+            c = dataclasses.replace(planned.candidates, captured=keep_source(cap), cache={})
+            self.sources[call_structure(args, kwargs)] = dataclasses.replace(planned, candidates=c)
+
+    def _derived(self, mode: bool, args: tuple, kwargs: dict) -> Planned | None:
+        """The eval program of a structure whose train program is kept, with that program's
+        plan (the same graph: the same decisions, parameters included); None when it cannot be
+        derived (the reason is logged) and must be exported."""
+        src = self.sources.get(call_structure(args, kwargs))
+        if mode or src is None:
+            return None
+        a, kw = args, kwargs
+        if src.on_meta:
+            to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+            a, kw = tuple(to_meta(x) for x in args), {k: to_meta(v) for k, v in kwargs.items()}
+        with buffers_on_meta(self.model) if src.on_meta else contextlib.nullcontext():
+            captured, why = derive_eval(src.candidates.captured, self.model, a, kw)
+        if captured is None:
+            log.info("autotp: exporting the eval program (it cannot be derived from the train "
+                     "program: %s)", why)
+            return None
+        c = candidates(captured, self.options)
+        choice = choice_from_plan(c, src.plan)
+        return dataclasses.replace(src, plan=plan_of(c, choice, self.options, src.spec),
+                                   candidates=c, choice=choice)
 
     def program(self, pm: ParallelModule, mode: bool, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-        model, was = self.model, self.model.training
-        model.train(mode)
-        try:
-            planned = plan_model(model, args, kwargs, self.options,
-                                 pinned_params=dict(pm.placements))
-        finally:
-            model.train(was)
+        planned = self._derived(mode, args, kwargs)
+        self.made.append(("train" if mode else "eval") + (" derived" if planned else " exported"))
+        if planned is None:
+            model, was = self.model, self.model.training
+            model.train(mode)
+            try:
+                planned = plan_model(model, args, kwargs, self.options,
+                                     pinned_params=dict(pm.placements))
+            finally:
+                model.train(was)
+        # broadcast on both paths: every rank makes one broadcast at this call whichever it took
         planned = rank0_plan(planned, self.group)
+        self.keep(args, kwargs, planned)
         c = planned.candidates
         if planned.on_meta:
             retarget_device(c.captured.gm, torch.device("meta"), self.here)
