@@ -27,7 +27,7 @@ from autotp.capture import Captured, describe, module_path
 from autotp.core.meta import TensorMeta
 from autotp.core.options import ADAM_FP32_BYTES
 from autotp.errors import AutoTPInternalError
-from autotp.core.placements import Replicate, Shard, make_shard
+from autotp.core.placements import Placement, Replicate, Shard, make_shard
 from autotp.rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for, strategies_from_dims)
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,14 @@ class Candidates:
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
+
+    def need(self, name: str, st: Strategy, slot: int) -> tuple[Placement, Placement | None]:
+        """What strategy ``st`` of node ``name`` needs of the value at input ``slot``: its
+        placement Q and the placement G of the gradient it sends back, None when that value has
+        no gradient (a mask, token ids): then there is no backward to pay, and strategies
+        that differ only in G read the value alike (one collective, charged once)."""
+        return st.inputs[slot], (st.grad_placement(slot) if self.nodes[name].slots[slot][0] in self.needs_grad
+                                 else None)
 
 
 def tensor_slots(node: fx.Node, metas: dict) -> list[fx.Node]:

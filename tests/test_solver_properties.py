@@ -42,7 +42,7 @@ from autotp.solve.runs import find_runs
 from autotp.cost.devices import DeviceSpec
 from autotp.core.placements import Shard
 from autotp.solve.solve import MEMORY_SLACK, brute_force, solve
-from autotp.cost.evaluate import Evaluation, evaluate
+from autotp.cost.evaluate import Evaluation, evaluate, time_lower_bound
 from autotp.candidates import Candidates, build
 
 ACTS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -274,6 +274,8 @@ def test_plan_is_the_brute_force_optimum(case: dict, data: st.DataObject) -> Non
     runs = find_runs(c)
     note(f"{len(costed)} plans, {len(runs)} runs of identical layers")
     free = _check_optimal(c, spec, case, costed, None)
+    # the bound that lets a pinned solve skip its free one is below every plan's time
+    assert time_lower_bound(c, spec, mode) <= min(ev.time_s for _, ev in costed) * (1 + 1e-12)
     if runs:  # solved without the layer decomposition: the same optimum
         _check_optimal(c, spec, case, costed, None, layers=False)
 

@@ -118,6 +118,14 @@ def _edge_mode(c: Candidates, value: Value, mode: str) -> str:
     return mode if value[0] in c.needs_grad else "inference"
 
 
+def time_lower_bound(c: Candidates, spec: DeviceSpec, mode: str = "training") -> float:
+    """No plan of ``c`` is predicted faster than this: every node at its fastest strategy
+    and no collective (``evaluate``'s time is compute + collectives, each a sum of
+    nonnegative terms, and a node's compute is at least its fastest strategy's)."""
+    return sum(min(_node_time(c, name, s, spec, mode) for s in range(len(nc.strategies)))
+               for name, nc in c.nodes.items() if nc.strategies)
+
+
 def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "training") -> Evaluation | None:
     """Predicted cost of a full assignment; None if some edge is impossible."""
     compute = sum(_node_time(c, v, s, spec, mode) for v, s in choice.items())
@@ -128,7 +136,7 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
         p = c.nodes[u].strategies[choice[u]].outputs()[oi]
         for name, slot in cons:
             st = c.nodes[name].strategies[choice[name]]
-            groups[(value, p, st.inputs[slot], st.grad_placement(slot))].append((name, slot))
+            groups[(value, p, *c.need(name, st, slot))].append((name, slot))
     edges = []
     for (value, p, q, g), cons in groups.items():
         t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM)

@@ -105,9 +105,10 @@ class Transition:
     backward: tuple[str, ...]
 
 
-def transition(p: Placement, q: Placement, g: Placement, is_param: bool = False) -> Transition | None:
+def transition(p: Placement, q: Placement, g: Placement | None, is_param: bool = False) -> Transition | None:
+    """Forward p -> q and backward g -> dual(p); ``g`` None: the value has no gradient."""
     fwd = convert_ops(p, q)
-    bwd = convert_ops(g, dual(p))
+    bwd = () if g is None else convert_ops(g, dual(p))
     if fwd is None or bwd is None:
         return None
     if is_param and isinstance(p, Shard) and p != q:

@@ -116,10 +116,11 @@ def _transitions(c: Candidates, choice: Choice, comm: Comm) -> None:
             i = slot
             slot += 1
             p = value_placement(c, choice, a.name)
-            q, g = st.inputs[i], st.grad_placement(i)
-            if p == q and g == (p if isinstance(p, Shard) else Replicate()):
+            q, gk = c.need(node.name, st, i)  # gk None: the value has no gradient
+            g = st.grad_placement(i) if gk is None else gk
+            if p == q and (gk is None or g == (p if isinstance(p, Shard) else Replicate())):
                 return a
-            key = (a.name, q, g)
+            key = (a.name, q, gk)
             if key not in made:
                 target = f"autotp_redistribute_{count}"
                 count += 1

@@ -35,7 +35,7 @@ from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out
 from autotp.plans import Plan, make_plan
 from autotp.rewrite.rewrite import rewrite
-from autotp.cost.evaluate import Choice, evaluate
+from autotp.cost.evaluate import Choice, evaluate, time_lower_bound
 from autotp.solve.solve import solve
 from autotp.candidates import Candidates, NodeKind, build
 from autotp.runtime.weights import WeightSource
@@ -228,8 +228,11 @@ def solve_pinned(c: Candidates, options: PlanOptions, spec: DeviceSpec,
                  placements: dict[str, Placement]) -> tuple[Plan, Choice]:
     """The plan of a later program over parameters that already have placements: solved with
     every such parameter pinned, and once more without pins (the free optimum) to warn when
-    the pins make it much slower (``PIN_WARN_RATIO``)."""
+    the pins make it much slower (``PIN_WARN_RATIO``), unless the pinned plan is already
+    within that ratio of a bound no plan beats (``time_lower_bound``)."""
     p, choice = solve_plan(c, options, spec, _pins(c, placements))
+    if p.predicted_time_s <= PIN_WARN_RATIO * time_lower_bound(c, spec, options.mode):
+        return p, choice  # within the ratio of any plan's time: the free optimum cannot warn
     try:
         free, _ = solve_plan(c, options, spec)
     except PlanError:  # the free problem has no better plan to report

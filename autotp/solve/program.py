@@ -289,7 +289,7 @@ class Program:
                     continue
                 by_t: dict[tuple[Placement, Placement], list[int]] = defaultdict(list)
                 for s, st in enumerate(c.nodes[name].strategies):
-                    by_t[(st.inputs[slot], st.grad_placement(slot))].append(self.index[(name, s)])
+                    by_t[c.need(name, st, slot)].append(self.index[(name, s)])
                 cost = {(p, q, g): self.key_cost((value, p, q, g)) for p in by_p for (q, g) in by_t}
                 if len(by_p) == 1 or len(by_t) == 1:
                     # one side is fixed: the joint indicator is the other side's sum

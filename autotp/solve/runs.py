@@ -77,7 +77,7 @@ class Run:
         return tuple((self.units[-1][o], oi) for o, oi in self.carried)
 
 
-Read = tuple[int, Placement, Placement]  # (index into Run.shared, need Q, gradient G)
+Read = tuple[int, Placement, "Placement | None"]  # (index into Run.shared, need Q, gradient G; None: none)
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _reads(c: Candidates, prog, run: Run) -> dict[Read, dict[int, float]]:
             if name not in unit:
                 continue
             for s, st in enumerate(c.nodes[name].strategies):
-                out.setdefault((k, st.inputs[slot], st.grad_placement(slot)), {})[prog.index[(name, s)]] = 1.0
+                out.setdefault((k, *c.need(name, st, slot)), {})[prog.index[(name, s)]] = 1.0
     return out
 
 
