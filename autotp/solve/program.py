@@ -42,6 +42,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 import numpy as np
+import highspy
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
@@ -86,6 +87,7 @@ class Program:
         self.index: dict[tuple[str, int], int] = {}
         self.zkey: dict[tuple, int] = {}
         self._base: tuple | None = None
+        self._warm: tuple | None = None  # (weights, HiGHS instance, changed bounds): solve_bounded
         self.peak: int | None = None  # inference peak-activation variable (add_memory_variables)
         self.peak_scale = 0.0
         self.kept: dict[int, float] | None = None  # training: kept-activation variables
@@ -357,6 +359,41 @@ class Program:
                         time_limit)
         return res.x
 
+    def solve_bounded(self, weights: Sequence[float], fixed: dict[int, tuple[float, float]],
+                      time_limit: float) -> np.ndarray | None:
+        """``solve`` with some variables' bounds changed (``fixed``: index -> (lower, upper)),
+        for many solves of one program that differ only there (the layer tables of runs.py:
+        a pinned external is lower 1, a banned read or a strategy with another output upper 0).
+        The LP relaxation stays loaded in one HiGHS instance and is re-solved from the last
+        basis (warm start: a cell costs a few simplex iterations instead of a fresh solve);
+        when its optimum is not integral, the MILP of ``solve`` decides."""
+        w = np.asarray(weights, dtype=float)
+        if self._warm is None or self._warm[0] is not weights:
+            self._warm = (weights, _lp_instance(self, w), {})
+        _, h, changed = self._warm
+        reset = [i for i in changed if i not in fixed]
+        if reset:
+            h.changeColsBounds(len(reset), np.asarray(reset, dtype=np.int32),
+                               np.zeros(len(reset)), np.ones(len(reset)))
+        if fixed:
+            idx = np.fromiter(fixed, dtype=np.int32, count=len(fixed))
+            lo = np.fromiter((fixed[i][0] for i in fixed), dtype=float, count=len(fixed))
+            hi = np.fromiter((fixed[i][1] for i in fixed), dtype=float, count=len(fixed))
+            h.changeColsBounds(len(fixed), idx, lo, hi)
+        self._warm = (weights, h, dict(fixed))
+        h.setOptionValue("time_limit", float(time_limit))
+        h.run()
+        status = h.getModelStatus()
+        if status == highspy.HighsModelStatus.kInfeasible:
+            return None
+        if status == highspy.HighsModelStatus.kOptimal:
+            x = np.asarray(h.getSolution().col_value)
+            xi = x[np.asarray(self.integral, dtype=bool)]
+            if np.all(np.minimum(xi, 1.0 - xi) < 1e-9):
+                return x
+        rows = [({i: 1.0}, lo, hi) for i, (lo, hi) in fixed.items()]
+        return self.solve(weights, rows, time_limit)
+
     def choice(self, x: np.ndarray) -> Choice:
         out: Choice = {}
         for (name, s), i in self.index.items():
@@ -383,3 +420,21 @@ def bytes_bound(nbytes: float) -> float:
     floor(nbytes) plus half a byte: a plan within ``nbytes`` meets it with half a byte to spare
     and a plan over it breaks it by at least half a byte, far beyond HiGHS' tolerance."""
     return (math.floor(nbytes) + 0.5) * SCALE_M if math.isfinite(nbytes) else nbytes
+
+
+def _lp_instance(prog: Program, w: np.ndarray) -> "highspy.Highs":
+    """A HiGHS instance holding the LP relaxation of ``prog`` (its rows, bounds [0, 1],
+    objective ``w``), quiet."""
+    r, cidx, vals, lb, ub = prog._coo(prog.rows)
+    a = coo_matrix((vals, (r, cidx)), shape=(len(prog.rows), prog.n)).tocsc()
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = prog.n, len(prog.rows)
+    lp.col_cost_ = w
+    lp.col_lower_, lp.col_upper_ = np.zeros(prog.n), np.ones(prog.n)
+    lp.row_lower_, lp.row_upper_ = np.asarray(lb, dtype=float), np.asarray(ub, dtype=float)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.passModel(lp)
+    return h

@@ -257,24 +257,27 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
         foot = np.array([prog.foot.get(i, 0.0) for i in range(prog.n)])
     weights = [weight(t, m) + (lam * foot[i] if lam else 0.0)
                for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
-    pick: dict[tuple[int, Placement], dict[int, float]] = {}
+    # a cell is the layer program with bounds changed (Program.solve_bounded): the carried
+    # values in pinned to a (lower 1), out placed b (the strategies with another output:
+    # upper 0), the reads outside avail banned (upper 0)
+    other: dict[tuple[int, Placement], list[int]] = {}
     for k, (name, oi) in enumerate(inner):
         for p in b_dom[k]:
-            pick[(k, p)] = {prog.index[(name, s)]: 1.0 for s, st in enumerate(c.nodes[name].strategies)
-                            if st.outputs()[oi] == p}
+            other[(k, p)] = [prog.index[(name, s)] for s, st in enumerate(c.nodes[name].strategies)
+                             if st.outputs()[oi] != p]
     table: dict[tuple, Cell] = {}
     solved: dict[tuple, list[tuple[frozenset, Cell | None]]] = {}
     for a in itertools.product(*a_dom):
-        pins = [({prog.ext_index[(v, p)]: 1.0}, 1.0, 1.0) for v, p in zip(run.ins, a)]
+        pins = {prog.ext_index[(v, p)]: (1.0, 1.0) for v, p in zip(run.ins, a)}
         for b in itertools.product(*b_dom):
             done = solved.setdefault((a, b), [])
+            out = {i: (0.0, 0.0) for k, p in enumerate(b) for i in other[(k, p)]}
             for avail in sets:
                 known = next((cell for big, cell in done if avail <= big and
                               (cell is None or cell.reads <= avail)), False)
                 if known is False:
-                    banned = [(reads[r], 0.0, 0.0) for r in reads if r not in avail]
-                    x = prog.solve(weights, pins + banned + [(pick[(k, p)], 1.0, 1.0)
-                                                             for k, p in enumerate(b)], time_limit)
+                    banned = {i: (0.0, 0.0) for r in reads if r not in avail for i in reads[r]}
+                    x = prog.solve_bounded(weights, {**banned, **out, **pins}, time_limit)
                     known = None
                     if x is not None:
                         ch = prog.choice(x)
