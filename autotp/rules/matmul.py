@@ -79,3 +79,18 @@ def _matmul(call: OpCall) -> DimMap | None:
                      for j in range(len(m) - 2)) + last2
     return DimMap(inputs=(lab(a.shape, ("m", "k")), lab(b.shape, ("k", "n"))),
                   outputs=(batch + ("m", "n"),), contract=frozenset({"k"}), partial_any=(0, 1))
+
+
+@register(aten._grouped_mm.default, flops=matmul_flops)
+def _grouped_mm(call: OpCall) -> DimMap | None:
+    # y[t, n] = sum_k x[t, k] W[e(t), k, n]: tokens grouped by expert, offs[e] the end of
+    # expert e's group (transformers' MoE experts). Only k (row: Partial) and n (column) split;
+    # splitting tokens or experts would move the groups' boundaries, so both stay whole.
+    if len(call.inputs) not in (2, 3):
+        return None  # a bias (not linear in a Partial input) or an unknown form: no rule
+    x, w = call.inputs[:2]
+    if len(x.shape) != 2 or len(w.shape) != 3:
+        return None
+    offs = tuple((None,) * len(m.shape) for m in call.inputs[2:])
+    return DimMap(inputs=((None, "k"), (None, "k", "n")) + offs, outputs=((None, "n"),),
+                  contract=frozenset({"k"}), partial_any=(0, 1))
