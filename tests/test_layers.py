@@ -48,9 +48,24 @@ def _same_graph(cut, full) -> None:
     assert cut.stacks == full.stacks
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "nanogpt"])
+def _qwen3_moe(n_layer: int = 6):
+    """A small Qwen3-MoE in bf16: its experts run ``aten._grouped_mm`` (whose fake kernel takes
+    bf16 only), and export computes the experts' token-count size once, in layer 0, for
+    every later layer to read."""
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.Qwen3MoeConfig(num_hidden_layers=n_layer, hidden_size=64, intermediate_size=128,
+                           moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    m = T.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    return m, (), {"input_ids": torch.randint(0, 256, (2, 16)), "use_cache": False}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "nanogpt", "qwen3_moe"])
 def test_cut_capture_is_the_full_graph(name: str) -> None:
-    if name == "llama":
+    if name == "qwen3_moe":
+        m, a, k = _qwen3_moe()
+    elif name == "llama":
         m, a, k = hf_models.llama(n_layer=6)
     elif name == "gpt2":
         m, a, k = hf_models.gpt2(n_layer=6)

@@ -101,8 +101,10 @@ def _shape_of(seg: list[fx.Node], prev: list[fx.Node], attrs: dict[str, fx.Node]
         if isinstance(a, fx.Node):
             if a in here:
                 return ("self", here[a])
-            if a in back:
-                return ("prev", back[a])
+            if _size(a):  # a size computed in some earlier layer: the same value in every layer
+                return ("size", str(a.meta["val"]))
+            if a in back:  # from the end: the first layer may hold sizes the others read
+                return ("prev", back[a] - len(prev))
             if a in own:
                 return ("own", own[a])
             return ("node", a)
@@ -128,10 +130,19 @@ def _shape_of(seg: list[fx.Node], prev: list[fx.Node], attrs: dict[str, fx.Node]
     return [(n.op, n.target, ref(n.args), ref(n.kwargs), paths(n), val(n)) for n in seg]
 
 
+def _size(n: fx.Node) -> bool:
+    """A node whose value is an integer size (a SymInt expression of the inputs' dims, e.g.
+    tokens x top_k). Export computes such a size once, in the first layer that needs it, and
+    every later layer reads that node: it is the same value in every layer, so a layer may
+    read it from any earlier one (the copies read it where it was computed, before them)."""
+    return n.op == "call_function" and isinstance(n.meta.get("val"), (torch.SymInt, int)) \
+        and not isinstance(n.meta.get("val"), bool)
+
+
 def _check_refs(nodes: list[fx.Node], allowed: set[fx.Node], forbidden: set[fx.Node], what: str) -> None:
     for n in nodes:
         for a in n.all_input_nodes:
-            if a in forbidden and a not in allowed:
+            if a in forbidden and a not in allowed and not _size(a):
                 raise Unsupported(f"{what} reads {a.name} of an earlier layer")
 
 
