@@ -33,57 +33,44 @@ from benchmarks.plan_time import _SolverLog, solver_status  # noqa: E402
 SEQ = 2048
 
 
-def _ids(vocab: int):
+def _meta_lm(cls_name: str, config_name: str, **config: object):
+    """transformers' ``cls_name`` built from ``config_name(**config)`` on the meta device in
+    bf16, and keyword inputs of shape (1, SEQ)."""
     import torch
-    return {"input_ids": torch.randint(0, vocab, (1, SEQ), device="meta"), "use_cache": False}
+    import transformers as T
+    cfg = getattr(T, config_name)(max_position_embeddings=4096, **config)
+    with torch.device("meta"):
+        model = getattr(T, cls_name)(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), device="meta")
+    return model, {"input_ids": ids, "use_cache": False}
 
 
 def llama405b():
-    import torch
-    import transformers as T
-    cfg = T.LlamaConfig(num_hidden_layers=126, hidden_size=16384, num_attention_heads=128,
-                        num_key_value_heads=8, intermediate_size=53248, vocab_size=128256,
-                        max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = T.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model, _ids(cfg.vocab_size)
+    return _meta_lm("LlamaForCausalLM", "LlamaConfig", num_hidden_layers=126, hidden_size=16384,
+                    num_attention_heads=128, num_key_value_heads=8, intermediate_size=53248,
+                    vocab_size=128256)
 
 
 def llama70b():
-    import torch
-    import transformers as T
-    cfg = T.LlamaConfig(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
-                        num_key_value_heads=8, intermediate_size=28672, vocab_size=32000,
-                        max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = T.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model, _ids(cfg.vocab_size)
+    return _meta_lm("LlamaForCausalLM", "LlamaConfig", num_hidden_layers=80, hidden_size=8192,
+                    num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672,
+                    vocab_size=32000)
 
 
 def deepseek_v3():
-    import torch
-    import transformers as T
-    cfg = T.DeepseekV3Config(num_hidden_layers=61, first_k_dense_replace=3, hidden_size=7168,
-                             intermediate_size=18432, moe_intermediate_size=2048,
-                             n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
-                             q_lora_rank=1536, kv_lora_rank=512, num_attention_heads=128,
-                             num_key_value_heads=128, qk_rope_head_dim=64, qk_nope_head_dim=128,
-                             v_head_dim=128, vocab_size=129280, max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = T.DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
-    return model, _ids(cfg.vocab_size)
+    return _meta_lm("DeepseekV3ForCausalLM", "DeepseekV3Config", num_hidden_layers=61,
+                    first_k_dense_replace=3, hidden_size=7168, intermediate_size=18432,
+                    moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8,
+                    n_shared_experts=1, q_lora_rank=1536, kv_lora_rank=512,
+                    num_attention_heads=128, num_key_value_heads=128, qk_rope_head_dim=64,
+                    qk_nope_head_dim=128, v_head_dim=128, vocab_size=129280)
 
 
 def qwen3_235b():
-    import torch
-    import transformers as T
-    cfg = T.Qwen3MoeConfig(num_hidden_layers=94, hidden_size=4096, intermediate_size=12288,
-                           moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8,
-                           num_attention_heads=64, num_key_value_heads=4, head_dim=128,
-                           vocab_size=151936, max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = T.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-    return model, _ids(cfg.vocab_size)
+    return _meta_lm("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_hidden_layers=94, hidden_size=4096,
+                    intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
+                    num_experts_per_tok=8, num_attention_heads=64, num_key_value_heads=4,
+                    head_dim=128, vocab_size=151936)
 
 
 SHAPES: dict[str, tuple[Callable, int, str]] = {

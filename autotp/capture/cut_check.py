@@ -96,6 +96,35 @@ def _like(out: Any) -> Any:
                            if isinstance(t, torch.Tensor) else t, out)
 
 
+def fake_params(model: nn.Module, mode: Any) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """A fake tensor under ``mode`` for each parameter and buffer of ``model`` (tied ones
+    once), by the real tensor's id, and each fake tensor's first name, by its id."""
+    fake_of: dict[int, torch.Tensor] = {}
+    names: dict[int, str] = {}
+    for n, t in (*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)):
+        if id(t) not in fake_of:
+            fake_of[id(t)] = mode.from_tensor(t)
+            names[id(fake_of[id(t)])] = n
+    return fake_of, names
+
+
+def fake_state(model: nn.Module, fake_of: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s state by every name (tied ones under each), as fake tensors."""
+    return {n: fake_of[id(t)] for n, t in (*model.named_parameters(remove_duplicate=False),
+                                           *model.named_buffers(remove_duplicate=False))}
+
+
+def fake_call(mode: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, int]]:
+    """The call's arguments with every tensor made fake under ``mode``, and each fake
+    input's position among the call's leaves, by its id (``_Recorder``'s ``inputs``)."""
+    with mode:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        fflat = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        fargs, fkwargs = pytree.tree_unflatten(fflat, spec)
+    return fargs, fkwargs, {id(x): i for i, x in enumerate(fflat) if isinstance(x, torch.Tensor)}
+
+
 @dataclass
 class _Call:
     args: tuple
@@ -119,15 +148,8 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack, ...
                 return (s.path, int(m.group(1))), name[m.end():]
         return None
 
-    state = {}
-    for n, t in (*model.named_parameters(remove_duplicate=False),
-                 *model.named_buffers(remove_duplicate=False)):
-        state[n] = fake_of[id(t)]
-    with fake_mode:
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        fflat = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
-        fargs, fkwargs = pytree.tree_unflatten(fflat, spec)
-    inputs = {id(x): i for i, x in enumerate(fflat) if isinstance(x, torch.Tensor)}
+    state = fake_state(model, fake_of)
+    fargs, fkwargs, inputs = fake_call(fake_mode, args, kwargs)
     rec = _Recorder(names, inputs, owner)
     calls: dict[tuple[str, int], _Call] = {}
     swapped = []
@@ -250,13 +272,7 @@ def _layer_events(layer: nn.Module, call: _Call, fake: Any | None) -> tuple:
 def _verify(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack, ...]) -> None:
     """The full model runs as the cut one, layer for layer (see the module docstring)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_of: dict[int, torch.Tensor] = {}
-    names: dict[int, str] = {}
-    for n, t in (*model.named_parameters(remove_duplicate=False),
-                 *model.named_buffers(remove_duplicate=False)):
-        if id(t) not in fake_of:
-            fake_of[id(t)] = mode.from_tensor(t)
-            names[id(fake_of[id(t)])] = n
+    fake_of, names = fake_params(model, mode)
     by_path = {s.path: s for s in stacks}
 
     def rep(key: Any) -> Any:

@@ -30,9 +30,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from autotp._compat import FakeTensorMode, copy_codegen, pytree
+from autotp._compat import FakeTensorMode, copy_codegen
 from autotp.capture import Captured, _mode_sensitive
-from autotp.capture.cut_check import _Recorder
+from autotp.capture.cut_check import _Recorder, fake_call, fake_params, fake_state
 from autotp.rules import op_info
 
 aten = torch.ops.aten
@@ -90,23 +90,11 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[tuple], An
     """Every torch call of one forward of ``model`` (in its current mode) on fake tensors,
     and its outputs, canonical (``_Recorder``)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    names: dict[int, str] = {}
-    state: dict[str, torch.Tensor] = {}
-    fake_of: dict[int, torch.Tensor] = {}
-    for n, t in (*model.named_parameters(remove_duplicate=False),
-                 *model.named_buffers(remove_duplicate=False)):
-        if id(t) not in fake_of:
-            fake_of[id(t)] = mode.from_tensor(t)
-            names[id(fake_of[id(t)])] = n
-        state[n] = fake_of[id(t)]
-    with mode:
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        fflat = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
-        fargs, fkwargs = pytree.tree_unflatten(fflat, spec)
-    rec = _Recorder(names, {id(x): i for i, x in enumerate(fflat) if isinstance(x, torch.Tensor)},
-                    lambda _name: None)
+    fake_of, names = fake_params(model, mode)
+    fargs, fkwargs, inputs = fake_call(mode, args, kwargs)
+    rec = _Recorder(names, inputs, lambda _name: None)
     with torch.random.fork_rng(devices=[]), mode, rec, torch.no_grad():
-        out = torch.func.functional_call(model, state, fargs, fkwargs, strict=False)
+        out = torch.func.functional_call(model, fake_state(model, fake_of), fargs, fkwargs, strict=False)
     return rec.regions[0], rec.canon(out)
 
 
@@ -147,8 +135,8 @@ def derive_eval(source: Captured, model: nn.Module, args: tuple, kwargs: dict) -
     g = source.gm.graph
     names = set(source.mode_sensitive)
     sensitive = [n for n in g.nodes if n.name in names]
-    if any(op_info(n.target).to_eval is None for n in sensitive):
-        bad = next(n for n in sensitive if op_info(n.target).to_eval is None)
+    bad = next((n for n in sensitive if op_info(n.target).to_eval is None), None)
+    if bad is not None:
         return None, f"{bad.target} has no eval form"
     was = model.training
     try:

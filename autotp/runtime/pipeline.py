@@ -114,11 +114,15 @@ def capture_model(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Captured
     and buffers moved there). Returns the capture and the model's real buffers by name."""
     if not on_meta(model):
         return capture(model, args, kwargs), {}
-    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
     with buffers_on_meta(model) as real_buffers:
-        captured = capture(model, tuple(to_meta(a) for a in args),
-                           {k: to_meta(v) for k, v in kwargs.items()})
+        captured = capture(model, *meta_call(args, kwargs))
     return captured, real_buffers
+
+
+def meta_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's tensor arguments moved to the meta device (for a model on meta)."""
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
 
 
 def choice_from_plan(c: Candidates, p: Plan) -> Choice:
@@ -511,10 +515,7 @@ class ModeFamily:
         src = self.sources.get(call_structure(args, kwargs))
         if mode or src is None:
             return None
-        a, kw = args, kwargs
-        if src.on_meta:
-            to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-            a, kw = tuple(to_meta(x) for x in args), {k: to_meta(v) for k, v in kwargs.items()}
+        a, kw = meta_call(args, kwargs) if src.on_meta else (args, kwargs)
         with buffers_on_meta(self.model) if src.on_meta else contextlib.nullcontext():
             captured, why = derive_eval(src.candidates.captured, self.model, a, kw)
         if captured is None:

@@ -425,7 +425,9 @@ def bytes_bound(nbytes: float) -> float:
 def _lp_instance(prog: Program, w: np.ndarray) -> "highspy.Highs":
     """A HiGHS instance holding the LP relaxation of ``prog`` (its rows, bounds [0, 1],
     objective ``w``), quiet."""
-    r, cidx, vals, lb, ub = prog._coo(prog.rows)
+    if prog._base is None:  # the rows in COO form, as Program.solve caches them
+        prog._base = prog._coo(prog.rows)
+    r, cidx, vals, lb, ub = prog._base
     a = coo_matrix((vals, (r, cidx)), shape=(len(prog.rows), prog.n)).tocsc()
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = prog.n, len(prog.rows)
