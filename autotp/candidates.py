@@ -41,6 +41,7 @@ class NodeKind(str, Enum):
     INPUT = "input"
     PARAM = "param"
     BUFFER = "buffer"
+    STATE = "state"  # a buffer the program writes in place (a static KV cache): see _Build.mutated
     OP = "op"
     OUTPUT = "output"
 
@@ -92,6 +93,16 @@ def tensor_slots(node: fx.Node, metas: dict) -> list[fx.Node]:
     """The tensor inputs of ``node`` in argument order (one per occurrence)."""
     leaves = pytree.tree_leaves((node.args, node.kwargs))
     return [a for a in leaves if isinstance(a, fx.Node) and isinstance(metas.get(a.name), TensorMeta)]
+
+
+def writes_first_arg(target: object) -> bool:
+    """Whether an ATen op writes its first argument in place (``index_copy_``, ``copy_``,
+    ``add_``): its schema marks that argument's alias as written."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    alias = schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
 
 
 def _op_name(node: fx.Node) -> str:
@@ -186,6 +197,9 @@ class _Build:
         self.grains: Grains = {}
         self.nodes: dict[str, NodeCands] = {}
         self.unruled: dict[str, list[str]] = defaultdict(list)
+        # buffers an op writes in place (index_copy_ of a static KV cache, a position counter):
+        # program state, placed like parameters (split or whole) but read only where they live
+        self.mutated: set[str] = set()
 
     def value_of(self, a: fx.Node) -> Value:
         return self.followers.get(a.name, (a.name, 0))
@@ -214,6 +228,9 @@ class _Build:
             if node.op == "output" or (node.op in ("placeholder", "get_attr", "call_function")
                                        and meta is not None):
                 self.order.append(node)
+            if node.op == "call_function" and writes_first_arg(node.target) and node.args and \
+                    isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+                self.mutated.add(node.args[0].name)
             if node.op == "call_function" and meta is not None:
                 outs = meta if isinstance(meta, tuple) else (meta,)
                 if any(o is None for o in outs):
@@ -269,8 +286,8 @@ class _Build:
             kind, strategies = NodeKind.INPUT, [Strategy((), Replicate())]
         elif node.op == "get_attr":
             is_param = node.target in self.captured.param_names
-            kind = NodeKind.PARAM if is_param else NodeKind.BUFFER
-            strategies = self._param_strategies(node, outs[0]) if is_param and n > 1 else \
+            kind = NodeKind.PARAM if is_param else NodeKind.STATE if node.name in self.mutated else NodeKind.BUFFER
+            strategies = self._param_strategies(node, outs[0]) if kind is not NodeKind.BUFFER and n > 1 else \
                 [Strategy((), Replicate())]
         elif node.op == "output":
             kind, strategies = NodeKind.OUTPUT, [Strategy(tuple(Replicate() for _ in slots), ())]

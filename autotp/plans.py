@@ -62,6 +62,11 @@ class Plan:
     # ops whose output is split on a dynamic (batch/sequence) dim: sequence parallelism; the
     # module then needs that dim divisible by the world size at run time
     sequence_split: tuple[str, ...] = ()
+    # buffers the program writes in place (a static KV cache) and their placements, and their
+    # bytes per rank and in all (the cache is split like the attention heads that write it)
+    state: tuple[ParamShard, ...] = ()
+    state_bytes_per_rank: int = 0
+    state_bytes_total: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -75,6 +80,7 @@ class Plan:
         d["collectives"] = tuple(Collective(**x) for x in d["collectives"])
         d["sequence_split"] = tuple(d.get("sequence_split", ()))
         d["params"] = tuple(ParamShard(x["name"], tuple(x["shape"]), x["placement"]) for x in d["params"])
+        d["state"] = tuple(ParamShard(x["name"], tuple(x["shape"]), x["placement"]) for x in d.get("state", ()))
         return Plan(**d)
 
     def count(self, kind: str | None = None, phase: str | None = None) -> int:
@@ -88,6 +94,7 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
         raise AutoTPInternalError(f"make_plan got mode {mode!r}, not one of {MODES}")
     decisions = []
     params = []
+    state = []
     seq = []
     total = 0
     for name, nc in c.nodes.items():
@@ -98,6 +105,8 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
         if nc.kind is NodeKind.PARAM:
             total += nc.metas[0].nbytes
             params.append(ParamShard(str(nc.target), nc.metas[0].shape, str(st.output)))
+        if nc.kind is NodeKind.STATE:
+            state.append(ParamShard(str(nc.target), nc.metas[0].shape, str(st.output)))
     # parameters the graph never reads stay whole on every rank; count them too
     gm = c.captured.gm
     used = {id(gm.get_parameter(p.name)) for p in params}  # by identity: tied names are one
@@ -120,4 +129,6 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
     return Plan(c.world_size, device, objective, mode, int(round(ev.param_bytes)) + unused, total,
                 ev.time_s, ev.compute_s, ev.comm_s, tuple(decisions), tuple(collectives), tuple(params),
                 int(round(ev.activation_bytes)),
-                int(round(ev.memory_bytes + unused)), tuple(seq))
+                int(round(ev.memory_bytes + unused)), tuple(seq), tuple(state),
+                int(round(ev.state_bytes)), sum(c.nodes[n].metas[0].nbytes for n in c.nodes
+                                                if c.nodes[n].kind is NodeKind.STATE))

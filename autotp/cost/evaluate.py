@@ -35,7 +35,8 @@ class Evaluation:
     param_bytes: float  # per rank
     edges: tuple[EdgeCost, ...]
     activation_bytes: float = 0.0  # per rank: saved for the backward, or the inference peak
-    memory_bytes: float = 0.0  # per rank: state (params, grads, optimizer) + activations
+    memory_bytes: float = 0.0  # per rank: state (params, grads, optimizer, KV cache) + activations
+    state_bytes: float = 0.0  # per rank: buffers the program writes in place (a KV cache)
 
     @property
     def time_s(self) -> float:
@@ -73,7 +74,7 @@ def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
         return c.cache["keepers"]
     out: dict[Value, list[tuple[str, int]]] = {}
     for value, cons in c.consumers.items():
-        if c.nodes[value[0]].kind in (NodeKind.PARAM, NodeKind.BUFFER):
+        if c.nodes[value[0]].kind in (NodeKind.PARAM, NodeKind.BUFFER, NodeKind.STATE):
             continue  # parameters are counted as state
         keep = [(n, slot) for n, slot in cons if c.nodes[n].kind is NodeKind.OP and n in c.needs_grad
                 and saves_inputs(c.nodes[n].target, len(c.nodes[n].slots))]
@@ -92,9 +93,21 @@ def _working(c: Candidates, name: str, s: int) -> float:
     return working_bytes(ins, nc.metas, nc.strategies[s], c.world_size)
 
 
-def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
-    """State bytes per rank (parameters; in training also gradients and optimizer states)."""
+def state_mem(c: Candidates, name: str, s: int) -> float:
+    """Bytes per rank of a buffer the program writes in place (a KV cache) placed by
+    strategy ``s``; 0 for every other node."""
     nc = c.nodes[name]
+    if nc.kind is not NodeKind.STATE:
+        return 0.0
+    return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
+
+
+def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
+    """State bytes per rank (parameters; in training also gradients and optimizer states;
+    buffers the program writes, e.g. a KV cache)."""
+    nc = c.nodes[name]
+    if nc.kind is NodeKind.STATE:
+        return state_mem(c, name, s)
     if nc.kind is not NodeKind.PARAM:
         return 0.0
     return state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
@@ -139,7 +152,8 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
             groups[(value, p, *c.need(name, st, slot))].append((name, slot))
     edges = []
     for (value, p, q, g), cons in groups.items():
-        t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM)
+        t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM,
+                       c.nodes[value[0]].kind is NodeKind.STATE)
         if t is None:
             return None
         if not t.forward and not t.backward:
@@ -151,4 +165,5 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
                                               pad)))
     comm = sum(e.time_s for e in edges) + sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items())
     act, total = memory_bytes(c, choice, mode)
-    return Evaluation(compute, comm, mem, tuple(edges), act, total)
+    return Evaluation(compute, comm, mem, tuple(edges), act, total,
+                      sum(state_mem(c, v, s) for v, s in choice.items()))

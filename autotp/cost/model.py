@@ -105,8 +105,13 @@ class Transition:
     backward: tuple[str, ...]
 
 
-def transition(p: Placement, q: Placement, g: Placement | None, is_param: bool = False) -> Transition | None:
-    """Forward p -> q and backward g -> dual(p); ``g`` None: the value has no gradient."""
+def transition(p: Placement, q: Placement, g: Placement | None, is_param: bool = False,
+               is_state: bool = False) -> Transition | None:
+    """Forward p -> q and backward g -> dual(p); ``g`` None: the value has no gradient.
+    ``is_state``: the value is a buffer the program writes in place (a KV cache); it is read
+    only where it lives (p == q), since an op writing a redistributed copy would write nothing."""
+    if is_state and p != q:
+        return None
     fwd = convert_ops(p, q)
     bwd = () if g is None else convert_ops(g, dual(p))
     if fwd is None or bwd is None:

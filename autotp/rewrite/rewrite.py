@@ -1,7 +1,8 @@
 """Rewrite: the captured graph + a chosen strategy per node -> this rank's fx.GraphModule.
 
 Three edits, then ``graph.lint()``:
-1. every parameter placed Shard is replaced by this rank's slice (tied names keep sharing it);
+1. every parameter placed Shard is replaced by this rank's slice (tied names keep sharing it),
+   and every buffer the program writes in place (a KV cache) by this rank's piece;
 2. a ``Redistribute`` module is inserted on every edge whose producer placement P differs from
    what the consumer needs (Q), or whose gradient needs a conjugate collective (G != dual(P));
    consumers of one value that need the same (Q, G) share one;
@@ -26,7 +27,7 @@ from autotp.core.meta import TensorMeta
 from autotp.capture import fetch_attr, set_attr
 from autotp.rewrite.collectives import Comm, Redistribute
 from autotp.errors import AutoTPInternalError
-from autotp.core.placements import Placement, Replicate, Shard, shard_tensor
+from autotp.core.placements import Placement, Replicate, Shard, local_size, shard_tensor
 from autotp.rules import SplitDraw, op_info, random_op, rule_for
 from autotp.cost.evaluate import Choice
 from autotp.candidates import Candidates, NodeKind
@@ -47,6 +48,7 @@ def rewrite(c: Candidates, choice: Choice, comm: Comm,
     gives this rank's piece of the parameter known by ``names`` (``full`` is the model's
     tensor, possibly on meta); by default the piece is sliced from ``full``."""
     placements = _parameters(c, choice, comm.rank, load)
+    placements.update(_state(c, choice, comm.rank))
     _transitions(c, choice, comm)
     _random_draws(c, choice, comm)
     c.captured.gm.graph.lint()
@@ -90,6 +92,30 @@ def _parameters(c: Candidates, choice: Choice, rank: int, load: Load | None) -> 
                 for a in ids:
                     set_attr(gm, a, new)
     return placements
+
+
+def _state(c: Candidates, choice: Choice, rank: int) -> dict[str, Placement]:
+    """Edit 1b: every buffer the program writes in place (a static KV cache) becomes this
+    rank's piece of it, a fresh tensor (zeros where the full one is on meta), so writes stay
+    on this rank's shard. Returns each such buffer's placement."""
+    gm = c.captured.gm
+    out: dict[str, Placement] = {}
+    for name, nc in c.nodes.items():
+        if nc.kind is not NodeKind.STATE:
+            continue
+        full = fetch_attr(gm, str(nc.target))
+        place = value_placement(c, choice, name)
+        if full.device.type == "meta":
+            shape = list(full.shape)
+            if isinstance(place, Shard):
+                d = place.dim % len(shape)
+                shape[d] = local_size(place, shape[d], c.world_size, rank)
+            local = torch.zeros(shape, dtype=full.dtype)
+        else:
+            local = shard_tensor(full, place, rank, c.world_size).clone()
+        set_attr(gm, str(nc.target), local)
+        out[str(nc.target)] = place
+    return out
 
 
 def _transitions(c: Candidates, choice: Choice, comm: Comm) -> None:

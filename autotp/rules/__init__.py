@@ -33,7 +33,8 @@ share of the units (``Shard(d, grain=g)``, see core/placements.py). Other unit c
 heads is offered the split on head boundaries as well as the element-wise one.
 
 Files: registry.py (the registry and the rule vocabulary), enumerate.py (the standard
-rule above), one file per op family (matmul, pointwise, norms, views, attention, embedding).
+rule above), one file per op family (matmul, pointwise, norms, views, attention, embedding,
+state: in-place writes of a KV cache).
 
 Everything autotp knows about an op lives in one registry entry (``OpInfo``), written in the
 op's family file next to its sharding rule: the rule, its FLOPs, which of its inputs autograd
@@ -51,4 +52,4 @@ from autotp.rules.enumerate import (label_units, strategies_from_dims, replicate
     broadcast_labels, norm_dims, scale_shape_arg)  # noqa: F401
 
 # importing the families registers their rules
-from autotp.rules import attention, embedding, matmul, norms, pointwise, views  # noqa: E402,F401
+from autotp.rules import attention, embedding, matmul, norms, pointwise, state, views  # noqa: E402,F401

@@ -109,13 +109,15 @@ def retarget_device(gm: torch.fx.GraphModule, old: torch.device, new: torch.devi
             sub.recompile()
 
 
-def capture_model(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Captured, dict[str, torch.Tensor]]:
+def capture_model(model: nn.Module, args: tuple, kwargs: dict, cut: bool = True
+                  ) -> tuple[Captured, dict[str, torch.Tensor]]:
     """Capture ``model``; one whose parameters are on meta is captured wholly on meta (inputs
-    and buffers moved there). Returns the capture and the model's real buffers by name."""
+    and buffers moved there). Returns the capture and the model's real buffers by name.
+    ``cut``: capture stacks of identical layers once (capture.capture)."""
     if not on_meta(model):
-        return capture(model, args, kwargs), {}
+        return capture(model, args, kwargs, cut=cut), {}
     with buffers_on_meta(model) as real_buffers:
-        captured = capture(model, *meta_call(args, kwargs))
+        captured = capture(model, *meta_call(args, kwargs), cut=cut)
     return captured, real_buffers
 
 
@@ -180,12 +182,13 @@ def candidates(captured: Captured, options: PlanOptions) -> Candidates:
 
 
 def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:
-    """The strategy index of every parameter node named in ``placements`` whose output is
-    that placement (AutoTPError when this capture offers no such split)."""
+    """The strategy index of every parameter (or state buffer: a KV cache) node named in
+    ``placements`` whose output is that placement (AutoTPError when this capture offers no
+    such split)."""
     pins = {}
     for name, nc in c.nodes.items():
         want = placements.get(str(nc.target)) if nc.target is not None else None
-        if want is None or nc.kind is not NodeKind.PARAM:
+        if want is None or nc.kind not in (NodeKind.PARAM, NodeKind.STATE):
             continue
         s = next((s for s, st in enumerate(nc.strategies) if st.output == want), None)
         if s is None:
@@ -255,7 +258,7 @@ def solve_pinned(c: Candidates, options: PlanOptions, spec: DeviceSpec,
 def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | None,
                options: PlanOptions, *, plan: Plan | None = None,
                progress: Progress | None = None,
-               pinned_params: dict[str, Placement] | None = None) -> Planned:
+               pinned_params: dict[str, Placement] | None = None, cut: bool = True) -> Planned:
     """Capture ``model`` (on meta when its parameters are), build its candidates and solve
     them under ``options``; with ``plan`` given, map that plan onto the capture instead of
     solving. ``progress(stage)`` is called as each stage starts. ``pinned_params``: parameter
@@ -269,7 +272,7 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
         # capture runs on fake tensors and should draw nothing; a later program is captured
         # mid-training, so the generator is kept exactly as it was (randomness equal to one device)
         with torch.random.fork_rng(devices=[]):
-            captured, real_buffers = capture_model(model, args, kwargs)
+            captured, real_buffers = capture_model(model, args, kwargs, cut)
         note("building candidate strategies")
         c = candidates(captured, options)
         if plan is None:
@@ -364,6 +367,7 @@ class ParallelModule(nn.Module):
         # module tree: every program reads the same Parameter objects, under the same names
         object.__setattr__(self, "_programs", {})
         object.__setattr__(self, "_family", None)
+        object.__setattr__(self, "_serving", {})  # (batch, cache length) -> generate.Serving
 
     def _adopt_tree(self, gm: torch.fx.GraphModule) -> None:
         """Register the program's submodules, parameters and buffers as this module's own (the
@@ -415,6 +419,16 @@ class ParallelModule(nn.Module):
         if gm is self.module:
             return (self._ddp or self.module)(*args, **kwargs)
         return gm(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 generation_config: Any = None, **kwargs: Any) -> Any:
+        """Generate tokens like the model's own ``generate`` (a Hugging Face causal LM), with
+        the KV cache split across the ranks: greedy or sampling, ``max_new_tokens``,
+        ``eos_token_id``, ``attention_mask`` with left padding, ``return_dict_in_generate``
+        (see runtime/generate.py for what is supported and why autotp runs its own loop).
+        Call on every rank with the same arguments (and the same seed when sampling)."""
+        from autotp.runtime.generate import generate
+        return generate(self, input_ids, attention_mask, generation_config, **kwargs)
 
     @property
     def programs(self) -> int:
@@ -541,6 +555,15 @@ class ModeFamily:
         # broadcast on both paths: every rank makes one broadcast at this call whichever it took
         planned = rank0_plan(planned, self.group)
         self.keep(args, kwargs, planned)
+        gm, _ = self.rewrite_over(pm, planned, "train" if mode else "eval")
+        return gm
+
+    def rewrite_over(self, pm: ParallelModule, planned: Planned, what: str,
+                     shared: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[torch.fx.GraphModule, dict[str, Placement]]:
+        """Rewrite a later program over ``pm``'s parameters: the same Parameter objects (one
+        set of shards) and buffers, and ``shared``'s tensors (by attribute path: a KV cache
+        another program already holds). Returns the module and its placements."""
         c = planned.candidates
         if planned.on_meta:
             retarget_device(c.captured.gm, torch.device("meta"), self.here)
@@ -549,8 +572,8 @@ class ModeFamily:
         def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
             have = next((n for n in names if n in existing), None)
             if have is None:
-                raise AutoTPError(f"the {('train' if mode else 'eval')} program reads parameter "
-                                  f"{names[0]}, which the first program did not hold")
+                raise AutoTPError(f"the {what} program reads parameter {names[0]}, which the "
+                                  "first program did not hold")
             return existing[have].detach()
         gm, placements = rewrite(c, planned.choice, pm.comm, load)
         differ = [f"{n}: {placements[n]} here, {pm.placements[n]} in the first program"
@@ -561,10 +584,10 @@ class ModeFamily:
         for name, p in existing.items():  # the same Parameter objects: one set of shards
             if has_attr(gm, name):
                 set_attr(gm, name, p)
-        for name, b in pm.module.named_buffers():
+        for name, b in [*pm.module.named_buffers(), *(shared or {}).items()]:
             if has_attr(gm, name):
                 set_attr(gm, name, b)
-        return gm
+        return gm, placements
 
 
 def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = None,

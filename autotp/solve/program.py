@@ -264,7 +264,8 @@ class Program:
         """Cost of the transition (value, P, Q, G); None when impossible."""
         value, p, q, g = key
         c = self.c
-        t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM)
+        t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM,
+                       c.nodes[value[0]].kind is NodeKind.STATE)
         if t is None:
             return None
         pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)
