@@ -244,3 +244,27 @@ def generate(pm: "ParallelModule", input_ids: torch.Tensor, attention_mask: torc
     from transformers.generation.utils import GenerateDecoderOnlyOutput
     return GenerateDecoderOnlyOutput(sequences=ids, scores=tuple(scores) if gc.output_scores else None,
                                      logits=tuple(raw) if gc.output_logits else None)
+
+
+def decode_call(model: Any, input_ids: torch.Tensor, new: int) -> tuple[CachedLM, tuple]:
+    """The decode program's module and call for ``model`` after a prompt like ``input_ids``
+    and ``new`` tokens (the last of them being fed): batch and cache length as generate makes
+    them, on the device of the model's parameters (meta for a plan without weights)."""
+    batch, prompt = input_ids.shape
+    length = cache_length(prompt, new, model.config)
+    device = next(model.parameters()).device
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    at = prompt + new - 1
+    pos = torch.full((batch, 1), at, dtype=torch.long, device=device)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    return CachedLM(model, batch, length), (ids, mask, pos, torch.tensor(at, device=device))
+
+
+def plan_decode(model: Any, input_ids: torch.Tensor, new: int, **plan_kwargs: Any) -> Any:
+    """``plan_details`` of the decode program (one token per row, the KV cache of a prompt like
+    ``input_ids`` plus ``new`` tokens) at its own shapes, parameters free: what ``autotp plan
+    --mode decode`` shows. Its predicted time is the time per token."""
+    from autotp.runtime.api import plan_details
+    wrapper, args = decode_call(model, input_ids, new)
+    with torch.no_grad():
+        return plan_details(wrapper, args, mode="inference", **plan_kwargs)

@@ -38,11 +38,27 @@ def _device(name: str) -> Any:
     return get_device(name)
 
 
+def _prompt(model: Any, args: tuple, kwargs: dict) -> Any:
+    """The token ids of a target's example call (for --mode decode)."""
+    import torch
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not hasattr(model, "config"):
+        raise UsageError("--mode decode needs a Hugging Face causal LM target whose example call "
+                         "passes input_ids (batch, prompt length)")
+    return ids
+
+
 def _planned(target: str, a: argparse.Namespace, world: int | None = None, device: str | None = None):
     from autotp.runtime.api import plan_details
+    from autotp.runtime.generate import plan_decode
     model, args, kwargs = load_target(target)
     budget = a.memory_gb * 1e9 if getattr(a, "memory_gb", None) else None
     with err.status("planning…", spinner="dots") as status:
+        if getattr(a, "mode", None) == "decode":
+            return plan_decode(model, _prompt(model, args, kwargs), a.new_tokens,
+                               world_size=world or a.world_size, device=_device(device or a.device),
+                               objective=a.objective, memory_budget=budget,
+                               progress=lambda stage: status.update(stage + "…"))
         return plan_details(model, args, kwargs, world_size=world or a.world_size,
                             device=_device(device or a.device), objective=a.objective,
                             mode=a.mode, memory_budget=budget,
@@ -61,6 +77,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
             err.print(f"wrote {a.out}")
         else:
             print_table(pd)
+        if a.mode == "decode":
+            p = pd.plan
+            out.print(f"decode: {p.predicted_time_s * 1e3:.3f} ms per token predicted "
+                      f"({p.count('all_reduce')} all-reduces, {p.count()} collectives per token); "
+                      f"KV cache {_bytes(p.state_bytes_per_rank)} per rank of {_bytes(p.state_bytes_total)}")
     elif a.out:
         Path(a.out).write_text(text)
         err.print(f"wrote {a.out}")
@@ -273,7 +294,11 @@ def _parser() -> argparse.ArgumentParser:
         if world:
             p.add_argument("--world-size", type=int, required=True, help="tensor-parallel ranks")
         p.add_argument("--device", default="h100", help="preset (see `autotp devices`) or spec.json")
-        p.add_argument("--mode", choices=["training", "inference"], default="training")
+        p.add_argument("--mode", choices=["training", "inference", "decode"], default="training",
+                       help="decode: the generation step of a causal LM (one token per row, "
+                       "with a KV cache of the prompt plus --new-tokens)")
+        p.add_argument("--new-tokens", type=int, default=128, metavar="N",
+                       help="--mode decode: tokens generated after the prompt (sets the cache length)")
         p.add_argument("--objective", choices=["time", "memory"], default="time")
         p.add_argument("--memory-gb", type=float, help="memory budget per device: parameters, "
                        "gradients, optimizer state and activations (default: the device's memory)")

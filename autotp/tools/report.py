@@ -141,7 +141,8 @@ def print_table(pd, out: Console = out) -> None:
     act = ("kept for the backward" if p.mode == "training" else "peak of one op's inputs and output")
     state = p.memory_bytes_per_rank - p.activation_bytes_per_rank
     out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} = state {_bytes(state)} "
-              f"({'parameters, gradients, optimizer' if p.mode == 'training' else 'parameters'}) "
+              f"({'parameters, gradients, optimizer' if p.mode == 'training' else 'parameters'}"
+              f"{f', KV cache {_bytes(p.state_bytes_per_rank)}' if p.state_bytes_per_rank else ''}) "
               f"+ activations {_bytes(p.activation_bytes_per_rank)} ({act}); budget "
               f"{_bytes(pd.budget or pd.spec.memory_bytes)}")
     seq = len(p.sequence_split)
