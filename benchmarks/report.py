@@ -13,6 +13,7 @@ TARGET_PM = 1.0
 TARGET_COLLECTIVE_ERR = 0.30
 TARGET_RECAPTURE = 0.5
 TARGET_DROPOUT = 1.2
+TARGET_DECODE = 0.70  # issue 14: per-token decode latency at world 2 / one process
 
 
 def _plt():
@@ -589,6 +590,11 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         x = p["modes"]["dropout"]["ratios"]["overhead_tp/overhead_1"]
         md.append(f"| dropout 0.1 overhead, world 2 / one device | {x:.3f}× | "
                   f"≤ {TARGET_DROPOUT}× ({_verdict(x, TARGET_DROPOUT)}) |")
+    if "decode" in p and "2" in p["decode"]["worlds"]:
+        x = p["decode"]["worlds"]["2"]["token_ratio"]
+        md.append(f"| decode per token, world 2 / one process (Llama hidden "
+                  f"{p['decode']['config']['hidden']}, {p['decode']['config']['layers']} layers) | {x:.3f}× | "
+                  f"≤ {TARGET_DECODE}× ({_verdict(x, TARGET_DECODE)}) |")
     if "runtime" in p:
         md.append(f"| tensor_parallel package | {p['runtime']['peer']} | |")
     md.append("")
@@ -613,6 +619,10 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
     if "modes" in p:
         md += ["## 6. Programs for other modes and call structures; dropout", ""] + _part_machine(p["modes"])
         md += _modes_md(p["modes"]) + [""]
+    if "decode" in p:
+        from benchmarks.decode import report as decode_report
+        md += ["## 7. Generation: decode per token against one process", ""] + _part_machine(p["decode"])
+        md += decode_report(p["decode"]).splitlines()[1:] + [""]
     md += ["## Reproduce", "",
            "```bash",
            "pip install -e '.[bench]'            # matplotlib, tensor_parallel",
@@ -621,6 +631,6 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
            "python benchmarks/run.py --from-json # redraw this page from benchmarks/results.json",
            "```", "",
            "Each part also runs alone and prints its tables: `benchmarks/runtime.py`, "
-           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`.", ""]
+           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`, `decode.py`.", ""]
     with open(md_path, "w") as f:
         f.write("\n".join(md))

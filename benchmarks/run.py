@@ -4,7 +4,7 @@ accuracy after calibration, and the recapture cost of other modes and call struc
 cost of dropout that draws like one device. Prints each part's table, stores everything in
 benchmarks/results.json and writes docs/benchmarks.md with plots in docs/benchmarks/.
 
-    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes]
+    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes decode]
     python benchmarks/run.py --from-json      # redraw the report from benchmarks/results.json
 
 The full run takes about 20 minutes on a 2-core machine; --quick about 5."""
@@ -19,10 +19,10 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import collectives, modes, plan_quality, plan_time, report, runtime  # noqa: E402
+from benchmarks import collectives, decode, modes, plan_quality, plan_time, report, runtime  # noqa: E402
 from benchmarks.common import ROOT, describe, load_average, machine  # noqa: E402
 
-PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes")
+PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode")
 
 
 def run_part(name: str, quick: bool, peer: bool) -> dict:
@@ -41,6 +41,9 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
                "dropout": modes.run_dropout(iters=4 if quick else 10, layers=layers)}
         print(modes.report_recapture(res["recapture"]))
         print(modes.report_dropout(res["dropout"]))
+    elif name == "decode":
+        res = decode.run([2, 3], rounds=2 if quick else 5, new=8 if quick else 32, layers=2 if quick else 8)
+        print(decode.report(res))
     else:
         res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)

@@ -105,3 +105,16 @@ class _Whole(nn.Module):
 def whole():
     torch.manual_seed(0)
     return _Whole(), (torch.randn(2, 3, 16),)
+
+
+def llama_decode():
+    """A Llama at 7B width with GQA (32 heads, 8 kv heads), 2 layers, on the meta device, bf16,
+    prompt (1, 512): at this width a layer's weights take ~120 µs to read on an h100, so the
+    decode step pays two all-reduces per layer to read a quarter of them (at hidden 1024 it
+    would not: the solver replicates, rightly)."""
+    import sys
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from examples.hf_models import llama
+    return llama(n_layer=2, hidden=4096, heads=32, kv_heads=8, intermediate=11008, vocab=32000,
+                 batch=1, seq=512, meta=True, dtype=torch.bfloat16)

@@ -112,3 +112,29 @@ def test_explain_says_why_weights_stay_whole() -> None:
     # a missing rule reads differently from a deliberate choice
     assert "no rule: aten.cumsum.default" in rows["blk.w"]
     assert "cost:" in rows["lin.weight"] and "µs" in rows["lin.weight"]
+
+
+def test_plan_decode_is_megatrons_with_the_cache_split(tmp_path) -> None:
+    """``--mode decode``: the generation step at its own shapes. One token per row reads every
+    weight for a few KB of activations, so the plan splits them all and pays Megatron's two
+    all-reduces per layer; the KV cache is split by kv heads (8 kv heads on 4 ranks)."""
+    r = autotp("plan", "cli_targets:llama_decode", "--world-size", "4", "--mode", "decode")
+    assert r.returncode == 0, r.stderr
+    assert "decode:" in r.stdout and "ms per token predicted (4 all-reduces" in r.stdout, r.stdout
+    assert "KV cache" in r.stdout
+    out = tmp_path / "decode.json"
+    r = autotp("plan", "cli_targets:llama_decode", "--world-size", "4", "--mode", "decode",
+               "--format", "json", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(out.read_text())
+    caches = {s["name"]: s["placement"] for s in plan["state"] if "cache_k" in s["name"] or "cache_v" in s["name"]}
+    assert len(caches) == 4 and set(caches.values()) == {"S(1)"}, caches
+    assert plan["state_bytes_per_rank"] * 4 <= plan["state_bytes_total"] + 4 * 8 * 2  # + the 0-d counters
+    assert all(p["placement"] != "R" for p in plan["params"] if p["name"].endswith("proj.weight")), plan["params"]
+
+
+def test_run_generate_checks_tokens() -> None:
+    r = autotp("run", "examples/hf_models.py:llama", "--world-size", "2", "--generate", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "generation: 8 greedy tokens" in r.stdout and "token-identical" in r.stdout, r.stdout
+    assert "the parallel model equals the original" in r.stdout

@@ -68,7 +68,7 @@ def _job(rank: int, world: int) -> dict:
             out = tp.generate(ids, attention_mask=mask, **kw)
             err = _compare(ref, out)
             assert err < TOL, (name, ids.shape, err)
-            sv = tp._serving[(ids.shape[0], 64)]
+            sv = tp._serving[(ids.shape[0], 64, False)]
             for what in ("prefill", "decode"):  # the plan's cache figure is what the tensors hold
                 assert sv.plans[what].state_bytes_per_rank == sv.cache_bytes, (what, sv.cache_bytes)
             report[(name, ids.shape[0])] = dict(

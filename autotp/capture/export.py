@@ -77,9 +77,9 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
     """Dim.AUTO on every dim of every tensor input: export keeps symbolic what the model
     allows (batch, sequence) and specializes the rest. One spec per positional arg, then one
     per keyword arg, as torch.export matches them."""
-    def spec(x: Any) -> Any:
+    def spec(x: Any) -> Any:  # a size-1 dim would specialize anyway (and warn): left static
         if isinstance(x, torch.Tensor):
-            return {d: torch.export.Dim.AUTO for d in range(x.dim())}
+            return {d: torch.export.Dim.AUTO for d in range(x.dim()) if x.shape[d] != 1}
         return None
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
 

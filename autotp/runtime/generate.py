@@ -129,8 +129,10 @@ def cache_length(prompt: int, new: int, config: Any) -> int:
 
 
 def serving(pm: "ParallelModule", batch: int, length: int) -> Serving:
-    """The Serving of (batch, length), made at its first use (every rank makes the same call)."""
-    key = (batch, length)
+    """The Serving of (batch, length) in the module's mode (eval, usually: a train-mode model
+    draws its dropout while generating, as ``model.generate`` does then), made at its first
+    use (every rank makes the same call)."""
+    key = (batch, length, pm.training)
     got = pm._serving.get(key)
     if got is None:
         got = Serving(CachedLM(pm._family.model, batch, length))
@@ -145,8 +147,13 @@ def _program(pm: "ParallelModule", sv: Serving, what: str, args: tuple) -> Any:
     fam = pm._family
     options = dataclasses.replace(fam.options, mode="inference")
     pinned = {**pm.placements, **sv.placements}
-    with torch.no_grad():
-        planned = plan_model(sv.wrapper, args, {}, options, pinned_params=pinned, cut=False)
+    model, was = fam.model, fam.model.training
+    model.train(pm.training)  # the wrapper shares the model's submodules, and so their mode
+    try:
+        with torch.no_grad():
+            planned = plan_model(sv.wrapper, args, {}, options, pinned_params=pinned, cut=False)
+    finally:
+        model.train(was)
     planned = rank0_plan(planned, fam.group)
     gm, placements = fam.rewrite_over(pm, planned, what, shared=sv.cache)
     state = {n: p for n, p in placements.items() if n.startswith("autotp_cache_")}

@@ -104,7 +104,9 @@ def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None
                       local=sum(p.numel() for p in tp.parameters()),
                       full=sum(p.numel() for p in ref.parameters()), tp_ms=times["tp"],
                       ref_ms=times["ref"], backend=opts["backend"])
-        oks = [torch.tensor([int(fwd_ok and grad_ok and step_ok)])]
+        if opts.get("generate"):
+            result.update(_generation(tp, ref, args, kwargs, opts["generate"], opts["atol"]))
+        oks = [torch.tensor([int(fwd_ok and grad_ok and step_ok and result.get("gen_ok", True))])]
         dist.all_reduce(oks[0], op=dist.ReduceOp.MIN)
         result["all_ranks_ok"] = bool(oks[0].item())
     except Exception as e:  # noqa: BLE001 - reported by the parent
@@ -119,11 +121,36 @@ def _worker(rank: int, world: int, target: str, opts: dict, outdir: str) -> None
             pass
 
 
+def _generation(tp: Any, ref: Any, args: tuple, kwargs: dict, new: int, atol: float) -> dict:
+    """Greedy generation of ``new`` tokens from the example call's ``input_ids`` in eval mode,
+    N ranks (``tp.generate``) against one device (``model.generate``): token for token, and
+    the largest logit difference over the steps."""
+    from autotp.errors import AutoTPError
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not hasattr(ref, "generate"):
+        raise AutoTPError("--generate needs a Hugging Face causal LM target whose example call "
+                          "passes input_ids")
+    tp.eval()
+    ref.eval()
+    kw = dict(max_new_tokens=new, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=kwargs.get("attention_mask"), **kw)
+    got = tp.generate(ids, attention_mask=kwargs.get("attention_mask"), **kw)
+    same = torch.equal(want.sequences.cpu(), got.sequences.cpu())
+    err = max((a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in zip(want.logits, got.logits)) \
+        if len(want.logits) == len(got.logits) else float("inf")
+    sv = next(iter(tp._serving.values()))
+    return dict(gen_same=same, gen_err=err, gen_ok=same and err <= max(atol, 1e-5) * 10,
+                gen_tokens=int(got.sequences.shape[1] - ids.shape[1]), gen_cache=sv.cache_bytes,
+                gen_cache_total=sv.plans["decode"].state_bytes_total)
+
+
 def run_check(target: str, world_size: int, *, objective: str = "memory", device: str | None = None,
-              rtol: float = 1e-5, atol: float = 1e-5, steps: int = 3) -> dict:
+              rtol: float = 1e-5, atol: float = 1e-5, steps: int = 3, generate: int = 0) -> dict:
     from autotp.errors import AutoTPError, RankError
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
-    opts = dict(backend=backend, objective=objective, device=device, rtol=rtol, atol=atol, steps=steps)
+    opts = dict(backend=backend, objective=objective, device=device, rtol=rtol, atol=atol, steps=steps,
+                generate=generate)
     with tempfile.TemporaryDirectory() as d:
         ctx = spawn(_worker, world_size, target, opts, d, join=False)
         try:

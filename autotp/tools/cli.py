@@ -225,7 +225,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     load_target(a.target)  # fail fast, in this process, on a bad target
     with err.status(f"running {a.world_size} ranks…", spinner="dots"):
         r = run_check(a.target, a.world_size, objective=a.objective, device=a.device,
-                      rtol=a.rtol, atol=a.atol, steps=a.steps)
+                      rtol=a.rtol, atol=a.atol, steps=a.steps, generate=a.generate)
     t = Table(title=f"autotp run {a.target}: {a.world_size} ranks ({r['backend']})", title_justify="left")
     for col in ("check", "value", "ok"):
         t.add_column(col)
@@ -238,10 +238,15 @@ def cmd_run(a: argparse.Namespace) -> int:
                   ok(r["issued"].get(key, 0) == r["planned"].get(key, 0)))
     t.add_row("parameters on rank 0", f"{r['local']} of {r['full']} ({r['local'] / r['full']:.1%})", "")
     t.add_row("time per step (fwd+bwd+step)", f"{r['tp_ms']:.2f} ms parallel, {r['ref_ms']:.2f} ms one device", "")
+    if "gen_same" in r:
+        t.add_row(f"generation: {r['gen_tokens']} greedy tokens", "token-identical" if r["gen_same"] else
+                  "tokens DIFFER", ok(r["gen_same"]))
+        t.add_row("generation: logits max |error|", f"{r['gen_err']:.3e}", ok(r["gen_ok"]))
+        t.add_row("generation: KV cache on rank 0", f"{_bytes(r['gen_cache'])} of {_bytes(r['gen_cache_total'])}", "")
     if not r["all_ranks_ok"]:
         t.add_row("checks on the other ranks", "a rank's outputs, grads or weights differ", ok(False))
     out.print(t)
-    good = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and r["all_ranks_ok"] and \
+    good = r["fwd_ok"] and r["grad_ok"] and r["step_ok"] and r["all_ranks_ok"] and r.get("gen_ok", True) and \
         r["issued"] == r["planned"]
     out.print("[green]the parallel model equals the original[/green]" if good else
               "[red]MISMATCH: the parallel model differs from the original[/red]")
@@ -348,6 +353,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also generate N greedy tokens from the example input_ids (a causal LM), "
+                   "N ranks against one device, token for token")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("calibrate", help="measure this machine's collectives and compute")
