@@ -623,6 +623,11 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         from benchmarks.decode import report as decode_report
         md += ["## 7. Generation: decode per token against one process", ""] + _part_machine(p["decode"])
         md += decode_report(p["decode"]).splitlines()[1:] + [""]
+        if p["decode"].get("peer_hf"):
+            from benchmarks.peer_hf_tp import report as peer_report
+            text = peer_report(p["decode"]["peer_hf"]).splitlines()
+            md += ["Against transformers' own tensor parallelism (`from_pretrained(dir, tp_plan=\"auto\")`, "
+                   "`benchmarks/peer_hf_tp.py`): " + text[0], ""] + text[1:] + [""]
     md += ["## Reproduce", "",
            "```bash",
            "pip install -e '.[bench]'            # matplotlib, tensor_parallel",

@@ -19,7 +19,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import collectives, decode, modes, plan_quality, plan_time, report, runtime  # noqa: E402
+from benchmarks import collectives, decode, modes, peer_hf_tp, plan_quality, plan_time, report, runtime  # noqa: E402
 from benchmarks.common import ROOT, describe, load_average, machine  # noqa: E402
 
 PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode")
@@ -44,6 +44,12 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
     elif name == "decode":
         res = decode.run([2, 3], rounds=2 if quick else 5, new=8 if quick else 32, layers=2 if quick else 8)
         print(decode.report(res))
+        try:  # transformers' own tensor parallelism needs accelerate (the bench extra)
+            import accelerate  # noqa: F401
+            res["peer_hf"] = peer_hf_tp.run([2, 3], rounds=2 if quick else 5)
+            print(peer_hf_tp.report(res["peer_hf"]))
+        except ImportError:
+            res["peer_hf"] = None
     else:
         res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)
