@@ -123,3 +123,26 @@ def test_sliding_window_matters() -> None:
     ids, _ = prompts()[0]
     kw = dict(max_new_tokens=NEW, do_sample=False)
     assert not torch.equal(make("mistral").generate(ids, **kw), make("mistral", window=None).generate(ids, **kw))
+
+
+def test_generate_refuses_what_is_not_a_causal_lm() -> None:
+    """In-process: the checks before any program is made name what is wrong."""
+    import types
+
+    import transformers as T
+    from autotp.runtime.generate import cache_length, generate
+    bert = T.BertForMaskedLM(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, vocab_size=64))
+    pm = types.SimpleNamespace(_family=types.SimpleNamespace(model=bert))
+    with pytest.raises(AutoTPError, match="causal language model.*BertForMaskedLM"):
+        generate(pm, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(AutoTPError, match="single program"):
+        generate(types.SimpleNamespace(_family=None), torch.zeros(1, 4, dtype=torch.long))
+    pm = types.SimpleNamespace(_family=types.SimpleNamespace(model=make("llama")))
+    with pytest.raises(AutoTPError, match="2-D tensor"):
+        generate(pm, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(AutoTPError, match="num_beams"):
+        generate(pm, torch.zeros(1, 4, dtype=torch.long), num_beams=3)
+    assert cache_length(7, 32, make("llama").config) == 64  # rounded up to 32 positions
+    with pytest.raises(AutoTPError, match="128"):
+        cache_length(100, 29, make("llama").config)
