@@ -19,6 +19,7 @@ from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
     ModeFamily, ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
     on_meta, plan_model, rank0_plan, rank_module, retarget_device)
 from autotp.plans import Plan
+from autotp.runtime.generate import decode_call
 from autotp.runtime.inputs import default_inputs
 from autotp.runtime.weights import open_weights
 
@@ -50,6 +51,16 @@ def plan_details(model: nn.Module, example_inputs: Any = None, example_kwargs: d
                           memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
                           dp_size=data_parallel)
     return plan_model(model, args, kwargs, options, progress=progress)
+
+
+def plan_decode(model: nn.Module, input_ids: torch.Tensor, new: int, **plan_kwargs: Any) -> Planned:
+    """``plan_details`` of a causal LM's decode program (one token per row, the KV cache of a
+    prompt like ``input_ids`` plus ``new`` tokens: runtime/generate.py) at its own shapes,
+    parameters free: what ``autotp plan --mode decode`` shows. Its predicted time is the time
+    per token, its ``state_bytes_per_rank`` the KV cache per rank."""
+    wrapper, args = decode_call(model, input_ids, new)
+    with torch.no_grad():
+        return plan_details(wrapper, args, mode="inference", **plan_kwargs)
 
 
 def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,

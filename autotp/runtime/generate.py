@@ -28,7 +28,6 @@ two programs. The cache length is the prompt plus ``max_new_tokens`` rounded up 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -143,19 +142,9 @@ def serving(pm: "ParallelModule", batch: int, length: int) -> Serving:
 def _program(pm: "ParallelModule", sv: Serving, what: str, args: tuple) -> Any:
     """Capture, plan (mode inference, parameters and any cache placement pinned) and rewrite
     one program of ``sv`` over ``pm``'s shards."""
-    from autotp.runtime.pipeline import plan_model, rank0_plan
     fam = pm._family
-    options = dataclasses.replace(fam.options, mode="inference")
-    pinned = {**pm.placements, **sv.placements}
-    model, was = fam.model, fam.model.training
-    model.train(pm.training)  # the wrapper shares the model's submodules, and so their mode
-    try:
-        with torch.no_grad():
-            planned = plan_model(sv.wrapper, args, {}, options, pinned_params=pinned, cut=False)
-    finally:
-        model.train(was)
-    planned = rank0_plan(planned, fam.group)
-    gm, placements = fam.rewrite_over(pm, planned, what, shared=sv.cache)
+    gm, placements, plan = fam.serving_program(pm, sv.wrapper, args, what, {**pm.placements, **sv.placements},
+                                               sv.cache)
     state = {n: p for n, p in placements.items() if n.startswith("autotp_cache_")}
     differ = [n for n in state if n in sv.placements and sv.placements[n] != state[n]]
     if differ:
@@ -163,11 +152,10 @@ def _program(pm: "ParallelModule", sv: Serving, what: str, args: tuple) -> Any:
     if not sv.cache:
         sv.cache = {n: gm.get_buffer(n) for n in state}
         sv.placements = state
-    sv.plans[what] = planned.plan
-    fam.made.append(what)
+    sv.plans[what] = plan
     log.info("autotp: %s program of batch %d, cache %d: %d collectives per call, predicted %.3f ms, "
              "KV cache %d bytes on this rank", what, sv.wrapper.batch, sv.wrapper.max_len,
-             len(planned.plan.collectives), planned.plan.predicted_time_s * 1e3, sv.cache_bytes)
+             len(plan.collectives), plan.predicted_time_s * 1e3, sv.cache_bytes)
     return gm
 
 
@@ -266,12 +254,3 @@ def decode_call(model: Any, input_ids: torch.Tensor, new: int) -> tuple[CachedLM
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     return CachedLM(model, batch, length), (ids, mask, pos, torch.tensor(at, device=device))
 
-
-def plan_decode(model: Any, input_ids: torch.Tensor, new: int, **plan_kwargs: Any) -> Any:
-    """``plan_details`` of the decode program (one token per row, the KV cache of a prompt like
-    ``input_ids`` plus ``new`` tokens) at its own shapes, parameters free: what ``autotp plan
-    --mode decode`` shows. Its predicted time is the time per token."""
-    from autotp.runtime.api import plan_details
-    wrapper, args = decode_call(model, input_ids, new)
-    with torch.no_grad():
-        return plan_details(wrapper, args, mode="inference", **plan_kwargs)

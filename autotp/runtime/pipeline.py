@@ -558,6 +558,26 @@ class ModeFamily:
         gm, _ = self.rewrite_over(pm, planned, "train" if mode else "eval")
         return gm
 
+    def serving_program(self, pm: ParallelModule, wrapper: nn.Module, args: tuple, what: str,
+                        pinned: dict[str, Placement], shared: dict[str, torch.Tensor]
+                        ) -> tuple[torch.fx.GraphModule, dict[str, Placement], Plan]:
+        """A generation program (runtime/generate.py: prefill or decode of ``wrapper``, a
+        ``CachedLM`` over this family's model): captured in ``pm``'s mode, planned in mode
+        inference at ``args``' shapes with ``pinned`` placements (parameters, the KV cache),
+        rank 0's plan broadcast, rewritten over ``pm``'s shards and the ``shared`` cache."""
+        options = dataclasses.replace(self.options, mode="inference")
+        was = self.model.training
+        self.model.train(pm.training)  # the wrapper shares the model's submodules, and so their mode
+        try:
+            with torch.no_grad():
+                planned = plan_model(wrapper, args, {}, options, pinned_params=pinned, cut=False)
+        finally:
+            self.model.train(was)
+        planned = rank0_plan(planned, self.group)
+        gm, placements = self.rewrite_over(pm, planned, what, shared=shared)
+        self.made.append(what)
+        return gm, placements, planned.plan
+
     def rewrite_over(self, pm: ParallelModule, planned: Planned, what: str,
                      shared: dict[str, torch.Tensor] | None = None
                      ) -> tuple[torch.fx.GraphModule, dict[str, Placement]]:

@@ -49,8 +49,7 @@ def _prompt(model: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def _planned(target: str, a: argparse.Namespace, world: int | None = None, device: str | None = None):
-    from autotp.runtime.api import plan_details
-    from autotp.runtime.generate import plan_decode
+    from autotp.runtime.api import plan_decode, plan_details
     model, args, kwargs = load_target(target)
     budget = a.memory_gb * 1e9 if getattr(a, "memory_gb", None) else None
     with err.status("planning…", spinner="dots") as status:
