@@ -163,15 +163,18 @@ def _static_shard(nc: NodeCands, oi: int) -> bool:
 
 
 def build(captured: Captured, world_size: int, *, dp_size: int = 1,
-          optimizer_bytes: float = ADAM_FP32_BYTES) -> Candidates:
+          optimizer_bytes: float = ADAM_FP32_BYTES, shared_pieces: bool = False) -> Candidates:
     """The candidates of every node of ``captured`` at ``world_size``; ``dp_size`` and
     ``optimizer_bytes`` are the options the cost model reads (see ``options.PlanOptions``).
+    ``shared_pieces`` (inference only): also offer splits whose pieces several ranks share
+    (key/value heads fewer than ranks, ``Shard(rep=k)`` in core/placements.py).
 
     Phases, in order (each a method of ``_Build``): the ops and their DimMaps
     (``ops``); block hints, backwards from splits (``block_hints``); grain hints
     (``_grain_hints``); the strategies of every node (``strategies``); which nodes carry
     gradients and who consumes each value (``finish``)."""
     bd = _Build(captured, world_size)
+    bd.shared_pieces = shared_pieces
     bd.ops()
     bd.block_hints()
     bd.grains = _grain_hints(bd.order, bd.calls, bd.dims, captured.metas, bd.value_of, world_size)
@@ -200,6 +203,7 @@ class _Build:
         # buffers an op writes in place (index_copy_ of a static KV cache, a position counter):
         # program state, placed like parameters (split or whole) but read only where they live
         self.mutated: set[str] = set()
+        self.shared_pieces = False  # offer Shard(rep=k) (see build)
 
     def value_of(self, a: fx.Node) -> Value:
         return self.followers.get(a.name, (a.name, 0))
@@ -315,6 +319,8 @@ class _Build:
             hinted = [(0, g) for g in sorted(self.grains.get((node.name, 0), {}).get(d, ()))]
             for units in label_units([size], hinted):
                 strategies.append(Strategy((), make_shard(d, size, size // units, n)))
+                if self.shared_pieces and units < n and n % units == 0:
+                    strategies.append(Strategy((), make_shard(d, size, size // units, n, rep=n // units)))
             for b in sorted(self.hints.get(node.name, {}).get((0, d), ())):
                 if sum(b) == size and all(x % n == 0 and x >= n for x in b):
                     strategies.append(Strategy((), Shard(d, b)))
@@ -332,7 +338,7 @@ class _Build:
             v = ins_v[i] if side == "in" else (node.name, i)
             return grains.get(v, {}).get(d, set())
         found = self.guarded(node, "strategies", strategies_from_dims, call, dm,
-                             self.hints.get(node.name, {}), grains_of)
+                             self.hints.get(node.name, {}), grains_of, self.shared_pieces)
         if found is not None and rule and rule.extra and self.n > 1:
             extra = self.guarded(node, "extra", rule.extra, call)
             found = None if extra is None else found + [s for s in extra if s not in found]

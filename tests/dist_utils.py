@@ -1,6 +1,7 @@
 """Run a function on N real gloo processes (spawned, OMP_NUM_THREADS=1) and collect results."""
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import traceback
@@ -16,7 +17,9 @@ from autotp.tools.launch import spawn
 
 def _worker(rank: int, world: int, fn: Callable, args: tuple, outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank that fails leaves its peers waiting in a collective: gloo's timeout turns that
+    # into an error on every rank instead of a hang until CI's limit
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, os.path.join(outdir, f"{rank}.pt"))

@@ -69,10 +69,9 @@ def _job(rank: int, world: int) -> dict:
             err = _compare(ref, out)
             assert err < TOL, (name, ids.shape, err)
             sv = tp._serving[(ids.shape[0], 64, False)]
-            for what in ("prefill", "decode"):  # the plan's cache figure is what the tensors hold
-                assert sv.plans[what].state_bytes_per_rank == sv.cache_bytes, (what, sv.cache_bytes)
             report[(name, ids.shape[0])] = dict(
                 err=err, tokens=out.sequences, cache=sv.cache_bytes, total=sv.plans["decode"].state_bytes_total,
+                plan=[sv.plans[w].state_bytes_per_rank for w in ("prefill", "decode")],
                 placements={k: str(v) for k, v in sv.placements.items()})
         if name == "llama":  # sampling: the same seed here and on one device draws the same tokens
             ids, mask = prompts()[1]
@@ -110,12 +109,70 @@ def test_generate_equals_one_device(world: int) -> None:
         for batch in (1, 3):
             got = first[(name, batch)]
             assert got["err"] < TOL
+            # the plan's cache figure (the largest rank's) is what the tensors hold
+            held = max(r[(name, batch)]["cache"] for r in results)
+            assert got["plan"] == [held] * 2, (name, batch, got["plan"], held, got["placements"])
     assert "num_beams" in first["errors"][0] and "repetition_penalty" in first["errors"][1]
     assert "positions" in first["errors"][2] and "streamer" in first["errors"][3]
     if world == 2:  # kv heads (2) divide the world: each rank keeps half of the cache (+ counters)
         llama = first[("llama", 3)]
         assert llama["placements"]["autotp_cache_k0"] == "S(1)"
         assert llama["cache"] < 0.51 * llama["total"]
+
+
+def _weight_bound():
+    """A device whose memory is slow and links fast, so that even this small model's decode
+    plan splits its projections and attention (as a 7B-width one does on an h100)."""
+    from autotp.cost.devices import DeviceSpec
+    return DeviceSpec("weight-bound", {"float32": 1e12}, 1e12, 1e6, 1e9, 1e-6)
+
+
+def _job_shared_kv(rank: int, world: int) -> dict:
+    """Llama with 2 kv heads on 4 ranks: each kv head lives on the two ranks whose query
+    heads read it (``S(1,rep=2)``), generation token for token as on one device."""
+    m = make("llama")
+    ids0, mask0 = prompts()[1]
+    tp = autotp.parallelize(m, (ids0,), {"attention_mask": mask0, "use_cache": False},
+                            mode="inference", device=_weight_bound())
+    report: dict = {}
+    for ids, mask in prompts():
+        kw = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        ref = m.generate(ids, attention_mask=mask, **kw)
+        out = tp.generate(ids, attention_mask=mask, **kw)
+        sv = tp._serving[(ids.shape[0], 64, False)]
+        report[ids.shape[0]] = dict(
+            err=_compare(ref, out), tokens=out.sequences, cache=sv.cache_bytes,
+            plan=[sv.plans[w].state_bytes_per_rank for w in ("prefill", "decode")],
+            total=sv.plans["decode"].state_bytes_total,
+            placements={k: str(v) for k, v in sv.placements.items()})
+    return report
+
+
+def test_generate_shares_kv_heads_across_ranks() -> None:
+    """More ranks than kv heads: the least replication that stays exact. Before it the cache
+    (and k, v) stayed whole on every rank; now each rank holds the half its query heads use."""
+    results = run_ranks(_job_shared_kv, 4)
+    for batch in (1, 3):
+        got = results[0][batch]
+        assert got["err"] < TOL, got["err"]
+        assert all(torch.equal(got["tokens"], r[batch]["tokens"]) for r in results[1:])
+        assert got["placements"]["autotp_cache_k0"] == "S(1,rep=2)", got["placements"]
+        assert got["plan"] == [max(r[batch]["cache"] for r in results)] * 2  # what the tensors hold
+        assert got["cache"] < 0.51 * got["total"], (got["cache"], got["total"])
+
+
+def test_shared_pieces_refuse_a_backward() -> None:
+    """A value whose pieces several ranks share has no exact gradient: a grad-enabled call
+    through one is an AutoTPError, never a wrong gradient."""
+    from autotp.core.placements import Shard
+    from autotp.rewrite.collectives import Comm, Redistribute
+    comm = Comm()
+    comm.rank, comm.world_size = 0, 4
+    r = Redistribute(comm, Shard(1, rep=2), Shard(1), Shard(1), (1, 8, 3), where="k in layer 0")
+    with pytest.raises(AutoTPError, match="k in layer 0.*no exact gradient.*no_grad"):
+        r(torch.zeros(1, 4, 3, requires_grad=True))
+    with torch.no_grad():  # forward only: the local slice of the shared piece
+        assert torch.equal(r(torch.arange(12.).view(1, 4, 3)), torch.arange(6.).view(1, 2, 3))
 
 
 def test_sliding_window_matters() -> None:

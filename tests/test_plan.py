@@ -233,6 +233,50 @@ def test_llama_7b_shape_at_world_6_splits_heads_unevenly() -> None:
     assert plan.param_bytes_per_rank < 0.2 * plan.param_bytes_total
 
 
+def test_shared_pieces_layout_and_conversions() -> None:
+    """``Shard(rep=k)``: n / k pieces, each held by k consecutive ranks; a split inside a
+    shared piece is a local slice, anything else a gather (core/placements.py)."""
+    from autotp.core.placements import Replicate, Shard, local_slices, make_shard, parse, shard_ranges, unshard
+    from autotp.cost.model import convert_ops
+    p = make_shard(1, 2, 1, 4, rep=2)  # 2 kv heads on 4 ranks
+    assert p == Shard(1, rep=2) and parse(str(p)) == p and str(p) == "S(1,rep=2)"
+    assert [shard_ranges(p, 2, r, 4) for r in range(4)] == [[(0, 1)], [(0, 1)], [(1, 2)], [(1, 2)]]
+    assert make_shard(0, 8, 1, 4, rep=1) == Shard(0)
+    q = Shard(1)  # the query heads: 8 on 4 ranks; rank 3's heads 6, 7 are the 2nd and 3rd of
+    # its piece (heads 4-7) of the repeated kv heads
+    assert local_slices(Shard(1, rep=2), q, 8, 3, 4) == [(2, 2)]
+    assert convert_ops(Shard(1, rep=2), q, 8, 4) == ("slice",)
+    assert convert_ops(Shard(1, rep=2), q) == ("all_gather", "slice")  # size unknown
+    # 28 query heads (Qwen2-7B) on 8 ranks against 4 shared kv pieces of 7: not nested
+    assert convert_ops(Shard(1, grain=1, rep=2), Shard(1), 28, 8) == ("all_gather", "slice")
+    assert convert_ops(q, Shard(1, rep=2), 8, 4) == ("all_gather", "slice")
+    assert convert_ops(Shard(1, rep=2), Replicate()) == ("all_gather",)
+    from autotp.core.placements import Partial
+    assert convert_ops(Partial(), Shard(1, rep=2)) == ("all_reduce", "slice")
+    full = torch.arange(16.).view(2, 8)
+    pieces = [full[:, 4 * (r // 2): 4 * (r // 2) + 4] for r in range(4)]
+    assert torch.equal(unshard(pieces, Shard(1, rep=2)), full)
+
+
+def test_decode_shares_kv_heads_when_ranks_outnumber_them() -> None:
+    """32 query heads and 4 kv heads (Qwen2-7B's ratio) on 8 ranks, decode at 7B width:
+    Megatron's plan for the query heads, and each kv head's projection rows and cache held by
+    the 2 ranks whose query heads read it, 1/4 of the cache per rank (it was all of it)."""
+    from autotp.runtime.api import plan_decode
+    m, a, k = hf_models.llama(n_layer=2, hidden=4096, heads=32, kv_heads=4, intermediate=11008,
+                              vocab=32000, batch=1, seq=512, meta=True, dtype=torch.bfloat16)
+    plan = plan_decode(m, k["input_ids"], 32, world_size=8, device="h100").plan
+    params = {p.name: p.placement for p in plan.params}
+    assert params["model.layers.0.self_attn.k_proj.weight"] == "S(0,rep=2)", params
+    assert params["model.layers.0.self_attn.q_proj.weight"] == "S(0)"
+    caches = {s.name: s.placement for s in plan.state if "cache_k" in s.name or "cache_v" in s.name}
+    assert set(caches.values()) == {"S(1,rep=2)"}, caches
+    assert plan.state_bytes_per_rank * 4 <= plan.state_bytes_total + 4 * 8 * 2  # + the 0-d counters
+    assert plan.count("all_reduce", "forward") == 4  # two per layer, as Megatron's
+    train = autotp.plan(m, a, k, world_size=8, device="h100", mode="training")
+    assert "rep=" not in " ".join(p.placement for p in train.params)  # no exact gradient
+
+
 @pytest.mark.parametrize("name", ["mlp", "nanogpt", "gpt2", "llama", "bert"])
 def test_activation_memory_model_matches_autograd(name: str) -> None:
     """Training activation memory as the cost model counts it (each op on the gradient path

@@ -18,6 +18,16 @@ even one whatever the grain, and placements are normalized to ``grain=None`` (se
 ``make_shard``). ``shard_ranges`` is the one definition every slicer uses (``shard_tensor``,
 ``runtime/weights.py``'s reader, checkpoints).
 
+``rep`` (default None, i.e. 1) shares each piece among ``rep`` consecutive ranks: the dim is
+split as above into ``n / rep`` pieces and rank r holds piece ``r // rep``. It is the least
+replication of a dim with fewer units than ranks: 2 key/value heads on 4 ranks are
+``S(1,rep=2)``, ranks 0 and 1 holding head 0 and ranks 2 and 3 head 1, which is all the query
+heads of each rank read (a query split ``S(1)`` is then a local slice of the repeated heads,
+``local_slices``). Ranks that share a piece hold identical copies, so a replicated-piece value
+has no Partial counterpart: sums over ranks would count it ``rep`` times. Strategies with it
+are offered only to programs planned for inference (candidates.build), and the rewrite refuses
+a backward through one (rewrite/collectives.py).
+
 Helpers here convert full tensors to local shards and back; they are pure tensor functions
 used by the collectives, the parameter slicer and the state-dict gatherer.
 """
@@ -59,6 +69,7 @@ class Shard:
     dim: int
     blocks: tuple[int, ...] | None = None
     grain: int | None = None
+    rep: int | None = None  # ranks sharing one piece (None: 1)
 
     def __str__(self) -> str:
         extra = ""
@@ -66,13 +77,15 @@ class Shard:
             extra += f",blocks={'+'.join(map(str, self.blocks))}"
         if self.grain is not None:
             extra += f",grain={self.grain}"
+        if self.rep is not None:
+            extra += f",rep={self.rep}"
         return f"S({self.dim}{extra})"
 
 
 Placement = Union[Replicate, Partial, Shard]
 OutPlacement = Union[Placement, tuple[Placement, ...]]
 
-_SHARD_RE = re.compile(r"^S\((-?\d+)(?:,blocks=([\d+]+))?(?:,grain=(\d+))?\)$")
+_SHARD_RE = re.compile(r"^S\((-?\d+)(?:,blocks=([\d+]+))?(?:,grain=(\d+))?(?:,rep=(\d+))?\)$")
 
 
 def parse(text: str) -> Placement:
@@ -83,10 +96,11 @@ def parse(text: str) -> Placement:
         return Partial()
     m = _SHARD_RE.match(text)
     if not m:
-        raise ValueError(f"not a placement: {text!r} (expected R, P, S(d), S(d,blocks=a+b) "
-                         f"or S(d,grain=g))")
+        raise ValueError(f"not a placement: {text!r} (expected R, P, S(d), S(d,blocks=a+b), "
+                         f"S(d,grain=g) or S(d,rep=k))")
     blocks = tuple(int(b) for b in m.group(2).split("+")) if m.group(2) else None
-    return Shard(int(m.group(1)), blocks, int(m.group(3)) if m.group(3) else None)
+    return Shard(int(m.group(1)), blocks, int(m.group(3)) if m.group(3) else None,
+                 int(m.group(4)) if m.group(4) else None)
 
 
 def format_out(p: OutPlacement) -> str:
@@ -107,11 +121,13 @@ def _blocks(p: Shard, size: int) -> Sequence[int]:
 
 
 def make_shard(dim: int, size: int, grain: int, world_size: int,
-               blocks: tuple[int, ...] | None = None) -> Shard:
-    """``Shard(dim, blocks, grain)`` in canonical form: the smallest grain that cuts the same
-    pieces (``None`` for 1), so that placements laying out a tensor identically compare equal
-    (heads in pairs or one by one, 4 on 3 ranks: both 2, 2, 0; an even split is grain 1)."""
-    return Shard(dim, blocks, _canonical_grain(size, grain, world_size, blocks))
+               blocks: tuple[int, ...] | None = None, rep: int | None = None) -> Shard:
+    """``Shard(dim, blocks, grain, rep)`` in canonical form: the smallest grain that cuts the
+    same pieces (``None`` for 1), so that placements laying out a tensor identically compare
+    equal (heads in pairs or one by one, 4 on 3 ranks: both 2, 2, 0; an even split is grain
+    1); ``rep`` 1 is None."""
+    rep = None if rep in (None, 1) else rep
+    return Shard(dim, blocks, _canonical_grain(size, grain, world_size // (rep or 1), blocks), rep)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -130,6 +146,8 @@ def shard_ranges(p: Placement, size: int, rank: int, world_size: int) -> list[tu
     definition of the split (torch.chunk sizes in units of ``grain``; possibly empty)."""
     if not isinstance(p, Shard):
         return [(0, size)]
+    if p.rep is not None:
+        rank, world_size = rank // p.rep, world_size // p.rep
     g = p.grain or 1
     out, off = [], 0
     for b in _blocks(p, size):
@@ -160,9 +178,36 @@ def shard_tensor(full: torch.Tensor, p: Placement, rank: int, world_size: int) -
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
+def local_slices(src: Placement, dst: Shard, size: int, rank: int,
+                 world_size: int) -> list[tuple[int, int]] | None:
+    """Where ``dst``'s piece of this rank lies inside its ``src`` piece, as (offset, length)
+    pairs along the dim in the local tensor, or None when it does not lie inside (then only a
+    gather gets it). A Replicate source holds everything; a ``rep`` source holds the pieces of
+    every rank that shares it."""
+    if isinstance(src, Shard) and src.dim != dst.dim:
+        return None
+    have = shard_ranges(src, size, rank, world_size)
+    out = []
+    for a, b in shard_ranges(dst, size, rank, world_size):
+        if a == b:
+            continue
+        off = 0
+        for c, e in have:
+            if c <= a and b <= e:
+                out.append((off + a - c, b - a))
+                break
+            off += e - c
+        else:
+            return None
+    return out
+
+
 def unshard(locals_: Sequence[torch.Tensor], p: Shard) -> torch.Tensor:
     """Reassemble the full tensor from every rank's local piece (rank order)."""
     dim = p.dim % locals_[0].dim()
+    if p.rep is not None:  # one piece of each group of ranks that share it
+        locals_ = list(locals_)[::p.rep]
+        p = Shard(p.dim, p.blocks, p.grain)
     n = len(locals_)
     if p.blocks is None:
         return torch.cat(list(locals_), dim=dim)
@@ -177,7 +222,7 @@ def unshard(locals_: Sequence[torch.Tensor], p: Shard) -> torch.Tensor:
 def rank_major(full: torch.Tensor, p: Shard, world_size: int) -> torch.Tensor:
     """``full`` reordered along ``p.dim`` so that rank r's piece is the r-th contiguous piece
     (the layout reduce_scatter expects; piece sizes are ``local_sizes``)."""
-    if p.blocks is None:
+    if p.blocks is None and p.rep is None:
         return full
     dim = p.dim % full.dim()
     return torch.cat([shard_tensor(full, p, r, world_size) for r in range(world_size)], dim=dim)

@@ -102,6 +102,12 @@ def state_mem(c: Candidates, name: str, s: int) -> float:
     return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
 
 
+def held_bytes(c: Candidates, name: str, s: int) -> float:
+    """Bytes per rank a node's placement holds for good, the term the solver's objective
+    minimizes ("memory", and the tie-break of "time"): a parameter's piece or a KV cache's."""
+    return _param_mem(c, name, s) + state_mem(c, name, s)
+
+
 def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
     """State bytes per rank (parameters; in training also gradients and optimizer states;
     buffers the program writes, e.g. a KV cache)."""
@@ -152,14 +158,15 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
             groups[(value, p, *c.need(name, st, slot))].append((name, slot))
     edges = []
     for (value, p, q, g), cons in groups.items():
+        shape = c.nodes[value[0]].metas[value[1]].shape
         t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM,
-                       c.nodes[value[0]].kind is NodeKind.STATE)
+                       c.nodes[value[0]].kind is NodeKind.STATE, shape, c.world_size)
         if t is None:
             return None
         if not t.forward and not t.backward:
             continue
         nbytes = c.bytes_of(value)
-        pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)
+        pad = pad_factor((p, q, g), shape, c.world_size)
         edges.append(EdgeCost(value, p, q, g, tuple(cons), t, nbytes,
                               transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode),
                                               pad)))

@@ -47,7 +47,7 @@ import torch
 
 from autotp.core.options import ADAM_FP32_BYTES, MODES  # noqa: F401  (cost.MODES: the same two)
 from autotp.cost.devices import DeviceSpec
-from autotp.core.placements import Partial, Placement, Replicate, Shard, local_size
+from autotp.core.placements import Partial, Placement, Replicate, Shard, local_size, local_slices
 from autotp.rules import Strategy, elementwise_flops, op_info
 
 # optimizer state per trained parameter element: Adam's exp_avg and exp_avg_sq in fp32
@@ -78,9 +78,13 @@ _TIME = {"all_reduce": all_reduce_time, "all_gather": all_gather_time,
          "slice": lambda b, n, s: 0.0}
 
 
-def convert_ops(src: Placement, dst: Placement) -> tuple[str, ...] | None:
+def convert_ops(src: Placement, dst: Placement, size: int | None = None,
+                n: int | None = None) -> tuple[str, ...] | None:
     """The steps that turn a value placed ``src`` into ``dst``; None when impossible
-    (nothing turns a whole value into a Partial one without changing it)."""
+    (nothing turns a whole value into a Partial one without changing it). ``size`` (the
+    value's size along the shard dim) and ``n`` (ranks) let a Shard -> Shard whose target
+    piece lies inside the source piece on every rank be a local slice (a query split
+    ``S(1)`` out of key/value heads held ``S(1,rep=k)``, core/placements.py)."""
     if src == dst:
         return ()
     if isinstance(dst, Partial):
@@ -88,8 +92,24 @@ def convert_ops(src: Placement, dst: Placement) -> tuple[str, ...] | None:
     if isinstance(src, Replicate):
         return ("slice",)
     if isinstance(src, Partial):
-        return ("all_reduce",) if isinstance(dst, Replicate) else ("reduce_scatter",)
-    return ("all_gather",) if isinstance(dst, Replicate) else ("all_gather", "slice")
+        if isinstance(dst, Replicate):
+            return ("all_reduce",)
+        # pieces shared by several ranks have no reduce-scatter: reduce all, keep the piece
+        return ("all_reduce", "slice") if dst.rep is not None else ("reduce_scatter",)
+    if isinstance(dst, Replicate):
+        return ("all_gather",)
+    if size is not None and n is not None and \
+            all(local_slices(src, dst, size, r, n) is not None for r in range(n)):
+        return ("slice",)
+    return ("all_gather", "slice")
+
+
+def _dim_size(a: Placement, b: Placement, shape: tuple | None) -> int | None:
+    """The static size of the dim both ``a`` and ``b`` split, when they split the same one."""
+    if shape is None or not (isinstance(a, Shard) and isinstance(b, Shard)) or a.dim != b.dim:
+        return None
+    s = shape[a.dim % len(shape)]
+    return s if isinstance(s, int) else None
 
 
 def dual(p: Placement) -> Placement:
@@ -106,14 +126,17 @@ class Transition:
 
 
 def transition(p: Placement, q: Placement, g: Placement | None, is_param: bool = False,
-               is_state: bool = False) -> Transition | None:
+               is_state: bool = False, shape: tuple | None = None,
+               n: int | None = None) -> Transition | None:
     """Forward p -> q and backward g -> dual(p); ``g`` None: the value has no gradient.
     ``is_state``: the value is a buffer the program writes in place (a KV cache); it is read
-    only where it lives (p == q), since an op writing a redistributed copy would write nothing."""
+    only where it lives (p == q), since an op writing a redistributed copy would write nothing.
+    ``shape`` and ``n``: the value's global shape and the ranks (a nested Shard -> Shard is a
+    local slice, ``convert_ops``)."""
     if is_state and p != q:
         return None
-    fwd = convert_ops(p, q)
-    bwd = () if g is None else convert_ops(g, dual(p))
+    fwd = convert_ops(p, q, _dim_size(p, q, shape), n)
+    bwd = () if g is None else convert_ops(g, dual(p), _dim_size(g, dual(p), shape), n)
     if fwd is None or bwd is None:
         return None
     if is_param and isinstance(p, Shard) and p != q:

@@ -41,7 +41,7 @@ from torch import nn
 
 from autotp.cost.model import convert_ops, dual
 from autotp.errors import AutoTPError, AutoTPInternalError
-from autotp.core.placements import Placement, Shard, local_sizes, rank_major, shard_tensor, unshard
+from autotp.core.placements import Placement, Shard, local_sizes, local_slices, rank_major, shard_tensor, unshard
 
 
 class Comm:
@@ -102,7 +102,7 @@ def gather_shards(comm: Comm, x: torch.Tensor, p: Shard, size: int | None = None
     n = comm.world_size
     d = p.dim % x.dim()
     if size is None:
-        size = x.shape[d] * n if p.blocks is None else sum(p.blocks)
+        size = x.shape[d] * n // (p.rep or 1) if p.blocks is None else sum(p.blocks)
     sizes = local_sizes(p, size, n)
     m = max(sizes)
     parts = comm.all_gather(_pad_to(x, d, m))
@@ -119,6 +119,17 @@ def scatter_reduce(comm: Comm, x: torch.Tensor, p: Shard) -> torch.Tensor:
     return comm.reduce_scatter(chunks).narrow(d, 0, sizes[comm.rank])
 
 
+def _reslice(x: torch.Tensor, src: Shard, dst: Placement, size: int | None, rank: int,
+             n: int) -> torch.Tensor:
+    """This rank's ``dst`` piece cut from its ``src`` piece ``x`` (``local_slices``)."""
+    d = src.dim % x.dim()
+    spans = local_slices(src, dst, size, rank, n) if isinstance(dst, Shard) and size else None
+    if spans is None:
+        raise AutoTPInternalError(f"{src} -> {dst} is not a local slice at size {size}")
+    pieces = [x.narrow(d, a, k) for a, k in spans] or [x.narrow(d, 0, 0)]
+    return torch.cat(pieces, dim=d) if len(pieces) > 1 else pieces[0].contiguous().clone()
+
+
 def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: str,
             size: int | None = None) -> torch.Tensor:
     """Turn a local value placed ``src`` into one placed ``dst`` (see the table above).
@@ -128,8 +139,12 @@ def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: 
         raise AutoTPInternalError(f"the plan asks for a conversion {src} -> {dst}, which no "
                                   f"collective performs")
     n, r = comm.world_size, comm.rank
+    if ops == ("all_gather", "slice"):
+        ops = convert_ops(src, dst, size, n)  # a nested one is a local slice
     for op in ops:
-        if op == "slice":
+        if op == "slice" and ops == ("slice",) and isinstance(src, Shard):
+            x = _reslice(x, src, dst, size, r, n)  # dst's piece lies inside src's (nested)
+        elif op == "slice":
             x = shard_tensor(x, dst, r, n).contiguous().clone()
         elif op == "all_reduce":
             x = comm.all_reduce(x)
@@ -196,9 +211,17 @@ class Redistribute(nn.Module):
         self._check_even(x)
         if not torch.is_grad_enabled() or not x.requires_grad:
             return convert(x, self.src, self.dst, self.comm, "forward", self.size_of(self.src))
+        if any(isinstance(p, Shard) and p.rep is not None for p in (self.src, self.dst)):
+            raise AutoTPError(
+                f"{self.where}: this program was planned for inference and keeps a value split "
+                f"with pieces shared by several ranks ({self.src} -> {self.dst}: key/value heads "
+                f"fewer than ranks), which has no exact gradient. Run it under torch.no_grad(), "
+                f"or parallelize with mode='training' to train.")
         return _Redistribute.apply(x, self)
 
     def extra_repr(self) -> str:
-        fwd = "+".join(convert_ops(self.src, self.dst) or ()) or "identity"
-        bwd = "+".join(convert_ops(self.grad_src, self.grad_dst) or ()) or "identity"
+        n = self.comm.world_size
+        fwd = "+".join(convert_ops(self.src, self.dst, self.size_of(self.src), n) or ()) or "identity"
+        bwd = "+".join(convert_ops(self.grad_src, self.grad_dst, self.size_of(self.grad_src), n)
+                       or ()) or "identity"
         return f"{self.src} -> {self.dst} [{fwd}] | grad {self.grad_src} -> {self.grad_dst} [{bwd}]"

@@ -46,8 +46,13 @@ def label_units(sizes: Sequence[int], grains: Iterable[tuple[int, int]] = ()) ->
 
 def strategies_from_dims(call: OpCall, dm: DimMap,
                          out_hints: dict[tuple[int, int], set[tuple[int, ...]]],
-                         grains: Callable[[str, int, int], set[int]] | None = None) -> list[Strategy]:
+                         grains: Callable[[str, int, int], set[int]] | None = None,
+                         shared_pieces: bool = False) -> list[Strategy]:
     """``grains(kind, i, d)``: grain hints on dim d of input slot / output i (kind "in"/"out").
+    ``shared_pieces`` (programs planned for inference): a label with fewer units than ranks,
+    where the ranks are a multiple of the units, may also be split one unit per group of
+    ranks (``Shard(rep=k)``, core/placements.py) when every output carries it (no sum over
+    ranks could then count a shared piece twice).
     Strategy 0 is all-Replicate, as it is for every node strategies.build makes (fallbacks
     and parameters included); cli's replicated-plan time relies on that."""
     n = call.world_size
@@ -86,6 +91,12 @@ def strategies_from_dims(call: OpCall, dm: DimMap,
             ins = tuple(pl.get(("in", i), Replicate()) for i in range(n_in))
             outs = tuple(pl.get(("out", i), Partial()) for i in range(len(out_dims)))
             found.append(Strategy(ins, outs if dm.multi else outs[0]))
+            if shared_pieces and units < n and n % units == 0 and all(d is not None for d in out_dims):
+                pl = {(kind, i): make_shard(d, s, s // units, n, rep=n // units)
+                      for (kind, i, _, d), s in zip(dims, sizes)}
+                found.append(Strategy(tuple(pl.get(("in", i), Replicate()) for i in range(n_in)),
+                                      tuple(pl[("out", i)] for i in range(len(out_dims)))
+                                      if dm.multi else pl[("out", 0)]))
         options: list[tuple[int, ...]] = []
         for oi, d in enumerate(out_dims):
             if d is not None:

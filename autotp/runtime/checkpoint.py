@@ -19,8 +19,9 @@ and the optimizer's state names and hyperparameters.
 
 Uneven splits: an element-wise one (vocab 257 on 3 ranks: 86, 86, 85) is DTensor's own
 torch.chunk rule, so it is saved and loaded as a DTensor ``Shard``. A head-boundary one
-(``Shard(d, grain=g)``) has no DTensor placement: it is gathered and saved whole (DCP keeps one
-copy of identical replicated entries) and loaded whole, then sliced.
+(``Shard(d, grain=g)``) has no DTensor placement, nor does one whose pieces several ranks
+share (``Shard(d, rep=k)``, an inference plan's kv heads): it is gathered and saved whole (DCP
+keeps one copy of identical replicated entries) and loaded whole, then sliced.
 """
 from __future__ import annotations
 
@@ -158,9 +159,10 @@ def _pieces(local: torch.Tensor, place: Placement, global_shape: tuple[int, ...]
     if not isinstance(place, Shard):
         return [("", local)]
     d = place.dim % len(global_shape)
-    if place.grain is not None:
-        # split on head boundaries unevenly: DTensor's Shard chunks element by element, so it
-        # cannot describe these pieces; save the whole tensor (every rank holds the same one)
+    if place.grain is not None or place.rep is not None:
+        # split on head boundaries unevenly, or pieces shared by several ranks: DTensor's Shard
+        # chunks element by element over every rank, so it cannot describe these pieces; save
+        # the whole tensor (every rank holds the same one)
         return [("", gather_shards(comm, local, place, global_shape[d]))]
     if place.blocks is None:
         return [("", DTensor.from_local(local, mesh, [DShard(d)], shape=torch.Size(global_shape),
@@ -292,7 +294,7 @@ def _targets(prefix: str, place: Placement, shape: tuple[int, ...], target: torc
         return torch.empty(s, dtype=target.dtype, device=target.device)
 
     if saved is None:  # saved as one tensor
-        if isinstance(place, Shard) and place.blocks is None and place.grain is None:
+        if isinstance(place, Shard) and place.blocks is None and place.grain is None and place.rep is None:
             d = place.dim % len(shape)
             v = DTensor.from_local(tensor_like(tuple(target.shape)), mesh, [DShard(d)],
                                    shape=torch.Size(shape), stride=_stride(shape))
@@ -304,7 +306,7 @@ def _targets(prefix: str, place: Placement, shape: tuple[int, ...], target: torc
         return {prefix: full}, lambda: target.copy_(shard_tensor(full, place, rank, n))
     ds, blocks = saved["dim"], saved["blocks"]
     block_shapes = [shape[:ds] + (b,) + shape[ds + 1:] for b in blocks]
-    if isinstance(place, Shard) and place.grain is None and (
+    if isinstance(place, Shard) and place.grain is None and place.rep is None and (
             place.dim % len(shape) != ds or tuple(blocks) == place.blocks):
         # chunking along d commutes with the concatenation of blocks along ds
         d = place.dim % len(shape)

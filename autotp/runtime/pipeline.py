@@ -178,7 +178,8 @@ class Planned:
 def candidates(captured: Captured, options: PlanOptions) -> Candidates:
     """The candidate strategies of ``captured``, with the options the cost model reads."""
     return build(captured, options.world_size, dp_size=options.dp_size,
-                 optimizer_bytes=options.optimizer_bytes)
+                 optimizer_bytes=options.optimizer_bytes,
+                 shared_pieces=options.mode == "inference")
 
 
 def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:

@@ -27,7 +27,7 @@ same (Q, G): the rewrite issues one collective for all of them, and the model ch
 Runs of identical layers (solve/runs.py) are solved once per boundary state and joined by a
 min-plus product; ``solve`` uses that when the memory bound does not bind and solves the
 whole program when it does, so the result is the optimum either way.
-``objective="memory"`` is lexicographic: first least parameter bytes, then least time among
+``objective="memory"`` is lexicographic: first least parameter (and KV cache) bytes, then least time among
 plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least; both under the
 budget. Activations enter only through the budget: when it binds, the solver keeps fewer of
 them (a sequence-split norm region keeps 1/n of its outputs), never to save time. ``evaluate`` is
@@ -51,7 +51,7 @@ from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError
 from autotp.core.placements import Placement
 from autotp.candidates import Candidates, Value, NodeKind
-from autotp.cost.evaluate import Choice, _dp_time, _edge_mode, _footprint, _keepers, _node_time, _param_mem, _working
+from autotp.cost.evaluate import Choice, _dp_time, _edge_mode, _footprint, _keepers, _node_time, _working, held_bytes
 log = logging.getLogger(__name__)
 
 
@@ -114,7 +114,7 @@ class Program:
             row = {}
             for s, st in enumerate(nc.strategies):
                 i = self._var(_node_time(c, name, s, spec, mode) + _dp_time(c, name, s, spec, mode),
-                              _param_mem(c, name, s), 1)
+                              held_bytes(c, name, s), 1)
                 self.index[(name, s)] = i
                 row[i] = 1.0
                 for oi, p in enumerate(st.outputs()):
@@ -264,11 +264,12 @@ class Program:
         """Cost of the transition (value, P, Q, G); None when impossible."""
         value, p, q, g = key
         c = self.c
+        shape = c.nodes[value[0]].metas[value[1]].shape
         t = transition(p, q, g, c.nodes[value[0]].kind is NodeKind.PARAM,
-                       c.nodes[value[0]].kind is NodeKind.STATE)
+                       c.nodes[value[0]].kind is NodeKind.STATE, shape, c.world_size)
         if t is None:
             return None
-        pad = pad_factor((p, q, g), c.nodes[value[0]].metas[value[1]].shape, c.world_size)
+        pad = pad_factor((p, q, g), shape, c.world_size)
         return transition_time(t, c.bytes_of(value), c.world_size, self.spec,
                                _edge_mode(c, value, self.mode), pad)
 

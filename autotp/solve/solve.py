@@ -18,7 +18,7 @@ from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError, InfeasiblePlanError
 from autotp.candidates import Candidates, NodeKind
 from autotp.solve.runs import find_runs, solve_runs
-from autotp.cost.evaluate import Choice, Evaluation, _footprint, _param_mem, evaluate, memory_bytes
+from autotp.cost.evaluate import Choice, Evaluation, _footprint, evaluate, held_bytes, memory_bytes
 from autotp.solve.program import SCALE_M, SCALE_MB, SCALE_T, Program, bytes_bound
 
 
@@ -49,7 +49,7 @@ def _weight(kind: str) -> Callable[[float, float], float]:
 
 
 def _mem(c: Candidates, choice: Choice) -> float:
-    return sum(_param_mem(c, n, s) for n, s in choice.items())
+    return sum(held_bytes(c, n, s) for n, s in choice.items())
 
 
 @dataclass
@@ -93,7 +93,7 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
     if objective == "memory":
         choice = _best(p, "memory", None, budget)
         if choice is not None:
-            total = sum(max(_param_mem(c, v, s) for s in range(len(nc.strategies)))
+            total = sum(max(held_bytes(c, v, s) for s in range(len(nc.strategies)))
                         for v, nc in c.nodes.items())
             choice = _best(p, "time", _mem(c, choice) + MEMORY_SLACK * total + 1, budget)
             if choice is None:
