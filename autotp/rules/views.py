@@ -1,5 +1,6 @@
-"""Views, reshapes, transposes, slices, concatenation and splits. A shard passes through when
-the split dim maps to a whole block of output dims: hidden -> (heads, head_dim) splits heads.
+"""Views, reshapes, transposes, slices, concatenation, splits and chunks, advanced indexing.
+A shard passes through when the split dim maps to a whole block of output dims:
+hidden -> (heads, head_dim) splits heads.
 Global sizes in shape arguments (the head count) are rewritten to per-rank sizes.
 
 Facts: no FLOPs; views, reshapes, transposes, slices and splits alias their input (``view``:
@@ -156,6 +157,12 @@ def _split_sizes(call: OpCall) -> tuple[int, list[int]]:
     meta = call.inputs[0]
     r = len(meta.shape)
     d = call.arg(2, "dim", 0) % r
+    if call.node.target is aten.chunk.default:  # torch.chunk's sizes: ceil(total / chunks) each
+        total = meta.shape[d]
+        if not isinstance(total, int):
+            return d, [total]  # a dynamic dim: no blocks
+        c = -(-total // call.arg(1, "chunks"))
+        return d, [c] * (total // c) + ([total % c] if total % c else [])
     size_arg = call.arg(1, "split_size")
     if isinstance(size_arg, int):
         total = meta.shape[d]
@@ -177,6 +184,8 @@ def _split_extra(call: OpCall) -> list[Strategy]:
     meta = call.inputs[0]
     if len(sizes) < 2 or meta.dynamic[d] or any(s % n or s < n for s in sizes):
         return []
+    if call.node.target is aten.chunk.default and len(set(sizes)) > 1:
+        return []  # the local chunk of unequal blocks would cut elsewhere (no size to rewrite)
     return [Strategy((Shard(d, tuple(sizes)),), tuple(Shard(d) for _ in sizes))]
 
 
@@ -199,6 +208,35 @@ def _split_localize(node: fx.Node, strategy: Strategy, n: int, rank: int) -> Non
 
 register(aten.split.Tensor, aten.split_with_sizes.default, extra=_split_extra,
          localize=_split_localize, hints=_split_hints, view=True)(_split)
+# chunk(x, k): k equal blocks, so this rank's chunk(local, k) is its piece of every block as it
+# stands (no argument to rewrite)
+register(aten.chunk.default, extra=_split_extra, hints=_split_hints, view=True)(_split)
+
+
+# x[idx] (advanced indexing, aten.index.Tensor): the indexed dims are gathered by data, so they
+# stay whole, as do the index tensors; every other dim of x passes through to the output
+# (its position: where the indexed dims were when they are adjacent, after the index's
+# broadcast dims when not, as numpy's rule). Linear in x.
+def _index(call: OpCall) -> DimMap | None:
+    src, out = call.inputs[0], call.outputs[0]
+    indices = call.arg(1, "indices")
+    r = len(src.shape)
+    pos = [j for j, t in enumerate(indices) if t is not None]
+    if not pos or any(m.dtype == torch.bool for m in call.inputs[1:]):
+        return None  # boolean masks: a data-dependent shape
+    labels = [("ix", j) for j in range(r)]
+    rest = [j for j in range(r) if j not in pos]
+    b = len(out.shape) - len(rest)
+    if pos == list(range(pos[0], pos[-1] + 1)):
+        outs = labels[:pos[0]] + [None] * b + labels[pos[-1] + 1:]
+    else:
+        outs = [None] * b + [labels[j] for j in rest]
+    ins = tuple(None if j in pos else labels[j] for j in range(r))
+    return DimMap((ins, *(tuple(None for _ in m.shape) for m in call.inputs[1:])), (tuple(outs),),
+                  partial_any=(0,))
+
+
+register(aten.index.Tensor, keeps=keeps_nothing)(_index)
 
 
 # repeat_interleave(x, r, dim): each slice along dim repeated r times in place, so the n
