@@ -33,6 +33,38 @@ class Odd(nn.Module):
         return self.c(torch.relu(self.b(y)))
 
 
+class StridedMLP(nn.Module):
+    """A fused gate|up projection whose halves are taken with a stride, rows interleaved
+    [g0, u0, g1, u1, ...] (as some MoE experts store them)."""
+
+    def __init__(self, d: int = 32, h: int = 96):
+        super().__init__()
+        self.w1 = nn.Linear(d, 2 * h, bias=False)
+        self.w2 = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x)
+        return self.w2(F.silu(h[..., ::2]) * h[..., 1::2])
+
+
+class SortedExperts(nn.Module):
+    """transformers 5.25's grouped experts in miniature: tokens gathered in routing order
+    (``aten.index.Tensor``), a fused gate|up projection cut by ``chunk`` (``aten.chunk``), and
+    the inverse permutation gathered back."""
+
+    def __init__(self, d: int = 16, h: int = 32):
+        super().__init__()
+        self.w1 = nn.Linear(d, 2 * h, bias=False)
+        self.w2 = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        perm = torch.argsort(t.sum(-1))
+        gate, up = self.w1(t[perm]).chunk(2, dim=-1)
+        y = self.w2(F.silu(gate) * up)
+        return y[torch.argsort(perm)].view(x.shape)
+
+
 def _float_inputs(d: int):
     return lambda b, s: ((torch.randn(b, s, d),), {})
 
@@ -52,6 +84,10 @@ def build(name: str, seed: int = 0):
         return MLP(), (torch.randn(2, 3, 16),), {}, _float_inputs(16)
     if name == "odd":
         return Odd(), (torch.randn(2, 3, 6),), {}, _float_inputs(6)
+    if name == "strided":
+        return StridedMLP(), (torch.randn(2, 3, 32),), {}, _float_inputs(32)
+    if name == "experts":
+        return SortedExperts(), (torch.randn(2, 3, 16),), {}, _float_inputs(16)
     if name == "nanogpt":
         m, a = nanogpt.gpt(seed=seed)
         return m, a, {}, _ids(256, None)
@@ -77,7 +113,7 @@ def first_tensor(out) -> torch.Tensor:
     return out[0]
 
 
-MODELS = ["mlp", "odd", "nanogpt", "gpt2", "llama", "bert"]
+MODELS = ["mlp", "odd", "strided", "experts", "nanogpt", "gpt2", "llama", "bert"]
 UNEVEN = {"gpt2_v257": (lambda seed: hf_models.gpt2(vocab=257, seed=seed), 257),
           "llama_h4": (lambda seed: hf_models.llama(heads=4, kv_heads=2, hidden=64, seed=seed), 256)}
 

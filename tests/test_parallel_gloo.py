@@ -148,6 +148,17 @@ def test_uneven_splits_match_single_device(head_split: bool) -> None:
             assert place.dim == 0 and local_sizes(place, 2 * rows[0], 3) == rows, (proj, place)
 
 
+def test_strided_and_chunked_projections_at_world_3() -> None:
+    """A fused projection cut by a stride (h[..., ::2], h[..., 1::2]) or by chunk, with
+    tokens gathered by index: split at 3 ranks too, and exact (checked in _check_models)."""
+    names = ["strided", "experts"]
+    reports = run_ranks(_check_models, 3, names)
+    for name in names:
+        per_rank = [rep[name]["local"] for rep in reports]
+        assert max(per_rank) < 0.45 * reports[0][name]["full"], (name, per_rank, reports[0][name])
+        assert not reports[0][name]["warnings"], reports[0][name]["warnings"]
+
+
 def test_deep_models_cut_capture_match_single_device() -> None:
     """Six layers: captured cut to four and replicated, solved one layer per class."""
     rep = run_ranks(_check_models, 2, ["gpt2_6", "llama_6"])[0]

@@ -16,7 +16,7 @@ from autotp.solve.solve import brute_force, solve
 from autotp.cost.evaluate import evaluate
 from autotp.candidates import build
 from examples import hf_models
-from models import MLP, saved_activation_bytes
+from models import MLP, SortedExperts, saved_activation_bytes
 from models import build as build_model
 
 
@@ -233,37 +233,34 @@ def test_llama_7b_shape_at_world_6_splits_heads_unevenly() -> None:
     assert plan.param_bytes_per_rank < 0.2 * plan.param_bytes_total
 
 
-class _SortedExperts(nn.Module):
-    """transformers 5.25's grouped experts in miniature: tokens gathered in routing order
-    (``aten.index.Tensor``), a fused gate|up projection cut by ``chunk`` (``aten.chunk``), and
-    the inverse permutation gathered back."""
-
-    def __init__(self, h: int = 16, i: int = 32):
-        super().__init__()
-        self.w1 = nn.Linear(h, 2 * i, bias=False)
-        self.w2 = nn.Linear(i, h, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.reshape(-1, x.shape[-1])
-        perm = torch.argsort(t.sum(-1))
-        gate, up = self.w1(t[perm]).chunk(2, dim=-1)
-        y = self.w2(F.silu(gate) * up)
-        return y[torch.argsort(perm)].view(x.shape)
-
-
 def test_index_and_chunk_have_rules() -> None:
     """Advanced indexing passes the dims it does not index; chunk is a split into equal blocks,
     so the fused projection it cuts is split per block. Before these rules both ran replicated
     with a warning, and the fused weight stayed whole."""
     import warnings
     torch.manual_seed(0)
-    model, x = _SortedExperts(), torch.randn(2, 5, 16)
+    model, x = SortedExperts(), torch.randn(2, 5, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "has no sharding rule"
         plan = autotp.plan(model, (x,), world_size=2, objective="memory")
         outs = autotp.simulate(model, (x,), world_size=2, objective="memory")
     assert {p.name: p.placement for p in plan.params} == {"w1.weight": "S(0,blocks=32+32)", "w2.weight": "S(1)"}
+    assert plan.count(phase="forward") == plan.count("all_reduce", "forward") == 1  # Megatron's
     for out in outs:
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_strided_halves_of_a_fused_projection_split() -> None:
+    """h[..., ::2] and h[..., 1::2] of a fused projection: its rows split on pair boundaries,
+    each rank's k::2 is its piece of the gate (or up), and the MLP pays one all-reduce, as
+    with separate projections (before, h was gathered for the slices)."""
+    from models import StridedMLP
+    torch.manual_seed(0)
+    model, x = StridedMLP(), torch.randn(2, 5, 32)
+    plan = autotp.plan(model, (x,), world_size=2, objective="memory")
+    assert {p.name: p.placement for p in plan.params} == {"w1.weight": "S(0)", "w2.weight": "S(1)"}
+    assert plan.count(phase="forward") == plan.count("all_reduce", "forward") == 1
+    for out in autotp.simulate(model, (x,), world_size=2, objective="memory"):
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
 
 

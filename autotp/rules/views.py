@@ -127,9 +127,15 @@ def _slice(call: OpCall) -> DimMap:
     r = len(meta.shape)
     d = call.arg(1, "dim", 0) % r
     start, end, step = call.arg(2, "start", None), call.arg(3, "end", None), call.arg(4, "step", 1)
-    full = start in (None, 0) and step == 1 and (end is None or (isinstance(end, int)
-                                                                  and end >= meta.shape[d]))
-    ins = tuple(("s", j) if (j != d or full) else None for j in range(r))
+    size = meta.shape[d]
+    to_end = end is None or (isinstance(end, int) and isinstance(size, int) and end >= size)
+    full = start in (None, 0) and step == 1 and to_end
+    # x[..., k::s] with 0 <= k < s over the whole dim: one element of every group of s (the
+    # gate rows of a fused [g0, u0, g1, u1, ...] projection). Pieces cut on group boundaries
+    # (the label's units are the groups, label_units) make it this rank's k::s, unchanged.
+    strided = isinstance(step, int) and step > 1 and isinstance(start or 0, int) and \
+        0 <= (start or 0) < step and to_end and isinstance(size, int) and size % step == 0
+    ins = tuple(("s", j) if (j != d or full or strided) else None for j in range(r))
     return DimMap((ins,), (ins,), partial_any=(0,))
 
 
