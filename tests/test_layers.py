@@ -61,9 +61,27 @@ def _qwen3_moe(n_layer: int = 6):
     return m, (), {"input_ids": torch.randint(0, 256, (2, 16)), "use_cache": False}
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "nanogpt", "qwen3_moe"])
+def _deepseek_v3(n_layer: int = 7):
+    """A small DeepSeek-V3 in bf16: MLA attention, its first 2 layers dense and the other 5
+    mixture-of-experts, so the layer container is a stack only from layer 2 on."""
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.DeepseekV3Config(num_hidden_layers=n_layer, first_k_dense_replace=2, hidden_size=64,
+                             intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4,
+                             num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                             q_lora_rank=32, kv_lora_rank=16, num_attention_heads=4, num_key_value_heads=4,
+                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=256)
+    m = T.DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
+    return m, (), {"input_ids": torch.randint(0, 256, (2, 16)), "use_cache": False}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "nanogpt", "qwen3_moe", "deepseek_v3"])
 def test_cut_capture_is_the_full_graph(name: str) -> None:
-    if name == "qwen3_moe":
+    if name == "deepseek_v3":
+        m, a, k = _deepseek_v3()
+        from autotp.capture.stacks import Stack, find_stacks
+        assert find_stacks(m) == (Stack("model.layers", 7, start=2),)
+    elif name == "qwen3_moe":
         m, a, k = _qwen3_moe()
     elif name == "llama":
         m, a, k = hf_models.llama(n_layer=6)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from autotp._compat import FakeTensorMode, pytree, swap_class
-from autotp.capture.stacks import KEEP, Stack, Unsupported, _cut, _layer_re, kept
+from autotp.capture.stacks import Stack, Unsupported, _cut, _layer_re, kept
 
 
 class _Recorder(TorchFunctionMode):
@@ -279,7 +279,7 @@ def _verify(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack, ..
         if key == "pre":
             return key
         s = by_path[key[0]]
-        return key if key[1] < KEEP or key[1] == s.size - 1 else (key[0], KEEP - 1)
+        return key if key[1] < s.keep or key[1] == s.size - 1 else (key[0], s.keep - 1)
 
     with _cut(model, stacks):
         cut, cut_calls = _trace(model, args, kwargs, stacks, fake_of, mode, names,

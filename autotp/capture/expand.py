@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from autotp._compat import copy_codegen, pytree, set_children
-from autotp.capture.stacks import KEEP, Stack, Unsupported, _cut, _layer_re, _prefix
+from autotp.capture.stacks import Stack, Unsupported, _cut, _layer_re, _prefix
 from autotp.capture.cut_check import _verify
 
 
@@ -39,7 +39,7 @@ class _Segments:
 
 def _segments(g: fx.Graph, stack: Stack) -> _Segments:
     pat = _layer_re(stack)
-    n_keep = KEEP + 1
+    n_keep = stack.keep + 1
     pre: list[fx.Node] = []
     segs: list[list[fx.Node]] = [[] for _ in range(n_keep)]
     post: list[fx.Node] = []
@@ -156,7 +156,8 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
     would pass it around by hand. Every structural assumption was checked by ``_segments``
     and ``_shape_of`` before this runs."""
     sg = _segments(g, stack)
-    t = KEEP - 1  # template layer
+    t = stack.keep - 1  # template layer
+    keep = stack.keep
     last = stack.size - 1
     if list(sg.attrs[t]) != list(sg.attrs[t - 1]):
         raise Unsupported("layers read different parameters")
@@ -165,9 +166,9 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
         raise Unsupported(f"layer {t} is not a copy of layer {t - 1} in the captured graph")
     early = {n for seg in sg.segs[:t] for n in seg}
     _check_refs(sg.segs[t], set(sg.segs[t - 1]), early, f"layer {t}")
-    _check_refs(sg.segs[KEEP], set(), early, "the last layer")
+    _check_refs(sg.segs[keep], set(), early, "the last layer")
     _check_refs(sg.post, set(sg.segs[0]), early | set(sg.segs[t]), "the code after the layers")
-    for rel in sg.attrs[KEEP]:
+    for rel in sg.attrs[keep]:
         if rel not in sg.attrs[t]:
             raise Unsupported("the last layer reads other parameters")
     n_attrs_t = sg.attrs[t]
@@ -187,8 +188,8 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
     tpl = sg.segs[t]
     tpl_pos = {n: i for i, n in enumerate(tpl)}
     prev_pos = {n: i for i, n in enumerate(sg.segs[t - 1])}
-    last_seg = set(sg.segs[KEEP])
-    attr_rel = {n: rel for rel, n in sg.attrs[KEEP].items()}
+    last_seg = set(sg.segs[keep])
+    attr_rel = {n: rel for rel, n in sg.attrs[keep].items()}
     tpl_attr_rel = {n: rel for rel, n in n_attrs_t.items()}
 
     new = fx.Graph()
@@ -205,7 +206,7 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
     def emit_copies() -> None:
         nonlocal copies_prev
         prev = [env[n] for n in tpl]
-        for i in range(KEEP, last):
+        for i in range(keep, last):
             here: dict[fx.Node, fx.Node] = {}
 
             def arg(a: fx.Node, i: int = i, here: dict = here, prev: list = prev) -> fx.Node:
@@ -236,27 +237,27 @@ def _expand(gm: fx.GraphModule, g: fx.Graph, model: nn.Module, stack: Stack) -> 
                 return copies_prev[tpl_pos[a]] if in_last and a in tpl_pos else env[a]
             c = new.create_node(node.op, node.target, fx.map_arg(node.args, arg),
                                 fx.map_arg(node.kwargs, arg), name=node.name, type_expr=node.type)
-            c.meta = _rename_stack(node.meta, stack.layer(KEEP), stack.layer(last)) \
+            c.meta = _rename_stack(node.meta, stack.layer(keep), stack.layer(last)) \
                 if in_last else node.meta
             env[node] = c
             continue
         env[node] = new.node_copy(node, lambda a: env[a])
         if node in groups:
-            for i in range(KEEP, last):
+            for i in range(keep, last):
                 layer_attrs.setdefault(i, {}).update(
                     {tpl_attr_rel[n]: attr(f"{stack.layer(i)}.{tpl_attr_rel[n]}", n) for n in groups[node]})
         if tpl and node is tpl[-1]:
             emit_copies()
-    # parameters, buffers (and tensor attributes the graph reads) of layers KEEP..L-1 under
+    # parameters, buffers (and tensor attributes the graph reads) of layers keep..L-1 under
     # their own names, where the cut model's last layer was
     container = gm.get_submodule(stack.path)
     src = list(model.get_submodule(stack.path)._modules.values())
     mods: dict[str, nn.Module] = {}
     for k, v in container._modules.items():
-        if k != str(KEEP):
+        if k != str(keep):
             mods[k] = v
             continue
-        for i in range(KEEP, stack.size):
+        for i in range(keep, stack.size):
             holder = nn.Module()
             for rel, p in src[i].named_parameters():
                 _attach(holder, rel, p, "param")
@@ -299,10 +300,10 @@ def _attach(root: nn.Module, dotted: str, t: Any, kind: str) -> None:
 
 def capture_cut(model: nn.Module, args: tuple, kwargs: dict, stacks: tuple[Stack, ...],
                 export: Callable[[nn.Module, tuple, dict], Any]) -> tuple[fx.GraphModule, fx.Graph]:
-    """The model's graph, exported with each stack cut to KEEP + 1 layers and replicated:
+    """The model's graph, exported with each stack cut to keep + 1 layers and replicated:
     the exported module (the layers' parameters attached) and the full graph, which the
     caller installs (``gm.graph = ...`` recompiles the module's code: once is enough)."""
-    stacks = tuple(s for s in stacks if s.size > KEEP + 1)
+    stacks = tuple(s for s in stacks if s.size > s.keep + 1)
     if not stacks:
         raise Unsupported("no stack deeper than the layers a cut capture keeps")
     try:

@@ -3,7 +3,11 @@
 A *stack* is a module whose children are named 0, 1, ..., L-1 (``nn.ModuleList``,
 ``nn.Sequential``) and are structurally identical: same class, same submodules, same
 parameter and buffer names, shapes, dtypes and ``requires_grad``, none shared with another
-module. Names mean nothing here; the test is the module tree.
+module. Names mean nothing here; the test is the module tree. A container whose first
+``start`` children differ from a long identical run after them (DeepSeek-V3: 3 dense layers,
+then 58 MoE) is a stack from ``start`` on: its first layers are exported as they are, as if
+they were code before the stack, and every "layer 0, 1, 2" below reads "layer start, start +
+1, start + 2".
 
 torch.export costs about 0.15 s per Llama-70B layer on a 2-core machine (fake tensors,
 symbolic shapes, fx bookkeeping), so capture exports the model with every stack of more than
@@ -64,9 +68,17 @@ class Unsupported(Exception):
 class Stack:
     path: str  # module path of the container, e.g. "model.layers"
     size: int  # number of layers
+    # layers 0..start-1 differ from the rest (DeepSeek-V3's first 3 dense layers before its
+    # 58 MoE ones): a cut capture exports them as they are, and layers start.. are the stack
+    start: int = 0
 
     def layer(self, i: int) -> str:
         return f"{self.path}.{i}" if self.path else str(i)
+
+    @property
+    def keep(self) -> int:
+        """Layers exported before the last one; layer keep - 1 is the template."""
+        return self.start + KEEP
 
 
 def _signature(m: nn.Module) -> tuple:
@@ -95,15 +107,20 @@ def find_stacks(model: nn.Module, min_size: int = 2) -> tuple[Stack, ...]:
         if any(mods[id(sub)] != 1 for k in kids for sub in k.modules()) or \
                 any(tensors[id(t)] != 1 for k in kids for t in (*k.parameters(), *k.buffers())):
             continue  # a layer shares a module or tensor with another: not replicable
-        sig = _signature(kids[0])
-        if all(_signature(k) == sig for k in kids[1:]):
+        sigs = [_signature(k) for k in kids]
+        start = len(kids) - 1  # the longest run of identical layers that ends the container
+        while start > 0 and sigs[start - 1] == sigs[-1]:
+            start -= 1
+        if start == 0:
             stacks.append(Stack(path, len(kids)))
+        elif len(kids) - start > KEEP + 1:  # a different prefix: worth it only for a long run
+            stacks.append(Stack(path, len(kids), start))
     return tuple(stacks)
 
 
 def kept(stack: Stack) -> list[int]:
     """Original layer index of each layer in the cut model."""
-    return list(range(KEEP)) + [stack.size - 1]
+    return list(range(stack.keep)) + [stack.size - 1]
 
 
 @contextmanager
