@@ -28,7 +28,7 @@ from autotp.core.meta import TensorMeta
 from autotp.core.options import ADAM_FP32_BYTES
 from autotp.errors import AutoTPInternalError
 from autotp.core.placements import Placement, Replicate, Shard, make_shard
-from autotp.rules import (DimMap, OpCall, Strategy, label_units, replicate_only, rule_for, strategies_from_dims)
+from autotp.rules import (DimMap, OpCall, Strategy, label_units, op_info, replicate_only, rule_for, strategies_from_dims)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class NodeCands:
     op: str
     target: object = None  # the ATen op (call_function) or attribute path (get_attr)
     fallback: bool = False  # no sharding rule, or its rule raised: replicated
+    flops: float | None = None  # global forward FLOPs from the call (registry ``call_flops``)
 
 
 @dataclass(frozen=True)
@@ -308,9 +309,17 @@ class _Build:
                 if node.name not in self.broken and n > 1 and \
                         any(_static_shard(self.nodes[v[0]], v[1]) for v in slots if v[0] in self.nodes):
                     self.unruled[_op_name(node)].append(module_path(node) or "<root>")
+        flops = None
+        info = op_info(node.target) if node.op == "call_function" else None
+        if info is not None and info.call_flops is not None and node.name in self.calls:
+            try:
+                flops = float(info.call_flops(self.calls[node.name]))
+            except Exception:  # noqa: BLE001 - a cost estimate: the op then costs no compute
+                flops = None
         return NodeCands(node.name, kind, slots, slot_names, strategies, outs, module_path(node),
                          _op_name(node),
-                         node.target if node.op in ("call_function", "get_attr") else None, fallback)
+                         node.target if node.op in ("call_function", "get_attr") else None, fallback,
+                         flops)
 
     def _param_strategies(self, node: fx.Node, m: TensorMeta) -> list[Strategy]:
         n = self.n

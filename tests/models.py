@@ -65,6 +65,24 @@ class SortedExperts(nn.Module):
         return y[torch.argsort(perm)].view(x.shape)
 
 
+class EinsumAttention(nn.Module):
+    """Attention written with torch.einsum, weights shaped (hidden, heads, head_dim) and
+    (heads, head_dim, hidden), and an einsum MLP with an ellipsis."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8, h: int = 64):
+        super().__init__()
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, heads, head_dim) / d ** 0.5) for _ in range(3))
+        self.wo = nn.Parameter(torch.randn(heads, head_dim, d) / d ** 0.5)
+        self.w1 = nn.Parameter(torch.randn(d, h) / d ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(h, d) / h ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (torch.einsum("bsm,mhd->bhsd", x, w) for w in (self.wq, self.wk, self.wv))
+        a = torch.softmax(torch.einsum("bhsd,bhtd->bhst", q, k) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + torch.einsum("bhst,bhtd,hdm->bsm", a, v, self.wo)
+        return x + torch.einsum("...h,hm->...m", F.gelu(torch.einsum("...m,mh->...h", x, self.w1)), self.w2)
+
+
 def _float_inputs(d: int):
     return lambda b, s: ((torch.randn(b, s, d),), {})
 
@@ -86,6 +104,8 @@ def build(name: str, seed: int = 0):
         return Odd(), (torch.randn(2, 3, 6),), {}, _float_inputs(6)
     if name == "strided":
         return StridedMLP(), (torch.randn(2, 3, 32),), {}, _float_inputs(32)
+    if name == "einsum":
+        return EinsumAttention(), (torch.randn(2, 3, 32),), {}, _float_inputs(32)
     if name == "experts":
         return SortedExperts(), (torch.randn(2, 3, 16),), {}, _float_inputs(16)
     if name == "nanogpt":
@@ -113,7 +133,7 @@ def first_tensor(out) -> torch.Tensor:
     return out[0]
 
 
-MODELS = ["mlp", "odd", "strided", "experts", "nanogpt", "gpt2", "llama", "bert"]
+MODELS = ["mlp", "odd", "strided", "experts", "einsum", "nanogpt", "gpt2", "llama", "bert"]
 UNEVEN = {"gpt2_v257": (lambda seed: hf_models.gpt2(vocab=257, seed=seed), 257),
           "llama_h4": (lambda seed: hf_models.llama(heads=4, kv_heads=2, hidden=64, seed=seed), 256)}
 

@@ -148,10 +148,11 @@ def test_uneven_splits_match_single_device(head_split: bool) -> None:
             assert place.dim == 0 and local_sizes(place, 2 * rows[0], 3) == rows, (proj, place)
 
 
-def test_strided_and_chunked_projections_at_world_3() -> None:
+def test_strided_chunked_and_einsum_projections_at_world_3() -> None:
     """A fused projection cut by a stride (h[..., ::2], h[..., 1::2]) or by chunk, with
-    tokens gathered by index: split at 3 ranks too, and exact (checked in _check_models)."""
-    names = ["strided", "experts"]
+    tokens gathered by index, and attention written with einsum: split at 3 ranks too, and
+    exact (checked in _check_models)."""
+    names = ["strided", "experts", "einsum"]
     reports = run_ranks(_check_models, 3, names)
     for name in names:
         per_rank = [rep[name]["local"] for rep in reports]

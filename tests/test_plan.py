@@ -264,6 +264,24 @@ def test_strided_halves_of_a_fused_projection_split() -> None:
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_einsum_splits_on_its_letters() -> None:
+    """torch.einsum's equation is the labelling: attention with (hidden, heads, head_dim)
+    weights splits on heads as Megatron's (one all-reduce), the einsum MLP column then row
+    (one more); FLOPs come from the equation (2 x the product of the letters' sizes)."""
+    from models import EinsumAttention
+    from autotp.runtime.api import plan_details
+    torch.manual_seed(0)
+    model, x = EinsumAttention(), torch.randn(2, 3, 32)
+    pd = plan_details(model, (x,), world_size=2, objective="memory")
+    assert {p.name: p.placement for p in pd.plan.params} == {
+        "wq": "S(1)", "wk": "S(1)", "wv": "S(1)", "wo": "S(0)", "w1": "S(1)", "w2": "S(0)"}
+    assert pd.plan.count(phase="forward") == pd.plan.count("all_reduce", "forward") == 2
+    flops = sorted(nc.flops for nc in pd.candidates.nodes.values() if nc.op == "aten.einsum.default")
+    assert flops[-1] == 2 * 2 * 3 * 3 * 4 * 8 * 32  # b s t h d m of the three-operand einsum
+    for out in autotp.simulate(model, (x,), world_size=2, objective="memory"):
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_shared_pieces_layout_and_conversions() -> None:
     """``Shard(rep=k)``: n / k pieces, each held by k consecutive ranks; a split inside a
     shared piece is a local slice, anything else a gather (core/placements.py)."""

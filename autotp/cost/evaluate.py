@@ -48,7 +48,7 @@ def _node_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) ->
     if nc.kind is not NodeKind.OP:
         return 0.0
     ins = tuple(c.nodes[v[0]].metas[v[1]] for v in nc.slots)
-    return compute_time(nc.target, ins, nc.metas, nc.strategies[s], c.world_size, spec, mode)
+    return compute_time(nc.target, ins, nc.metas, nc.strategies[s], c.world_size, spec, mode, nc.flops)
 
 
 def _dp_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> float:

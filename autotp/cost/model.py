@@ -176,20 +176,21 @@ def op_flops(target: object, ins: tuple, outs: tuple) -> float:
 
 
 def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n: int,
-                 spec: DeviceSpec, mode: str) -> float:
+                 spec: DeviceSpec, mode: str, flops: float | None = None) -> float:
     """Roofline time of one op on one rank. Elementwise, view and normalization ops are taken
     as fused into their producer (as torch.compile does), so they cost nothing here: a plan
     never pays a collective to save an elementwise pass. Compute ops are those registered
-    with a ``flops`` fact (rules/: matmuls, attention, embedding)."""
+    with a ``flops`` fact (rules/: matmuls, attention, embedding), or whose FLOPs the node
+    knows (``flops``: an einsum's, from its equation)."""
     flops_of = op_info(target).flops
-    if not outs or flops_of is None:
+    if not outs or (flops_of is None and flops is None):
         return 0.0
     # the slowest rank sets the time: the largest local share of any split tensor
     fracs = [shard_fraction(p, m.shape, n)
              for p, m in zip((*strategy.inputs, *strategy.outputs()), (*ins, *outs))
              if m is not None and isinstance(p, Shard)]
     frac = max(fracs) if fracs else 1.0
-    flops = flops_of(ins, outs) * frac
+    flops = (flops if flops is not None else flops_of(ins, outs)) * frac
     nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) * frac
     dtype = outs[0].dtype if outs[0] is not None else torch.float32
     t = max(flops / spec.peak_flops(dtype), nbytes / spec.memory_bandwidth)

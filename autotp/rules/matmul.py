@@ -5,6 +5,8 @@ head and vocab splits are all this one rule applied to different labels.
 Biases are separate adds by the time rules run (capture/__init__.py splits off every op registered with
 ``unbias``: linear, addmm), so a Partial output never has a bias added on every rank.
 
+einsum is the same rule read off its equation (each letter a label).
+
 Facts: FLOPs are ``matmul_flops`` (2 K per output element); linear and mm are shown in plan
 tables, their weight split worded column/row (bmm and matmul rarely take a parameter and are
 not shown)."""
@@ -94,3 +96,66 @@ def _grouped_mm(call: OpCall) -> DimMap | None:
     offs = tuple((None,) * len(m.shape) for m in call.inputs[2:])
     return DimMap(inputs=((None, "k"), (None, "k", "n")) + offs, outputs=((None, "n"),),
                   contract=frozenset({"k"}), partial_any=(0, 1))
+
+
+# einsum: the equation is the labelling. Each letter is a label; letters missing from the
+# output are contracted (split: Partial output); "..." dims align from the right; a dim of size
+# 1 against a larger one broadcasts (None). A letter repeated inside one operand (a diagonal)
+# gets no rule. FLOPs: 2 x the product of every letter's size (one multiply-add per term) for
+# two or more operands, one per input element for one.
+def _einsum_terms(call: OpCall) -> tuple[list[list], list] | None:
+    eq = call.arg(0, "equation").replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(call.inputs):
+        return None
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        letters = [ch for t in terms for ch in t if ch.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    ell = [len(m.shape) - len(t.replace("...", "")) if "..." in t else 0 for t, m in zip(terms, call.inputs)]
+    n_ell = max(ell, default=0)
+
+    def expand(t: str, k: int) -> list:
+        head, dots, tail = t.partition("...")
+        return list(head) + ([("...", j) for j in range(n_ell - k, n_ell)] if dots else []) + list(tail)
+    ins = [expand(t, k) for t, k in zip(terms, ell)]
+    outl = expand(out, n_ell)
+    if any(len(set(t)) != len(t) for t in (*ins, outl)) or \
+            any(len(t) != len(m.shape) for t, m in zip(ins, call.inputs)):
+        return None
+    return ins, outl
+
+
+def _einsum_sizes(call: OpCall, ins: list[list]) -> dict:
+    sizes: dict = {}
+    for t, m in zip(ins, call.inputs):
+        for lab, s in zip(t, m.shape):
+            if not isinstance(s, int) or s != 1:
+                sizes[lab] = s
+            else:
+                sizes.setdefault(lab, 1)
+    return sizes
+
+
+def einsum_flops(call: OpCall) -> float:
+    got = _einsum_terms(call)
+    if got is None or len(call.inputs) < 2:
+        return float(sum(m.numel for m in call.inputs))
+    total = 1.0
+    for s in _einsum_sizes(call, got[0]).values():
+        total *= float(s)
+    return 2.0 * total
+
+
+@register(aten.einsum.default, call_flops=einsum_flops)
+def _einsum(call: OpCall) -> DimMap | None:
+    got = _einsum_terms(call)
+    if got is None:
+        return None
+    ins, outl = got
+    sizes = _einsum_sizes(call, ins)
+    labelled = tuple(tuple(None if (s == 1 and sizes[lab] != 1) else lab for lab, s in zip(t, m.shape))
+                     for t, m in zip(ins, call.inputs))
+    contract = frozenset(lab for t in ins for lab in t if lab not in outl)
+    return DimMap(inputs=labelled, outputs=(tuple(outl),), contract=contract,
+                  partial_any=tuple(range(len(ins))))

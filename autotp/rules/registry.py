@@ -246,6 +246,8 @@ class OpInfo:
     - ``rule``: its sharding rule; None runs it replicated (candidates.py warns).
     - ``flops``: global forward FLOPs from its metas; None means the op is taken as fused
       into its producer and costs 0 s (elementwise, views, norms: cost.compute_time).
+    - ``call_flops``: the same from the whole call, for an op whose metas do not say it
+      (einsum: the equation does); computed once per node (``NodeCands.flops``).
     - ``view``: its output aliases its input, so it keeps no activation memory.
     - ``keeps``: whether its backward keeps its inputs (cost.saves_inputs).
     - ``mode_sensitive``: the node differs in train and eval mode (dropout, batch_norm).
@@ -263,6 +265,7 @@ class OpInfo:
 
     rule: Rule | None = None
     flops: Flops | None = None
+    call_flops: Callable[[OpCall], float] | None = None
     view: bool = False
     keeps: Keeps = keeps_inputs
     mode_sensitive: ModeCheck = never_mode_sensitive
