@@ -524,6 +524,23 @@ def _modes_md(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _frontier_md(res: dict[str, Any]) -> list[str]:
+    from benchmarks.plan_time import solver_status
+    out = ["Meta device, bf16, inference, input 1 × 2048, `autotp.plan_details` wall time by stage "
+           "(`benchmarks/frontier.py`). Targets: ≤ 10 s; with `objective=\"memory\"` also params "
+           "per rank ≤ 1.001 × total/N.", "",
+           "| shape | layers | deployment | objective | capture s | strategies s | solve s | total s | "
+           "nodes | params/rank vs total/N | solver | target |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ok = r["total_s"] <= 10 and (r["objective"] != "memory" or r["params_vs_total_over_n"] <= 1.001)
+        out.append(f"| {r['shape']} | {r['layers']} | {r['world_size']} × {r['device']} | {r['objective']} | "
+                   f"{r['capture_s']:.1f} | {r['strategies_s']:.1f} | {r['solve_s']:.1f} | {r['total_s']:.1f} | "
+                   f"{r['nodes']} | {r['params_vs_total_over_n']:.4f}× | {solver_status(r)} | "
+                   f"{'met' if ok else '**missed**'} |")
+    return out
+
+
 def _part_machine(part: dict[str, Any]) -> list[str]:
     m = part.get("machine")
     wall = f" ({part['wall_s']:.0f} s)" if "wall_s" in part else ""
@@ -628,6 +645,9 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
             text = peer_report(p["decode"]["peer_hf"]).splitlines()
             md += ["Against transformers' own tensor parallelism (`from_pretrained(dir, tp_plan=\"auto\")`, "
                    "`benchmarks/peer_hf_tp.py`): " + text[0], ""] + text[1:] + [""]
+    if "frontier" in p:
+        md += ["## 8. Plan time of the frontier shapes", ""] + _part_machine(p["frontier"])
+        md += _frontier_md(p["frontier"]) + [""]
     md += ["## Reproduce", "",
            "```bash",
            "pip install -e '.[bench]'            # matplotlib, tensor_parallel",
@@ -636,6 +656,6 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
            "python benchmarks/run.py --from-json # redraw this page from benchmarks/results.json",
            "```", "",
            "Each part also runs alone and prints its tables: `benchmarks/runtime.py`, "
-           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`, `decode.py`.", ""]
+           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`, `decode.py`, `frontier.py`.", ""]
     with open(md_path, "w") as f:
         f.write("\n".join(md))

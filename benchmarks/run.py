@@ -4,7 +4,7 @@ accuracy after calibration, and the recapture cost of other modes and call struc
 cost of dropout that draws like one device. Prints each part's table, stores everything in
 benchmarks/results.json and writes docs/benchmarks.md with plots in docs/benchmarks/.
 
-    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes decode]
+    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes decode frontier]
     python benchmarks/run.py --from-json      # redraw the report from benchmarks/results.json
 
 The full run takes about 20 minutes on a 2-core machine; --quick about 5."""
@@ -19,10 +19,11 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import collectives, decode, modes, peer_hf_tp, plan_quality, plan_time, report, runtime  # noqa: E402
+from benchmarks import (collectives, decode, frontier, modes, peer_hf_tp, plan_quality, plan_time,  # noqa: E402
+                        report, runtime)
 from benchmarks.common import ROOT, describe, load_average, machine  # noqa: E402
 
-PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode")
+PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode", "frontier")
 
 
 def run_part(name: str, quick: bool, peer: bool) -> dict:
@@ -50,6 +51,10 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
             print(peer_hf_tp.report(res["peer_hf"]))
         except ImportError:
             res["peer_hf"] = None
+    elif name == "frontier":  # the largest shapes: plan time and params per rank, both objectives
+        shapes = ["llama70b"] if quick else list(frontier.SHAPES)
+        res = {"rows": [frontier.plan_shape(s, obj) for obj in ("time", "memory") for s in shapes]}
+        print(frontier.report(res["rows"]))
     else:
         res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)
