@@ -69,6 +69,8 @@ def _job(rank: int, world: int) -> dict:
             err = _compare(ref, out)
             assert err < TOL, (name, ids.shape, err)
             sv = tp._serving[(ids.shape[0], 64, False)]
+            # no rank keeps the whole cache besides its pieces once both programs exist
+            assert all(b.device.type == "meta" for n, b in sv.wrapper.named_buffers() if "autotp_cache_" in n)
             report[(name, ids.shape[0])] = dict(
                 err=err, tokens=out.sequences, cache=sv.cache_bytes, total=sv.plans["decode"].state_bytes_total,
                 plan=[sv.plans[w].state_bytes_per_rank for w in ("prefill", "decode")],

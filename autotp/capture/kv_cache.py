@@ -78,6 +78,17 @@ class CachedLM(nn.Module):
     def cache_buffers(self) -> list[str]:
         return [n for n, _ in self.named_buffers() if n.startswith("autotp_cache_")]
 
+    def release(self) -> None:
+        """Drop the full-size cache tensors once every program is captured: each rank's
+        programs hold their own pieces (rewrite edit 1b), so keeping these would cost every
+        rank a whole cache. Meta tensors of the same shapes stay for the record."""
+        for name in self.cache_buffers():
+            self.register_buffer(name, torch.empty_like(getattr(self, name), device="meta"), persistent=False)
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys = getattr(self, f"autotp_cache_k{i}")
+            layer.values = getattr(self, f"autotp_cache_v{i}")
+            layer.cumulative_length = getattr(self, f"autotp_cache_n{i}")
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         # the layers read this module's buffers as they are now (torch.export swaps in fakes)

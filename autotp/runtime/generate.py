@@ -233,6 +233,7 @@ def generate(pm: "ParallelModule", input_ids: torch.Tensor, attention_mask: torc
             args = (nxt[:, None], mask, pos, torch.tensor(at, device=device))
             if sv.decode is None:
                 sv.decode = _program(pm, sv, "decode", args)
+                sv.wrapper.release()  # both programs hold their pieces: no rank keeps a whole cache
             logits = sv.decode(*args)
     if not gc.return_dict_in_generate:
         return ids
