@@ -84,6 +84,10 @@ class CachedLM(nn.Module):
         rank a whole cache. Meta tensors of the same shapes stay for the record."""
         for name in self.cache_buffers():
             self.register_buffer(name, torch.empty_like(getattr(self, name), device="meta"), persistent=False)
+        self._bind_layers()
+
+    def _bind_layers(self) -> None:
+        """Point transformers' cache layers at this module's buffers as they are now."""
         for i, layer in enumerate(self.cache.layers):
             layer.keys = getattr(self, f"autotp_cache_k{i}")
             layer.values = getattr(self, f"autotp_cache_v{i}")
@@ -91,11 +95,8 @@ class CachedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        # the layers read this module's buffers as they are now (torch.export swaps in fakes)
-        for i, layer in enumerate(self.cache.layers):
-            layer.keys = getattr(self, f"autotp_cache_k{i}")
-            layer.values = getattr(self, f"autotp_cache_v{i}")
-            layer.cumulative_length = getattr(self, f"autotp_cache_n{i}")
+        self._bind_layers()  # torch.export swaps fakes in for the buffers
+        for layer in self.cache.layers:
             layer.cumulative_length.copy_(start)
         extra = {"logits_to_keep": 1} if self._keep_one else {}
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -163,13 +163,10 @@ def _split_sizes(call: OpCall) -> tuple[int, list[int]]:
     meta = call.inputs[0]
     r = len(meta.shape)
     d = call.arg(2, "dim", 0) % r
-    if call.node.target is aten.chunk.default:  # torch.chunk's sizes: ceil(total / chunks) each
-        total = meta.shape[d]
-        if not isinstance(total, int):
-            return d, [total]  # a dynamic dim: no blocks
-        c = -(-total // call.arg(1, "chunks"))
-        return d, [c] * (total // c) + ([total % c] if total % c else [])
-    size_arg = call.arg(1, "split_size")
+    if call.node.target is aten.chunk.default:  # torch.chunk: split in ceil(total / chunks)
+        size_arg = -(-meta.shape[d] // call.arg(1, "chunks"))
+    else:
+        size_arg = call.arg(1, "split_size")
     if isinstance(size_arg, int):
         total = meta.shape[d]
         sizes = [size_arg] * (total // size_arg) + ([total % size_arg] if total % size_arg else [])
