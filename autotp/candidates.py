@@ -10,6 +10,7 @@ producer. Nodes without tensor outputs (``sym_size``, input guards) are left as 
 """
 from __future__ import annotations
 
+
 import logging
 import operator
 import re
@@ -74,9 +75,10 @@ class Candidates:
     # nodes in graph order: the solver solves runs of identical layers once (solve/runs.py)
     layers: tuple[tuple[tuple[str, ...], ...], ...] = ()
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # solver tables
-    # the two plan options the cost model reads, set once by build() (PlanOptions has them all)
+    # the plan options the cost model reads, set by build() (PlanOptions has them all)
     dp_size: int = 1  # data-parallel replicas of this tensor-parallel group (a 2-D mesh)
     optimizer_bytes: float = ADAM_FP32_BYTES  # training: optimizer state per trained parameter element
+    dp_mode: str = "ddp"  # how the replicas hold the shards: "ddp" or "fsdp" (never "auto" here)
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
@@ -164,9 +166,11 @@ def _static_shard(nc: NodeCands, oi: int) -> bool:
 
 
 def build(captured: Captured, world_size: int, *, dp_size: int = 1,
-          optimizer_bytes: float = ADAM_FP32_BYTES, shared_pieces: bool = False) -> Candidates:
-    """The candidates of every node of ``captured`` at ``world_size``; ``dp_size`` and
-    ``optimizer_bytes`` are the options the cost model reads (see ``options.PlanOptions``).
+          optimizer_bytes: float = ADAM_FP32_BYTES, shared_pieces: bool = False,
+          dp_mode: str = "ddp") -> Candidates:
+    """The candidates of every node of ``captured`` at ``world_size``; ``dp_size``,
+    ``dp_mode`` ("ddp" or "fsdp") and ``optimizer_bytes`` are the options the cost model reads
+    (see ``options.PlanOptions``).
     ``shared_pieces`` (inference only): also offer splits whose pieces several ranks share
     (key/value heads fewer than ranks, ``Shard(rep=k)`` in core/placements.py).
 
@@ -181,7 +185,7 @@ def build(captured: Captured, world_size: int, *, dp_size: int = 1,
     bd.grains = _grain_hints(bd.order, bd.calls, bd.dims, captured.metas, bd.value_of, world_size)
     for node in bd.order:
         bd.nodes[node.name] = bd.strategies(node)
-    return bd.finish(dp_size, optimizer_bytes)
+    return bd.finish(dp_size, optimizer_bytes, dp_mode)
 
 
 class _Build:
@@ -353,7 +357,7 @@ class _Build:
             found = None if extra is None else found + [s for s in extra if s not in found]
         return found
 
-    def finish(self, dp_size: int, optimizer_bytes: float) -> Candidates:
+    def finish(self, dp_size: int, optimizer_bytes: float, dp_mode: str = "ddp") -> Candidates:
         """Gradient flags, consumers, the warnings, the stage invariant; the Candidates."""
         gm, nodes = self.captured.gm, self.nodes
         needs_grad: set[str] = set(self.captured.inputs_requiring_grad)
@@ -380,7 +384,7 @@ class _Build:
         return Candidates(self.captured, self.n, nodes, self.followers, dict(consumers),
                           dict(self.unruled), frozenset(needs_grad),
                           _layer_units(nodes, self.captured.stacks), dp_size=dp_size,
-                          optimizer_bytes=optimizer_bytes)
+                          optimizer_bytes=optimizer_bytes, dp_mode=dp_mode)
 
 
 def _check_replicate_first(nodes: dict) -> None:

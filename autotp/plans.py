@@ -67,6 +67,12 @@ class Plan:
     state: tuple[ParamShard, ...] = ()
     state_bytes_per_rank: int = 0
     state_bytes_total: int = 0
+    # the data-parallel axis: replicas of this tensor-parallel group, how they hold its shards
+    # ("ddp": a full copy each; "fsdp": FSDP2 across them; "none" for one replica), and the
+    # part of comm_time_s it costs per step (training)
+    dp_size: int = 1
+    dp_mode: str = "none"
+    dp_time_s: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -131,4 +137,5 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
                 int(round(ev.activation_bytes)),
                 int(round(ev.memory_bytes + unused)), tuple(seq), tuple(state),
                 int(round(ev.state_bytes)), sum(c.nodes[n].metas[0].nbytes for n in c.nodes
-                                                if c.nodes[n].kind is NodeKind.STATE))
+                                                if c.nodes[n].kind is NodeKind.STATE),
+                c.dp_size, c.dp_mode if c.dp_size > 1 else "none", ev.dp_s)

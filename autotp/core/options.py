@@ -16,9 +16,11 @@ if TYPE_CHECKING:
 
 Mode = Literal["training", "inference"]
 Objective = Literal["time", "memory"]
+DpMode = Literal["auto", "ddp", "fsdp"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+DP_MODES: tuple[str, ...] = get_args(DpMode)
 ADAM_FP32_BYTES = 8.0
 
 
@@ -33,7 +35,11 @@ class PlanOptions:
     bytes per rank, then fastest). ``memory_budget``: bytes per rank (None: the device's
     memory). ``optimizer_bytes``: optimizer state per trained parameter element (8: Adam's two
     fp32 moments). ``dp_size``: data-parallel replicas of the group, whose gradient all-reduce
-    counts in training. ``time_limit``: seconds per MILP solve (None: the solver's default).
+    counts in training. ``dp_mode``: how those replicas hold the group's shards: "ddp" (each a
+    full copy of its tensor-parallel shard, gradients all-reduced), "fsdp" (FSDP2's
+    ``fully_shard`` over the data-parallel dim: parameters, gradients and optimizer state
+    divided across the replicas, gathered for the step), "auto" (the faster of the two that
+    fits; cost/model.py prices both). ``time_limit``: seconds per MILP solve (None: the solver's default).
     """
 
     world_size: int
@@ -43,6 +49,7 @@ class PlanOptions:
     memory_budget: float | None = None
     optimizer_bytes: float = ADAM_FP32_BYTES
     dp_size: int = 1
+    dp_mode: DpMode = "auto"
     time_limit: float | None = None
 
     def __post_init__(self) -> None:
@@ -55,6 +62,8 @@ class PlanOptions:
             raise AutoTPError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.objective not in OBJECTIVES:
             raise AutoTPError(f"objective must be 'time' or 'memory', got {self.objective!r}")
+        if self.dp_mode not in DP_MODES:
+            raise AutoTPError(f"dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise AutoTPError(f"memory_budget must be a positive number of bytes, got {self.memory_budget!r}")
         if not self.optimizer_bytes >= 0:

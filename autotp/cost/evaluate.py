@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 
-from autotp.cost.model import (Transition, compute_time, dp_grad_sync_time, local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time, state_bytes, working_bytes)
+from autotp.cost.model import (Transition, compute_time, dp_grad_sync_time, dp_step_latency, fsdp_state_bytes, fsdp_sync_time, local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time, state_bytes, working_bytes)
 from autotp.cost.devices import DeviceSpec
 from autotp.core.placements import Placement
 from autotp.candidates import Candidates, Value, NodeKind
@@ -37,6 +37,7 @@ class Evaluation:
     activation_bytes: float = 0.0  # per rank: saved for the backward, or the inference peak
     memory_bytes: float = 0.0  # per rank: state (params, grads, optimizer, KV cache) + activations
     state_bytes: float = 0.0  # per rank: buffers the program writes in place (a KV cache)
+    dp_s: float = 0.0  # of comm_s: data parallelism across replicas (DDP or FSDP, ``_dp_time``)
 
     @property
     def time_s(self) -> float:
@@ -52,10 +53,21 @@ def _node_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) ->
 
 
 def _dp_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> float:
-    """Data-parallel gradient all-reduce of a trained parameter, at its local size."""
-    if c.dp_size <= 1 or mode != "training" or name not in c.needs_grad:
+    """Data parallelism across ``c.dp_size`` replicas in training, at the parameter's local
+    size: DDP's gradient all-reduce of a trained parameter, or FSDP's all-gather of every
+    parameter and reduce-scatter of a trained one's gradient (``c.dp_mode``)."""
+    if c.dp_size <= 1 or mode != "training" or c.nodes[name].kind is not NodeKind.PARAM:
+        return 0.0
+    if c.dp_mode == "fsdp":
+        return fsdp_sync_time(_param_mem(c, name, s), c.dp_size, spec, name in c.needs_grad)
+    if name not in c.needs_grad:
         return 0.0
     return dp_grad_sync_time(_param_mem(c, name, s), c.dp_size, spec)
+
+
+def _dp_latency(c: Candidates, spec: DeviceSpec, mode: str) -> float:
+    """Data parallelism's per-step latency, the same for every plan of ``c``."""
+    return dp_step_latency(c.dp_mode, c.dp_size, spec) if mode == "training" else 0.0
 
 
 def _param_mem(c: Candidates, name: str, s: int) -> float:
@@ -116,6 +128,9 @@ def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
         return state_mem(c, name, s)
     if nc.kind is not NodeKind.PARAM:
         return 0.0
+    if c.dp_mode == "fsdp" and c.dp_size > 1 and mode == "training":
+        return fsdp_state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
+                                name in c.needs_grad, c.dp_size, c.optimizer_bytes)
     return state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
                        name in c.needs_grad, c.optimizer_bytes)
 
@@ -142,7 +157,7 @@ def time_lower_bound(c: Candidates, spec: DeviceSpec, mode: str = "training") ->
     and no collective (``evaluate``'s time is compute + collectives, each a sum of
     nonnegative terms, and a node's compute is at least its fastest strategy's)."""
     return sum(min(_node_time(c, name, s, spec, mode) for s in range(len(nc.strategies)))
-               for name, nc in c.nodes.items() if nc.strategies)
+               for name, nc in c.nodes.items() if nc.strategies) + _dp_latency(c, spec, mode)
 
 
 def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "training") -> Evaluation | None:
@@ -170,7 +185,8 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
         edges.append(EdgeCost(value, p, q, g, tuple(cons), t, nbytes,
                               transition_time(t, nbytes, c.world_size, spec, _edge_mode(c, value, mode),
                                               pad)))
-    comm = sum(e.time_s for e in edges) + sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items())
+    dp = sum(_dp_time(c, v, s, spec, mode) for v, s in choice.items()) + _dp_latency(c, spec, mode)
+    comm = sum(e.time_s for e in edges) + dp
     act, total = memory_bytes(c, choice, mode)
     return Evaluation(compute, comm, mem, tuple(edges), act, total,
-                      sum(state_mem(c, v, s) for v, s in choice.items()))
+                      sum(state_mem(c, v, s) for v, s in choice.items()), dp)

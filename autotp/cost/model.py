@@ -28,6 +28,9 @@ Memory per rank (``memory_bytes``) is the persistent state plus activations:
                  one copy per (value, placement) however many ops read it
     inference  parameter bytes + the largest working set of one op (its inputs and output,
                ``working_bytes``)
+    FSDP       across ``dp`` replicas (``fsdp_state_bytes``): 1/dp of each piece, its
+               gradient and optimizer state, plus the gathered piece and gradient while a
+               step runs (one FSDP unit per program)
 all at local sizes: a value split n ways counts 1/n (the largest rank's share when uneven), a
 Partial value counts whole. Activations are what make Megatron's sequence parallelism pay:
 norms and residual adds on a sequence-split value keep 1/n of their inputs (the all-gathered
@@ -197,15 +200,62 @@ def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n:
     return t * (1 + BACKWARD_COMPUTE_FACTOR if mode == "training" else 1.0)
 
 
+# DDP's default gradient bucket (``bucket_cap_mb=25``): its all-reduces start per bucket
+DDP_BUCKET_BYTES = 25 * 2 ** 20
+
+
+def _inter_link(spec: DeviceSpec) -> tuple[float, float]:
+    """(latency, bandwidth) across nodes; the intra-node link's when the spec gives none."""
+    return spec.inter_latency or spec.latency, spec.inter_link_bandwidth or spec.link_bandwidth
+
+
 def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
-    """Data parallelism across ``dp`` replicas (usually across nodes): one ring all-reduce of a
-    parameter's local gradient per step over the inter-node link (the intra-node link when
-    the spec gives none). A split weight syncs 1/n of the bytes a replicated one does."""
+    """DDP across ``dp`` replicas (usually across nodes): a parameter's local gradient in one
+    ring all-reduce per step over the inter-node link, ``2 (dp-1)/dp * bytes / beta``, and its
+    share of a latency per 25 MiB bucket (DDP all-reduces buckets, not parameters; the step's
+    first latency is ``dp_step_latency``). A split weight syncs 1/n of the bytes a
+    replicated one does."""
     if dp <= 1:
         return 0.0
-    alpha = spec.inter_latency or spec.latency
-    beta = spec.inter_link_bandwidth or spec.link_bandwidth
-    return alpha + 2.0 * (dp - 1) / dp * local_bytes / beta
+    alpha, beta = _inter_link(spec)
+    return alpha * local_bytes / DDP_BUCKET_BYTES + 2.0 * (dp - 1) / dp * local_bytes / beta
+
+
+def fsdp_sync_time(local_bytes: float, dp: int, spec: DeviceSpec, trained: bool) -> float:
+    """FSDP2 (``fully_shard``) across ``dp`` replicas, one unit per program (the rewritten
+    graph reads parameters as attributes, so the whole program is one FSDP unit, and torch
+    keeps a root unit gathered from forward to backward): per step the parameter's local
+    piece in one all-gather (forward) and, when it is trained, its gradient in one
+    reduce-scatter (backward), each ``(dp-1)/dp * bytes / beta`` over the inter-node link,
+    plus FSDP's copy-out of the gathered buffer and copy-in of the gradient (a read and a write
+    of the piece each, at memory bandwidth). The unit's two latencies are
+    ``dp_step_latency``'s. Not overlapped with compute."""
+    if dp <= 1:
+        return 0.0
+    _, beta = _inter_link(spec)
+    one = (dp - 1) / dp * local_bytes / beta + 2.0 * local_bytes / spec.memory_bandwidth
+    return one * (2.0 if trained else 1.0)
+
+
+def dp_step_latency(dp_mode: str, dp: int, spec: DeviceSpec) -> float:
+    """The latency a training step pays for data parallelism whatever the plan: DDP's first
+    bucket all-reduce, FSDP's unit all-gather and reduce-scatter."""
+    if dp <= 1:
+        return 0.0
+    return _inter_link(spec)[0] * (2.0 if dp_mode == "fsdp" else 1.0)
+
+
+def fsdp_state_bytes(param_bytes: float, element_size: int, mode: str, trained: bool, dp: int,
+                     optimizer_bytes: float = ADAM_FP32_BYTES) -> float:
+    """Peak persistent memory of one parameter's local piece under FSDP2 across ``dp``
+    replicas (one unit per program, see ``fsdp_sync_time``): its 1/dp shard, and the gathered
+    piece while the program runs; in training also the gradient gathered-size (until the
+    reduce-scatter) and its 1/dp shard, and 1/dp of the optimizer state."""
+    if mode != "training" or not trained:
+        return param_bytes * (1.0 + 1.0 / dp) if dp > 1 else param_bytes
+    shard = param_bytes / dp
+    return param_bytes * 2.0 + shard * (2.0 + optimizer_bytes / element_size) if dp > 1 else \
+        state_bytes(param_bytes, element_size, mode, trained, optimizer_bytes)
 
 
 def local_bytes(meta, p: Placement, n: int) -> float:

@@ -14,7 +14,7 @@ from autotp.rewrite.collectives import DistComm
 from autotp.core.options import ADAM_FP32_BYTES
 from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, ProcessGroupError
-from autotp.core.options import Mode, Objective, PlanOptions
+from autotp.core.options import DpMode, Mode, Objective, PlanOptions
 from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
     ModeFamily, ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
     on_meta, plan_model, rank0_plan, rank_module, retarget_device)
@@ -43,13 +43,13 @@ def plan_details(model: nn.Module, example_inputs: Any = None, example_kwargs: d
                  world_size: int, device: "str | DeviceSpec" = "h100", objective: Objective = "time",
                  mode: Mode = "training", memory_budget: float | None = None,
                  progress: Callable[[str], Any] | None = None, data_parallel: int = 1,
-                 optimizer_bytes: float = ADAM_FP32_BYTES) -> Planned:
+                 optimizer_bytes: float = ADAM_FP32_BYTES, dp_mode: DpMode = "auto") -> Planned:
     """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
     each stage starts (capture, strategies, solve)."""
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
     options = PlanOptions(world_size=world_size, device=device, mode=mode, objective=objective,
                           memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
-                          dp_size=data_parallel)
+                          dp_size=data_parallel, dp_mode=dp_mode)
     return plan_model(model, args, kwargs, options, progress=progress)
 
 
@@ -66,18 +66,22 @@ def plan_decode(model: nn.Module, input_ids: torch.Tensor, new: int, **plan_kwar
 def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
          world_size: int, device: "str | DeviceSpec" = "h100", objective: Objective = "time",
          mode: Mode = "training", memory_budget: float | None = None,
-         data_parallel: int = 1, optimizer_bytes: float = ADAM_FP32_BYTES) -> Plan:
+         data_parallel: int = 1, optimizer_bytes: float = ADAM_FP32_BYTES,
+         dp_mode: DpMode = "auto") -> Plan:
     """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
     The model may live on the meta device (example inputs are moved there too).
-    ``data_parallel``: replicas of the tensor-parallel group (a 2-D mesh); their gradient
-    all-reduce over the inter-node link counts in training. ``optimizer_bytes``: optimizer
+    ``data_parallel``: replicas of the tensor-parallel group (a 2-D mesh); their traffic over
+    the inter-node link counts in training. ``dp_mode``: how the replicas hold the group's
+    shards, "ddp" (full copies, gradients all-reduced), "fsdp" (FSDP2: state divided across
+    the replicas) or "auto" (the faster that fits; ``Plan.dp_mode`` says which).
+    ``optimizer_bytes``: optimizer
     state per trained parameter element in training (8: Adam's two fp32 moments; 4 for SGD
     with momentum in fp32, 0 without state); ``memory_budget`` bounds parameters, gradients,
     optimizer state and activations per rank (default: the device's memory)."""
     return plan_details(model, example_inputs, example_kwargs, world_size=world_size,
                         device=device, objective=objective, mode=mode,
                         memory_budget=memory_budget, data_parallel=data_parallel,
-                        optimizer_bytes=optimizer_bytes).plan
+                        optimizer_bytes=optimizer_bytes, dp_mode=dp_mode).plan
 
 
 def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
@@ -86,7 +90,8 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
                 mode: Mode = "training", weights: Any = None,
                 mesh: DeviceMesh | None = None,
                 memory_budget: float | None = None,
-                optimizer_bytes: float = ADAM_FP32_BYTES) -> ParallelModule:
+                optimizer_bytes: float = ADAM_FP32_BYTES,
+                dp_mode: DpMode = "auto") -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
@@ -102,8 +107,11 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
 
     ``mesh`` (instead of ``group``): a DeviceMesh with a dim named ``"tp"`` and optionally one
     more (e.g. ``init_device_mesh("cuda", (nodes, 8), mesh_dim_names=("dp", "tp"))``): tensor
-    parallelism inside "tp", data parallelism (DDP) across the other dim. Each data-parallel
-    replica is given its own slice of the global batch; ``example_inputs`` is such a slice.
+    parallelism inside "tp", data parallelism across the other dim, by DDP or by FSDP2
+    (``fully_shard``: parameters, gradients and optimizer state divided across the replicas)
+    as ``dp_mode`` says ("ddp", "fsdp", or "auto": the faster that fits, by the cost model).
+    Each data-parallel replica is given its own slice of the global batch; ``example_inputs``
+    is such a slice. Build the optimizer after this call, from ``parameters()``.
 
     ``memory_budget``: bytes per rank the plan must fit (state + activations at the example
     inputs' sizes; default: the device's memory). When it binds the solver splits more,
@@ -116,9 +124,10 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
             "torch.distributed.init_process_group('gloo' on CPU or 'nccl' on GPUs) first; "
             "use autotp.plan(...) to plan without processes")
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
-    dp_group = None
+    dp_group = dp_mesh = None
     if mesh is not None:
-        group, dp_group = _mesh_groups(mesh, group)
+        group, dp_mesh = _mesh_groups(mesh, group)
+        dp_group = dp_mesh.get_group() if dp_mesh is not None else None
     comm = DistComm(group)
     backend = dist.get_backend(group)
     if on_meta(model) and weights is None:
@@ -127,7 +136,7 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     options = PlanOptions(world_size=comm.world_size, device=get_device(device, backend), mode=mode,
                           objective=objective, memory_budget=memory_budget,
-                          optimizer_bytes=optimizer_bytes,
+                          optimizer_bytes=optimizer_bytes, dp_mode=dp_mode,
                           dp_size=1 if dp_group is None else dist.get_world_size(dp_group))
     planned = plan_model(model, args, kwargs, options, plan=plan)
     if plan is None:
@@ -142,13 +151,19 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     pm = rank_module(planned, comm, weights=source, here=here)
     if family is not None:
         pm.adopt(family, args, kwargs)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        pm.data_parallel(dp_group, here)
+    if dp_mesh is not None and dp_mesh.size() > 1:
+        if pm.plan.dp_mode == "fsdp":
+            pm.fully_shard(dp_mesh)
+        else:
+            pm.data_parallel(dp_group, here)
     return pm
 
 
 def _mesh_groups(mesh: DeviceMesh, group: dist.ProcessGroup | None
-                 ) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+                 ) -> tuple[dist.ProcessGroup, DeviceMesh | None]:
+    """The tensor-parallel group and the data-parallel 1-D mesh (None without a second dim).
+    Every check here reads only the mesh, which every rank holds alike, so every rank raises
+    the same error before any collective."""
     names = mesh.mesh_dim_names or ()
     if group is not None:
         raise AutoTPError("pass either group= or mesh=, not both")
@@ -157,5 +172,10 @@ def _mesh_groups(mesh: DeviceMesh, group: dist.ProcessGroup | None
             f"mesh must have 1 or 2 named dims, one of them 'tp' (got {mesh.ndim} dims named "
             f"{names}): e.g. init_device_mesh('cuda', (nodes, gpus_per_node), "
             f"mesh_dim_names=('dp', 'tp'))")
+    if mesh.size() != dist.get_world_size():
+        raise AutoTPError(
+            f"the mesh holds {mesh.size()} ranks (shape {tuple(mesh.shape)}) but the process "
+            f"group has {dist.get_world_size()}: give init_device_mesh a shape whose product is "
+            "the world size")
     dp = [n for n in names if n != "tp"]
-    return mesh.get_group("tp"), (mesh.get_group(dp[0]) if dp else None)
+    return mesh.get_group("tp"), (mesh[dp[0]] if dp else None)

@@ -59,7 +59,7 @@ def unique_state(tp: ParallelModule) -> list[tuple[list[str], torch.Tensor, Plac
     out: list[tuple[list[str], torch.Tensor, Placement]] = []
     seen: dict[int, int] = {}
     for key in tp.state_keys:
-        t = fetch_attr(tp.module, key)
+        t = fetch_attr(tp, key)  # this module's (FSDP re-registers parameters on their owners)
         if id(t) in seen:
             out[seen[id(t)]][0].append(key)
             continue
@@ -74,6 +74,8 @@ def iter_state_dict(tp: ParallelModule) -> Iterator[tuple[list[str], torch.Tenso
     _check(tp)
     for keys, t, place in unique_state(tp):
         full = t.detach()
+        if isinstance(full, DTensor):  # FSDP across the data-parallel replicas: this rank's piece
+            full = full.full_tensor()
         if isinstance(place, Shard):
             full = gather_shards(tp.comm, full, place, tp.state_meta[keys[0]][0][place.dim % full.dim()])
         else:
@@ -144,6 +146,14 @@ def _barrier(tp: ParallelModule) -> None:
 # ---------------------------------------------------------------------------------------------
 # sharded training checkpoints (torch.distributed.checkpoint)
 
+def _no_fsdp(tp: ParallelModule, what: str) -> None:
+    if tp.plan.dp_mode == "fsdp" and tp.dp_group is not None:
+        raise AutoTPError(
+            f"{what} of a module sharded by FSDP across data-parallel replicas (dp_mode='fsdp') "
+            "is not supported yet: save with autotp.save_pretrained (a full checkpoint, loaded "
+            "at any mesh with parallelize(..., weights=path)), or parallelize with dp_mode='ddp'")
+
+
 def _mesh(tp: ParallelModule) -> DeviceMesh:
     if not isinstance(tp.comm, DistComm):
         raise AutoTPError("sharded checkpoints need a torch.distributed process group "
@@ -189,6 +199,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     """Write this rank's shards of the model (and of ``optimizer``'s state) to the folder
     ``path`` with torch.distributed.checkpoint. Collective: call on every rank."""
     _check(tp)
+    _no_fsdp(tp, "save_checkpoint")
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     state: dict[str, Any] = {}
@@ -239,6 +250,7 @@ def load_checkpoint(tp: ParallelModule, path: str | os.PathLike,
         raise AutoTPError(f"{folder} is not an autotp checkpoint (no {LAYOUT}); "
                           "full safetensors checkpoints load with parallelize(..., weights=path)")
     layout = json.loads((folder / LAYOUT).read_text())
+    _no_fsdp(tp, "load_checkpoint")
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     # per target: (prefix, placement, global shape, local tensor to fill)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from autotp._compat import pytree
 
 from autotp.capture import Captured, capture, fetch_attr, set_attr
@@ -176,10 +177,36 @@ class Planned:
 
 
 def candidates(captured: Captured, options: PlanOptions) -> Candidates:
-    """The candidate strategies of ``captured``, with the options the cost model reads."""
+    """The candidate strategies of ``captured``, with the options the cost model reads
+    (``dp_mode="auto"`` builds them for DDP; ``solve_dp`` may switch them to FSDP)."""
     return build(captured, options.world_size, dp_size=options.dp_size,
                  optimizer_bytes=options.optimizer_bytes,
-                 shared_pieces=options.mode == "inference")
+                 shared_pieces=options.mode == "inference",
+                 dp_mode="fsdp" if options.dp_mode == "fsdp" else "ddp")
+
+
+def solve_dp(c: Candidates, options: PlanOptions, spec: DeviceSpec,
+             pinned: dict[str, int] | None = None) -> tuple[Candidates, Plan, Choice]:
+    """``solve_plan``, choosing the data-parallel kind when ``options.dp_mode`` is "auto" and
+    it matters (training with replicas): the plan is solved under DDP and under FSDP and the
+    faster one that fits is kept (DDP on a tie: it gathers nothing); when neither fits, FSDP's
+    error, which needs less memory, is raised. Returns the candidates priced as chosen."""
+    if options.dp_mode != "auto" or options.dp_size <= 1 or options.mode != "training":
+        return (c, *solve_plan(c, options, spec, pinned))
+    found, error = [], None
+    for kind in ("ddp", "fsdp"):
+        ck = c if c.dp_mode == kind else dataclasses.replace(c, dp_mode=kind, cache={})
+        try:
+            found.append((ck, *solve_plan(ck, options, spec, pinned)))
+        except PlanError as e:
+            error = e
+    if not found:
+        raise error
+    best = min(found, key=lambda f: f[1].predicted_time_s)
+    log.info("autotp: data parallelism across %d replicas: %s", options.dp_size,
+             ", ".join(f"{f[0].dp_mode} {f[1].predicted_time_s * 1e3:.3f} ms/step, "
+                       f"{f[1].memory_bytes_per_rank / 1e9:.2f} GB/rank" for f in found))
+    return best
 
 
 def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:
@@ -278,9 +305,13 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
         c = candidates(captured, options)
         if plan is None:
             note("solving")
-            p, choice = (solve_plan(c, options, spec) if not pinned_params
-                         else solve_pinned(c, options, spec, pinned_params))
+            if pinned_params:
+                p, choice = solve_pinned(c, options, spec, pinned_params)
+            else:
+                c, p, choice = solve_dp(c, options, spec)
         else:
+            if plan.dp_mode in ("ddp", "fsdp") and plan.dp_mode != c.dp_mode:
+                c = dataclasses.replace(c, dp_mode=plan.dp_mode, cache={})
             p, choice = plan, choice_from_plan(c, plan)
     return Planned(p, c, choice, spec, options, real_buffers, meta)
 
@@ -364,6 +395,9 @@ class ParallelModule(nn.Module):
         self._captured_training = captured.training
         self._ddp: nn.Module | None = None
         self.dp_group: dist.ProcessGroup | None = None
+        # FSDP2 across the data-parallel replicas (``fully_shard``): the program's own
+        # top-level parameter names, re-pointed at this module's before each call
+        object.__setattr__(self, "_fsdp_roots", None)
         # the programs by (mode, call structure); the first is ``module``. Kept outside the
         # module tree: every program reads the same Parameter objects, under the same names
         object.__setattr__(self, "_programs", {})
@@ -410,7 +444,7 @@ class ParallelModule(nn.Module):
                     + "this module holds one program (it was made from a given plan or by "
                     f"simulate): call model.{'train' if self.training else 'eval'}() before "
                     "making it instead")
-            return (self._ddp or self.module)(*args, **kwargs)
+            return self._run_first(*args, **kwargs)
         key = self._key(self.training, args, kwargs)
         gm = self._programs.get(key)
         if gm is None:  # a program serving both modes is captured in the mode the first was
@@ -418,8 +452,18 @@ class ParallelModule(nn.Module):
                                     args, kwargs)
             self._programs[key] = gm
         if gm is self.module:
-            return (self._ddp or self.module)(*args, **kwargs)
+            return self._run_first(*args, **kwargs)
         return gm(*args, **kwargs)
+
+    def _run_first(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the first program: through DDP when data-parallel by DDP; under FSDP, whose
+        hooks on this module have just gathered the parameters and set them on their owners
+        (the model's submodules, shared with the program, and this module for top-level ones),
+        after pointing the program's top-level parameters at this module's."""
+        if self._fsdp_roots:
+            for name in self._fsdp_roots:
+                self.module._parameters[name] = self._parameters[name]
+        return (self._ddp or self.module)(*args, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config: Any = None, **kwargs: Any) -> Any:
@@ -449,7 +493,7 @@ class ParallelModule(nn.Module):
         it with every parameter pinned to the placement it already has (rank 0's plan is
         broadcast), and rewrite it over the same Parameter objects, so the optimizer and its
         state stay valid."""
-        if self._ddp is not None:
+        if self._ddp is not None or self._fsdp_roots is not None:
             raise AutoTPError("a new mode or call structure on a data-parallel (mesh) module is "
                               "not supported yet: call it the way the example inputs did, in "
                               "the mode it was made in")
@@ -474,6 +518,20 @@ class ParallelModule(nn.Module):
         # kept outside the module tree so parameter and state names stay the model's own
         object.__setattr__(self, "_ddp", ddp)
         self.dp_group = dp_group
+
+    def fully_shard(self, dp_mesh: "DeviceMesh") -> None:
+        """Shard this tensor-parallel module's parameters, gradients and optimizer state across
+        the 1-D ``dp_mesh`` with FSDP2 (``torch.distributed.fsdp.fully_shard``): each piece
+        becomes a DTensor split on its first dim across the replicas; a call gathers them (one
+        FSDP unit: the program reads parameters as attributes, not through submodule calls, so
+        there are no per-layer hooks to gather by) and the backward reduce-scatters the
+        gradients, averaged across replicas as DDP's are. Build the optimizer afterwards, from
+        ``parameters()``."""
+        from torch.distributed.fsdp import fully_shard
+        object.__setattr__(self, "_fsdp_roots",
+                           [n for n, _ in self.module.named_parameters(recurse=False, remove_duplicate=False)])
+        fully_shard(self, mesh=dp_mesh)
+        self.dp_group = dp_mesh.get_group()
 
     def train(self, mode: bool = True) -> "ParallelModule":
         """Like nn.Module.train (recursive). A model with mode-dependent ops (dropout, batch

@@ -213,6 +213,8 @@ def _infeasible_error(p: _Problem, least: float, floor_only: bool) -> Infeasible
         fixes.append("an optimizer with less state (optimizer_bytes)")
     if not floor_only:
         fixes.append("a smaller batch or sequence")
+    if training and p.c.dp_size > 1 and p.c.dp_mode == "ddp":
+        fixes.insert(0, f"dp_mode='fsdp' (state divided across the {p.c.dp_size} data-parallel replicas)")
     if training:
         fixes.append("mode='inference'")
     return InfeasiblePlanError(
