@@ -29,6 +29,7 @@ from autotp.errors import (AutoTPError, AutoTPInternalError, CaptureError, Infea
 from autotp.plans import Plan
 from autotp.runtime.api import ParallelModule, parallelize, plan
 from autotp.runtime.calibrate import calibrate
+from autotp.runtime.layout import Layout, Layouts, choose_layout
 from autotp.runtime.checkpoint import (gather_state_dict, iter_state_dict, load_checkpoint,
                                        save_checkpoint, save_pretrained)
 from autotp.runtime.weights import empty_weights
@@ -38,4 +39,5 @@ __all__ = ["parallelize", "plan", "gather_state_dict", "Plan", "PlanOptions", "P
            "DeviceSpec", "PRESETS", "AutoTPError", "AutoTPInternalError", "RankError",
            "CaptureError", "PlanError", "InfeasiblePlanError", "ProcessGroupError", "Shard",
            "Replicate", "Partial", "simulate", "simulated_modules", "calibrate", "empty_weights",
-           "iter_state_dict", "save_pretrained", "save_checkpoint", "load_checkpoint"]
+           "iter_state_dict", "save_pretrained", "save_checkpoint", "load_checkpoint",
+           "choose_layout", "Layout", "Layouts"]

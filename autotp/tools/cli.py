@@ -1,6 +1,7 @@
-"""The autotp command: plan, explain, diff, run and devices.
+"""The autotp command: plan, explain, diff, layout, run and devices.
 
     autotp plan examples/nanogpt.py:gpt --world-size 2
+    autotp layout examples/hf_models.py:llama2_70b_train --nodes 8 --gpus-per-node 8
     autotp explain examples/hf_models.py:llama2_7b model.layers.0.mlp --world-size 8
     autotp diff plan_a.json examples/nanogpt.py:gpt --world-size 4
     autotp run examples/hf_models.py:gpt2 --world-size 2
@@ -62,6 +63,7 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
                             device=_device(device or a.device), objective=a.objective,
                             mode=a.mode, memory_budget=budget,
                             data_parallel=getattr(a, "data_parallel", 1) or 1,
+                            dp_mode=getattr(a, "dp_mode", "auto"),
                             optimizer_bytes=getattr(a, "optimizer_bytes", ADAM_FP32_BYTES),
                             progress=lambda stage: status.update(stage + "…"))
 
@@ -275,6 +277,33 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layout(a: argparse.Namespace) -> int:
+    from autotp.runtime.layout import choose_layout
+    model, args, kwargs = load_target(a.target)
+    with err.status("choosing a layout…", spinner="dots") as status:
+        lay = choose_layout(model, args, kwargs, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                            device=_device(a.device), mode=a.mode, global_batch=a.global_batch,
+                            optimizer_bytes=a.optimizer_bytes,
+                            memory_budget=a.memory_gb * 1e9 if a.memory_gb else None,
+                            progress=lambda stage: status.update(stage + "…"))
+    t = Table(title=f"layouts of {a.nodes} x {a.gpus_per_node} {lay.device}, {a.mode}, global batch "
+              f"{lay.global_batch} (tp inside a node; dp across)", title_justify="left")
+    for col in ("", "tp", "dp", "dp kind", "step time", "vs best", "memory/device", "fits", "note"):
+        t.add_column(col)
+    best = lay.best.predicted_time_s
+    for x in lay.alternatives:
+        t.add_row("*" if x is lay.best else "", str(x.tp), str(x.dp), x.dp_mode,
+                  _time(x.predicted_time_s) if x.fits else "-",
+                  f"{x.predicted_time_s / best:.2f}x" if x.fits else "-",
+                  _bytes(x.memory_bytes_per_rank) if math.isfinite(x.memory_bytes_per_rank) else "-",
+                  "yes" if x.fits else "no", x.why)
+    out.print(t)
+    b = lay.best
+    out.print(f"best: {b.label}: {_time(b.predicted_time_s)} per step, "
+              f"{_bytes(b.memory_bytes_per_rank)} per device")
+    return 0
+
+
 def cmd_devices(a: argparse.Namespace) -> int:
     from autotp.cost.devices import PRESETS
     t = Table(title="device presets (sources: autotp/cost/devices.py, docs/cost_model.md)", title_justify="left")
@@ -311,7 +340,10 @@ def _parser() -> argparse.ArgumentParser:
                             "fp32 moments; 4: SGD momentum; 0: none)")
         p.add_argument("--data-parallel", type=int, default=1, metavar="N",
                        help="replicas of the tensor-parallel group across nodes (2-D mesh); "
-                            "their gradient all-reduce counts in training")
+                            "their gradient traffic counts in training")
+        p.add_argument("--dp-mode", choices=["auto", "ddp", "fsdp"], default="auto",
+                       help="how the --data-parallel replicas hold the shards: DDP (full copies) "
+                            "or FSDP (state divided across replicas); auto: the faster that fits")
 
     p = sub.add_parser("plan", help="show the plan for a model")
     p.add_argument("target")
@@ -342,6 +374,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{side}-objective", choices=["time", "memory"])
         p.add_argument(f"--{side}-mode", choices=["training", "inference"])
     p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("layout", help="choose the TP degree and data parallelism for N nodes")
+    p.add_argument("target")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--device", default="h100", help="preset (see `autotp devices`) or spec.json")
+    p.add_argument("--mode", choices=["training", "inference"], default="training")
+    p.add_argument("--global-batch", type=int, help="rows per step across all replicas "
+                   "(default: the target's example batch)")
+    p.add_argument("--memory-gb", type=float, help="memory budget per device (default: the device's)")
+    p.add_argument("--optimizer-bytes", type=float, default=ADAM_FP32_BYTES, metavar="B")
+    p.set_defaults(fn=cmd_layout)
 
     p = sub.add_parser("run", help="run N local ranks and check against one device")
     p.add_argument("target")

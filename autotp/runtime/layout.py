@@ -1,0 +1,166 @@
+"""choose_layout: the tensor-parallel degree, the data-parallel kind and degree, and the TP
+splits of a training (or serving) job on ``nodes`` x ``gpus_per_node`` devices, from the cost
+model's predicted step time under the device's memory.
+
+The candidates: every TP degree ``tp`` that divides ``gpus_per_node`` (a TP group never spans
+nodes, where links are slow; 1 = no tensor parallelism, uneven degrees such as 3 and 6 where the
+node allows them), with ``dp = nodes * gpus_per_node / tp`` replicas, each by DDP and by FSDP
+(one replica: neither). The global batch is fixed: each replica plans for
+``global_batch / dp`` rows (the example inputs' rows repeated or cut to that count), so every
+alternative processes the same samples per step and their predicted step times compare
+directly. A layout that fits nothing records the least memory it would need
+(``InfeasiblePlanError.least_bytes``). ``best``: the fastest that fits.
+
+The model is captured once per distinct replica batch and its candidates built once per TP
+degree; each data-parallel kind is one solve (runtime/pipeline.py's stages, called directly).
+Data-parallel traffic is priced on the inter-node link even when some replicas share a node.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from autotp._compat import pytree
+from autotp.core.options import ADAM_FP32_BYTES, Mode, PlanOptions
+from autotp.cost.devices import DeviceSpec, get_device
+from autotp.errors import AutoTPError, InfeasiblePlanError
+from autotp.plans import Plan
+from autotp.runtime.pipeline import candidates, capture_model, gc_paused, solve_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay the job out. ``predicted_time_s``: one step of the global batch (every
+    replica's step runs at once); ``memory_bytes_per_rank``: the plan's, or the least any plan
+    needs when nothing fits; ``plan``: the TP plan at this degree (None when nothing fits or
+    the layout was not planned, ``why`` says)."""
+
+    tp: int
+    dp: int
+    dp_mode: str  # "none" (one replica), "ddp" or "fsdp"
+    predicted_time_s: float
+    memory_bytes_per_rank: float
+    fits: bool
+    plan: Plan | None = None
+    why: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"tp {self.tp} x dp {self.dp}" + (f" ({self.dp_mode})" if self.dp > 1 else "")
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """``best``: the fastest layout that fits; ``alternatives``: every layout considered,
+    fastest first (those that fit before those that don't)."""
+
+    best: Layout
+    alternatives: tuple[Layout, ...]
+    nodes: int
+    gpus_per_node: int
+    device: str
+    global_batch: int
+
+
+def tp_degrees(gpus_per_node: int) -> list[int]:
+    """TP degrees that keep every group inside one node: the divisors of ``gpus_per_node``."""
+    return [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    sizes = {t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise AutoTPError(f"choose_layout needs example inputs whose tensors share one batch dim "
+                          f"(their first); got first dims {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _rebatch(args: tuple, kwargs: dict, b: int, rows: int) -> tuple[tuple, dict]:
+    """The example call with ``rows`` rows: its rows cycled (or cut) along dim 0."""
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != b or rows == b:
+            return t
+        idx = torch.arange(rows, device=t.device) % b
+        return t[idx] if t.device.type != "meta" else t.new_empty((rows, *t.shape[1:]))
+    return pytree.tree_map(one, args), pytree.tree_map(one, kwargs)
+
+
+def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
+                  nodes: int, gpus_per_node: int, device: "str | DeviceSpec" = "h100",
+                  mode: Mode = "training", global_batch: int | None = None,
+                  optimizer_bytes: float = ADAM_FP32_BYTES, memory_budget: float | None = None,
+                  progress: Callable[[str], Any] | None = None) -> Layouts:
+    """Choose the TP degree (1 = no TP ... ``gpus_per_node``), the data-parallel kind (DDP or
+    FSDP) and degree for the rest of ``nodes * gpus_per_node`` devices, and the TP splits,
+    by predicted step time under memory (``memory_budget`` per device, default the device's
+    memory). ``example_inputs``/``example_kwargs``: one call of the model whose first dim is
+    the batch; ``global_batch`` (default: the example's batch) rows per step are split across
+    the data-parallel replicas. ``Layouts.best.plan`` can be given to ``parallelize`` as
+    ``plan=`` on a ("dp", "tp") mesh of the best layout's shape."""
+    from autotp.runtime.api import resolve_inputs
+    for name, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise AutoTPError(f"{name} must be a positive int, got {v!r}")
+    args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
+    spec = get_device(device)
+    b = _batch_of(args, kwargs)
+    batch = b if global_batch is None else global_batch
+    total = nodes * gpus_per_node
+    note = progress or (lambda _s: None)
+    found: list[Layout] = []
+    captured_at: dict[int, Any] = {}
+    with gc_paused():
+        for tp in tp_degrees(gpus_per_node):
+            dp = total // tp
+            if batch % dp:
+                found.append(Layout(tp, dp, "none" if dp == 1 else "ddp", math.inf, math.inf, False,
+                                    why=f"the global batch {batch} does not divide into {dp} replicas"))
+                continue
+            rows = batch // dp
+            if rows not in captured_at:
+                note(f"capturing at {rows} rows per replica")
+                a, k = _rebatch(args, kwargs, b, rows)
+                with torch.random.fork_rng(devices=[]):
+                    captured_at[rows] = capture_model(model, a, k)[0]
+            base = PlanOptions(world_size=tp, device=spec, mode=mode, optimizer_bytes=optimizer_bytes,
+                               memory_budget=memory_budget, dp_size=dp)
+            note(f"planning tp {tp} x dp {dp}")
+            c = candidates(captured_at[rows], base)
+            kinds = ("ddp", "fsdp") if dp > 1 and mode == "training" else ("ddp",)
+            for kind in kinds:
+                ck = c if c.dp_mode == kind else dataclasses.replace(c, dp_mode=kind, cache={})
+                shown = kind if dp > 1 else "none"
+                try:
+                    plan, _ = solve_plan(ck, dataclasses.replace(base, dp_mode=kind), spec)
+                except InfeasiblePlanError as e:
+                    least = e.least_bytes if e.least_bytes is not None else math.inf
+                    found.append(Layout(tp, dp, shown, math.inf, least, False,
+                                        why=str(e).split(":")[0]))
+                    continue
+                found.append(Layout(tp, dp, shown, plan.predicted_time_s, plan.memory_bytes_per_rank,
+                                    True, plan))
+    found.sort(key=lambda x: (not x.fits, x.predicted_time_s, x.memory_bytes_per_rank))
+    fits = [x for x in found if x.fits]
+    if not fits:
+        planned = [x for x in found if math.isfinite(x.memory_bytes_per_rank)]
+        least = min(planned, key=lambda x: x.memory_bytes_per_rank, default=None)
+        budget = memory_budget or spec.memory_bytes
+        hint = ("" if least is None else
+                f"; the least memory is {least.memory_bytes_per_rank / 1e9:.1f} GB per device "
+                f"({least.label}), so about {math.ceil(total * least.memory_bytes_per_rank / budget)} "
+                f"devices of {budget / 1e9:.0f} GB or devices with that much memory would fit")
+        raise InfeasiblePlanError(
+            f"no layout of {nodes} x {gpus_per_node} {spec.name} fits {budget / 1e9:.1f} GB per "
+            f"device ({mode}, global batch {batch}){hint}. Add nodes, use a smaller batch or "
+            "sequence, or an optimizer with less state (optimizer_bytes)",
+            None if least is None else least.memory_bytes_per_rank)
+    log.info("autotp: %d layouts, best %s", len(found), fits[0].label)
+    return Layouts(fits[0], tuple(found), nodes, gpus_per_node, spec.name, batch)
