@@ -4,10 +4,14 @@ across nodes, launched by torchrun. One process per GPU (or per CPU rank with gl
     # one machine, 2 ranks (this project's test runs exactly this, on CPU/gloo):
     torchrun --standalone --nproc-per-node 2 examples/train_torchrun.py --steps 3 --check
 
+    # one machine standing in for 2 nodes of 2 ranks (tested too): TP inside a "node",
+    # FSDP across the two
+    torchrun --standalone --nproc-per-node 4 examples/train_torchrun.py --nodes 2 --dp-mode fsdp --check
+
     # 2 machines x 8 GPUs: TP over the 8 GPUs of a node, DP across the nodes
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint node0.example:29500 --rdzv-id gpt-tp \\
-        examples/train_torchrun.py --tp 8 --weights /ckpt/gpt2 --save /ckpt/gpt2-tuned
+        examples/train_torchrun.py --nodes 2 --weights /ckpt/gpt2 --save /ckpt/gpt2-tuned
 
 ``--weights`` loads a safetensors checkpoint (file or Hugging Face folder) slice by slice into
 a model built without weights; ``--save`` writes the trained model back as a normal
@@ -41,7 +45,13 @@ def loss_fn(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per replica (default: all)")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="data-parallel replicas (the mesh's 'dp' dim); tensor parallelism over the "
+                         "world size / nodes ranks of each")
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per replica "
+                    "(instead of --nodes; default: world size / nodes)")
+    ap.add_argument("--dp-mode", choices=["auto", "ddp", "fsdp"], default="auto",
+                    help="how the replicas hold the shards: DDP copies, FSDP divides them")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4, help="global batch (split across replicas)")
     ap.add_argument("--seq", type=int, default=16)
@@ -58,8 +68,8 @@ def main() -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    tp = a.tp or world
-    if world % tp or a.batch % (world // tp):
+    tp = a.tp or world // a.nodes
+    if tp < 1 or world % tp or a.batch % (world // tp):
         raise SystemExit(f"world size {world} must be a multiple of --tp {tp}, and --batch "
                          f"{a.batch} of the {world // tp} data-parallel replicas")
     mesh = init_device_mesh("cuda" if cuda else "cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
@@ -77,11 +87,12 @@ def main() -> int:
         import copy
         reference = copy.deepcopy(model)
     tpm = autotp.parallelize(model, (), {"input_ids": local(data[0]), "use_cache": False},
-                             mesh=mesh, weights=a.weights, objective=a.objective)
+                             mesh=mesh, weights=a.weights, objective=a.objective, dp_mode=a.dp_mode)
     if rank == 0:
         p = tpm.plan
-        print(f"plan: {p.param_bytes_per_rank / 2**20:.1f} MiB of {p.param_bytes_total / 2**20:.1f} "
-              f"MiB parameters per rank, {len(p.collectives)} collectives per step", flush=True)
+        print(f"plan: tp {tp} x dp {dp} ({p.dp_mode}), {p.param_bytes_per_rank / 2**20:.1f} MiB of "
+              f"{p.param_bytes_total / 2**20:.1f} MiB parameters per tensor-parallel rank, "
+              f"{len(p.collectives)} collectives per step", flush=True)
     opt = torch.optim.AdamW(tpm.parameters(), lr=1e-3)
     for step, ids in enumerate(data):
         opt.zero_grad()
