@@ -1,7 +1,8 @@
 """Saving: a full safetensors checkpoint that transformers' from_pretrained (and autotp's own
 loader, at another world size) reads back; a sharded torch.distributed.checkpoint that a run
 at world size 4 resumes from a checkpoint written at world size 2, reaching the same weights
-as an uninterrupted single-device run."""
+as an uninterrupted single-device run; and one written on a dp 2 x tp 2 mesh under FSDP that
+meshes 1 x 4 and 4 x 1 resume."""
 from __future__ import annotations
 
 import json
@@ -165,3 +166,58 @@ def test_uneven_checkpoints_save_and_resume(tmp_path) -> None:
                                                msg=lambda m: f"{name} {key} world {world}: {m}")
             if world == 3:
                 assert out["reload"] <= 1e-5, out["reload"]
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-6)  # eps: see test_mesh.py
+
+
+def _mesh_steps(mesh, name: str, seed: int, steps: tuple[int, int], dp_mode: str,
+                root: str, resume: bool):
+    dp_rank, dp = mesh.get_local_rank("dp"), mesh.size(0)
+    model, args, kwargs, make = build(name, seed=seed)
+    tp = autotp.parallelize(model, args, kwargs, mesh=mesh, objective="memory", dp_mode=dp_mode)
+    opt = _adamw(tp.parameters())
+    if resume:
+        autotp.load_checkpoint(tp, root, opt)
+    torch.manual_seed(7)
+    batches = [make(4, 5) for _ in range(4)]
+    for a, k in batches[steps[0]:steps[1]]:
+        a, k = torch.utils._pytree.tree_map(
+            lambda t: t.chunk(dp)[dp_rank] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, (a, k))
+        opt.zero_grad()
+        _loss(tp(*a, **k)).backward()
+        opt.step()
+    if resume:
+        return autotp.gather_state_dict(tp)
+    autotp.save_checkpoint(tp, root, opt)
+    return tp.plan.dp_mode
+
+
+def _mesh_resume(rank: int, world: int, root: str) -> dict:
+    """Saved at dp 2 x tp 2 under FSDP, resumed at 1 x 4 (TP only) and at 4 x 1 (FSDP only),
+    each from other initial weights; one spawned group, three meshes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    out = {"saved": _mesh_steps(init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")),
+                                "llama", 0, (0, 2), "fsdp", root, False)}
+    for shape in ((1, 4), (4, 1)):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        out[shape] = _mesh_steps(mesh, "llama", 3, (2, 4), "fsdp", root, True)
+    return out
+
+
+def test_fsdp_mesh_checkpoint_resumes_at_other_mesh_shapes(tmp_path) -> None:
+    results = run_ranks(_mesh_resume, 4, str(tmp_path / "ck"))
+    model, _, _, make = build("llama")
+    opt = _adamw(model.parameters())
+    torch.manual_seed(7)
+    for a, k in [make(4, 5) for _ in range(4)]:  # uninterrupted, one process, global batch
+        opt.zero_grad()
+        _loss(model(*a, **k)).backward()
+        opt.step()
+    for rank, r in enumerate(results):
+        assert r["saved"] == "fsdp"
+        for shape in ((1, 4), (4, 1)):
+            for key, v in model.state_dict().items():
+                torch.testing.assert_close(r[shape][key], v, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"rank {rank} mesh {shape} {key}: {m}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -73,9 +73,7 @@ def iter_state_dict(tp: ParallelModule) -> Iterator[tuple[list[str], torch.Tenso
     iterator to the end (each step all-gathers one tensor)."""
     _check(tp)
     for keys, t, place in unique_state(tp):
-        full = t.detach()
-        if isinstance(full, DTensor):  # FSDP across the data-parallel replicas: this rank's piece
-            full = full.full_tensor()
+        full = tp_piece(t.detach())
         if isinstance(place, Shard):
             full = gather_shards(tp.comm, full, place, tp.state_meta[keys[0]][0][place.dim % full.dim()])
         else:
@@ -146,12 +144,23 @@ def _barrier(tp: ParallelModule) -> None:
 # ---------------------------------------------------------------------------------------------
 # sharded training checkpoints (torch.distributed.checkpoint)
 
-def _no_fsdp(tp: ParallelModule, what: str) -> None:
-    if tp.plan.dp_mode == "fsdp" and tp.dp_group is not None:
-        raise AutoTPError(
-            f"{what} of a module sharded by FSDP across data-parallel replicas (dp_mode='fsdp') "
-            "is not supported yet: save with autotp.save_pretrained (a full checkpoint, loaded "
-            "at any mesh with parallelize(..., weights=path)), or parallelize with dp_mode='ddp'")
+def tp_piece(t: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor-parallel piece of a parameter or optimizer state: under FSDP across
+    data-parallel replicas (dp_mode="fsdp") a DTensor split once more on dim 0, gathered here
+    (collective over the replicas: every rank calls it in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _dp_target(target: torch.Tensor) -> tuple[torch.Tensor, Callable[[], Any]]:
+    """Where to load a tensor-parallel piece so it ends up in ``target``: itself, or under
+    FSDP (a DTensor split on dim 0 across the replicas, in torch.chunk sizes as FSDP2 splits)
+    a whole piece, of which this replica's chunk is copied into the target after the load."""
+    if not isinstance(target, DTensor):
+        return target, lambda: None
+    whole = torch.empty(tuple(target.shape), dtype=target.dtype, device=target.to_local().device)
+    mesh = target.device_mesh
+    return whole, lambda: target.to_local().copy_(
+        torch.chunk(whole, mesh.size(), dim=0)[mesh.get_local_rank()])
 
 
 def _mesh(tp: ParallelModule) -> DeviceMesh:
@@ -199,7 +208,6 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     """Write this rank's shards of the model (and of ``optimizer``'s state) to the folder
     ``path`` with torch.distributed.checkpoint. Collective: call on every rank."""
     _check(tp)
-    _no_fsdp(tp, "save_checkpoint")
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     state: dict[str, Any] = {}
@@ -208,7 +216,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     for keys, t, place in unique_state(tp):
         key = keys[0]
         shape = tp.state_meta[key][0]
-        for suffix, v in _pieces(t.detach(), place, shape, rank, n, mesh, tp.comm):
+        for suffix, v in _pieces(tp_piece(t.detach()), place, shape, rank, n, mesh, tp.comm):
             state[f"model/{key}{suffix}"] = v
         if isinstance(place, Shard) and place.blocks is not None:
             layout["blocks"][key] = {"dim": place.dim % len(shape), "blocks": list(place.blocks)}
@@ -225,7 +233,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                 for name, v in optimizer.state.get(p, {}).items():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
                         names[name] = "param"
-                        for suffix, x in _pieces(v, place, shape, rank, n, mesh, tp.comm):
+                        for suffix, x in _pieces(tp_piece(v), place, shape, rank, n, mesh, tp.comm):
                             state[f"optim/{key}/{name}{suffix}"] = x
                     elif isinstance(v, torch.Tensor):
                         names[name] = "tensor"
@@ -250,7 +258,6 @@ def load_checkpoint(tp: ParallelModule, path: str | os.PathLike,
         raise AutoTPError(f"{folder} is not an autotp checkpoint (no {LAYOUT}); "
                           "full safetensors checkpoints load with parallelize(..., weights=path)")
     layout = json.loads((folder / LAYOUT).read_text())
-    _no_fsdp(tp, "load_checkpoint")
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     # per target: (prefix, placement, global shape, local tensor to fill)
@@ -280,9 +287,10 @@ def load_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     finish = []
     for prefix, place, shape, target, key in todo:
         saved = layout["blocks"].get(key) if shape else None
-        state_part, done = _targets(prefix, place, shape, target, saved, rank, n, mesh)
+        piece, scatter = _dp_target(target)
+        state_part, done = _targets(prefix, place, shape, piece, saved, rank, n, mesh)
         state.update(state_part)
-        finish.append(done)
+        finish.extend((done, scatter))
     dcp.load(state, checkpoint_id=str(folder))
     with torch.no_grad():
         for done in finish:
