@@ -1,7 +1,10 @@
 """Tensor parallelism inside a mesh dim "tp", data parallelism across "dp", by DDP or by FSDP2
 (``fully_shard``: parameters, gradients and optimizer state divided across the replicas): a
 2 x 2 gloo mesh trains Llama (grouped-query attention) and GPT-2 for 3 AdamW steps under each
-and matches one process training on the global batch. One spawned group runs all four."""
+and matches one process training on the global batch; the FSDP GPT-2 is saved with
+save_pretrained and loaded by transformers; bad mesh inputs raise the same AutoTPError on
+every rank. One spawned group runs all of that. A 2 x 3 mesh (tensor-parallel world 3, which
+does not divide Llama's 4 heads / 2 kv heads) trains under FSDP in a second group."""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +19,7 @@ from models import build, first_tensor
 
 STEPS = 3
 CASES = [("llama", "ddp"), ("gpt2", "ddp"), ("llama", "fsdp"), ("gpt2", "fsdp")]
+SAVED = ("gpt2", "fsdp")  # the case written with save_pretrained after training
 
 
 def _batches(make):
@@ -43,27 +47,55 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _train(mesh, name: str, dp_mode: str) -> dict:
+def _train(mesh, name: str, dp_mode: str, root: str | None = None) -> dict:
     dp_rank, dp = mesh.get_local_rank("dp"), mesh.size(0)
     model, args, kwargs, make = build(name)
     tp = autotp.parallelize(model, args, kwargs, mesh=mesh, objective="memory", dp_mode=dp_mode)
-    assert tp.comm.world_size == 2 and tp.dp_group is not None
+    assert tp.comm.world_size == mesh.size(1) and tp.dp_group is not None
     opt = _optimizer(tp.parameters())
     for a, k in _batches(make):
+        a, k = _slice(a, dp_rank, dp), _slice(k, dp_rank, dp)
         opt.zero_grad()
-        _loss(tp(*_slice(a, dp_rank, dp), **_slice(k, dp_rank, dp))).backward()
+        _loss(tp(*a, **k)).backward()
         opt.step()
     total = sum(p.numel() for p in model.parameters())
     moments = sum(_local(st["exp_avg"]).numel() for st in opt.state.values())
-    return {"state": autotp.gather_state_dict(tp), "plan_dp_mode": tp.plan.dp_mode,
-            "held": sum(_local(p).numel() for p in tp.parameters()) / total,
-            "moments": moments / total, "dtensor": all(isinstance(p, DTensor) for p in tp.parameters()),
-            "counts": dict(tp.collective_counts)}
+    out = {"state": autotp.gather_state_dict(tp), "plan_dp_mode": tp.plan.dp_mode,
+           "held": sum(_local(p).numel() for p in tp.parameters()) / total,
+           "moments": moments / total, "dtensor": all(isinstance(p, DTensor) for p in tp.parameters()),
+           "counts": dict(tp.collective_counts)}
+    if root is None:
+        return out
+    if (name, dp_mode) == SAVED:  # collective: every rank, one writer
+        out["saved"] = autotp.save_pretrained(tp, f"{root}/{name}_{dp_mode}", config=model.config)
+    # a call needing a new program (here: one more keyword) is refused on a mesh module; last,
+    # as FSDP's pre-forward hook has gathered the parameters when the forward raises
+    mask = torch.ones(k["input_ids"].shape, dtype=torch.long)
+    out["new_call"] = _raised(lambda: tp(*a, **k, attention_mask=mask))
+    return out
 
 
-def _all_cases(rank: int, world: int) -> list[dict]:
+def _raised(call) -> str:
+    try:
+        call()
+    except AutoTPError as e:
+        return str(e)
+    return "<no error>"
+
+
+def _bad_inputs(mesh) -> dict[str, str]:
+    """Errors read only from arguments every rank holds alike: raised on every rank before any
+    collective, so none waits on a peer that gave up."""
+    model, args, kwargs, _ = build("llama")
+    no_tp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "x"))
+    return {"zero3": _raised(lambda: autotp.parallelize(model, args, kwargs, mesh=mesh, dp_mode="zero3")),
+            "no_tp": _raised(lambda: autotp.parallelize(model, args, kwargs, mesh=no_tp))}
+
+
+def _all_cases(rank: int, world: int, root: str) -> dict:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    return [_train(mesh, name, mode) for name, mode in CASES]
+    cases = [_train(mesh, name, mode, root) for name, mode in CASES]
+    return {"cases": cases, "errors": _bad_inputs(mesh)}
 
 
 def _one_device(name: str) -> dict[str, torch.Tensor]:
@@ -76,10 +108,16 @@ def _one_device(name: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_two_by_two_mesh_trains_like_one_device_with_ddp_and_fsdp() -> None:
+def _assert_close(got: dict, want: dict, label: str) -> None:
+    for key, v in want.items():
+        torch.testing.assert_close(got[key], v, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} {key}: {m}")
+
+
+def test_two_by_two_mesh_trains_like_one_device_saves_and_refuses_bad_input(tmp_path) -> None:
     want = {name: _one_device(name) for name in ("llama", "gpt2")}
-    for rank, results in enumerate(run_ranks(_all_cases, 4)):
-        for (name, mode), r in zip(CASES, results):
+    ranks = run_ranks(_all_cases, 4, str(tmp_path))
+    for rank, results in enumerate(ranks):
+        for (name, mode), r in zip(CASES, results["cases"]):
             assert r["plan_dp_mode"] == mode
             assert r["counts"].get(("all_reduce", "forward"), 0) > 0  # tensor-parallel collectives ran
             if mode == "ddp":
@@ -89,9 +127,45 @@ def test_two_by_two_mesh_trains_like_one_device_with_ddp_and_fsdp() -> None:
                 assert r["dtensor"]
                 assert 0.2 < r["held"] < 0.3, (name, rank, r["held"])
                 assert 0.2 < r["moments"] < 0.3, (name, rank, r["moments"])
-            for key, v in want[name].items():
-                torch.testing.assert_close(r["state"][key], v, rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"{name} {mode} rank {rank} {key}: {m}")
+            _assert_close(r["state"], want[name], f"{name} {mode} rank {rank}")
+            assert "new mode or call structure on a data-parallel (mesh) module" in r["new_call"], r["new_call"]
+    # every rank gathered the same full state
+    gathered = ranks[0]["cases"][CASES.index(SAVED)]["state"]
+    for results in ranks[1:]:
+        for key, v in results["cases"][CASES.index(SAVED)]["state"].items():
+            assert torch.equal(v, gathered[key]), key
+
+    # save_pretrained under FSDP x TP: transformers loads exactly what gather_state_dict gave
+    from transformers import GPT2LMHeadModel
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2_fsdp").state_dict()
+    assert "lm_head.weight" not in ranks[0]["cases"][CASES.index(SAVED)]["saved"]  # tied: once
+    assert set(loaded) == set(gathered), set(loaded) ^ set(gathered)
+    for key, v in gathered.items():
+        assert torch.equal(loaded[key], v), key
+    _assert_close(loaded, want["gpt2"], "gpt2 fsdp from_pretrained")
+
+    # bad input on a mesh: the same AutoTPError on every rank, no rank left waiting
+    errors = [results["errors"] for results in ranks]
+    assert all(e == errors[0] for e in errors), errors
+    assert "dp_mode must be one of" in errors[0]["zero3"], errors[0]
+    assert "'tp'" in errors[0]["no_tp"], errors[0]
+
+
+def _two_by_three(rank: int, world: int) -> dict:
+    mesh = init_device_mesh("cpu", (2, 3), mesh_dim_names=("dp", "tp"))
+    return _train(mesh, "llama_h4", "fsdp")
+
+
+def test_tensor_parallel_world_three_in_a_two_by_three_mesh_with_fsdp() -> None:
+    """Tensor-parallel world 3 (uneven: 4 heads, 2 kv heads split on head boundaries) inside a
+    2 x 3 mesh, FSDP across the 2 replicas: 3 AdamW steps equal one process."""
+    want = _one_device("llama_h4")
+    for rank, r in enumerate(run_ranks(_two_by_three, 6)):
+        assert r["plan_dp_mode"] == "fsdp" and r["dtensor"]
+        assert r["counts"].get(("all_reduce", "forward"), 0) > 0
+        # about a sixth (3-way tp, uneven on head boundaries, then halved by FSDP)
+        assert 0.14 < r["held"] < 0.2 and 0.14 < r["moments"] < 0.2, (rank, r["held"], r["moments"])
+        _assert_close(r["state"], want, f"llama_h4 fsdp rank {rank}")
 
 
 def test_fsdp_plan_divides_state_and_auto_picks_what_fits() -> None:
