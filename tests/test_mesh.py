@@ -53,25 +53,31 @@ def _train(mesh, name: str, dp_mode: str, root: str | None = None) -> dict:
     tp = autotp.parallelize(model, args, kwargs, mesh=mesh, objective="memory", dp_mode=dp_mode)
     assert tp.comm.world_size == mesh.size(1) and tp.dp_group is not None
     opt = _optimizer(tp.parameters())
+    between = {}
     for a, k in _batches(make):
         a, k = _slice(a, dp_rank, dp), _slice(k, dp_rank, dp)
         opt.zero_grad()
-        _loss(tp(*a, **k)).backward()
+        out = tp(*a, **k)
+        # between forward and backward: every layer unit freed its gathered parameters (FSDP
+        # gathers layer by layer), the root unit (embeddings, head) still holds its own
+        between = {n: isinstance(p, DTensor) for n, p in tp.named_parameters()}
+        _loss(out).backward()
         opt.step()
     total = sum(p.numel() for p in model.parameters())
     moments = sum(_local(st["exp_avg"]).numel() for st in opt.state.values())
     out = {"state": autotp.gather_state_dict(tp), "plan_dp_mode": tp.plan.dp_mode,
            "held": sum(_local(p).numel() for p in tp.parameters()) / total,
            "moments": moments / total, "dtensor": all(isinstance(p, DTensor) for p in tp.parameters()),
-           "counts": dict(tp.collective_counts)}
+           "counts": dict(tp.collective_counts), "units": tp.fsdp_units, "between": between}
     if root is None:
         return out
     if (name, dp_mode) == SAVED:  # collective: every rank, one writer
         out["saved"] = autotp.save_pretrained(tp, f"{root}/{name}_{dp_mode}", config=model.config)
-    # a call needing a new program (here: one more keyword) is refused on a mesh module; last,
-    # as FSDP's pre-forward hook has gathered the parameters when the forward raises
+    # a call needing a new program (here: one more keyword) is refused on a mesh module,
+    # before FSDP gathers anything: the parameters stay sharded
     mask = torch.ones(k["input_ids"].shape, dtype=torch.long)
     out["new_call"] = _raised(lambda: tp(*a, **k, attention_mask=mask))
+    out["dtensor_after_refusal"] = all(isinstance(p, DTensor) for p in tp.parameters())
     return out
 
 
@@ -124,9 +130,14 @@ def test_two_by_two_mesh_trains_like_one_device_saves_and_refuses_bad_input(tmp_
                 assert 0.4 < r["held"] < 0.6, r["held"]  # about half: the tp split
                 assert 0.4 < r["moments"] < 0.6, r["moments"]
             else:  # FSDP divides the tp shard once more across the 2 replicas: about a quarter
-                assert r["dtensor"]
+                assert r["dtensor"] and r["dtensor_after_refusal"]
                 assert 0.2 < r["held"] < 0.3, (name, rank, r["held"])
                 assert 0.2 < r["moments"] < 0.3, (name, rank, r["moments"])
+                # every layer is its own FSDP unit, freed after its forward; the root unit isn't
+                assert len(r["units"]) == 2, r["units"]  # both models have 2 layers
+                in_unit = {n: any(n.startswith(u + ".") for u in r["units"]) for n in r["between"]}
+                assert all(r["between"][n] for n in in_unit if in_unit[n]), r["between"]
+                assert not any(r["between"][n] for n in in_unit if not in_unit[n]), r["between"]
             _assert_close(r["state"], want[name], f"{name} {mode} rank {rank}")
             assert "new mode or call structure on a data-parallel (mesh) module" in r["new_call"], r["new_call"]
     # every rank gathered the same full state

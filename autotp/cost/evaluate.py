@@ -59,15 +59,28 @@ def _dp_time(c: Candidates, name: str, s: int, spec: DeviceSpec, mode: str) -> f
     if c.dp_size <= 1 or mode != "training" or c.nodes[name].kind is not NodeKind.PARAM:
         return 0.0
     if c.dp_mode == "fsdp":
-        return fsdp_sync_time(_param_mem(c, name, s), c.dp_size, spec, name in c.needs_grad)
+        return fsdp_sync_time(_param_mem(c, name, s), c.dp_size, spec, name in c.needs_grad,
+                              name in _fsdp_layers(c))
     if name not in c.needs_grad:
         return 0.0
     return dp_grad_sync_time(_param_mem(c, name, s), c.dp_size, spec)
 
 
+def _fsdp_layers(c: Candidates) -> dict[str, int]:
+    """Parameter node -> the number of layers of its stack, for the parameters FSDP gathers
+    layer by layer (every layer of a stack is a unit: rewrite/units.py); the rest, in the root
+    unit, are absent."""
+    if "fsdp_layers" not in c.cache:
+        c.cache["fsdp_layers"] = {n: len(per) for per in c.layers for names in per for n in names
+                                  if c.nodes[n].kind is NodeKind.PARAM}
+    return c.cache["fsdp_layers"]
+
+
 def _dp_latency(c: Candidates, spec: DeviceSpec, mode: str) -> float:
     """Data parallelism's per-step latency, the same for every plan of ``c``."""
-    return dp_step_latency(c.dp_mode, c.dp_size, spec) if mode == "training" else 0.0
+    if mode != "training":
+        return 0.0
+    return dp_step_latency(c.dp_mode, c.dp_size, spec, sum(len(per) for per in c.layers))
 
 
 def _param_mem(c: Candidates, name: str, s: int) -> float:
@@ -129,8 +142,10 @@ def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
     if nc.kind is not NodeKind.PARAM:
         return 0.0
     if c.dp_mode == "fsdp" and c.dp_size > 1 and mode == "training":
+        layers = _fsdp_layers(c).get(name)
         return fsdp_state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
-                                name in c.needs_grad, c.dp_size, c.optimizer_bytes)
+                                name in c.needs_grad, c.dp_size, c.optimizer_bytes,
+                                1.0 if layers is None else min(1.0, 2.0 / layers))
     return state_bytes(_param_mem(c, name, s), nc.metas[0].dtype.itemsize, mode,
                        name in c.needs_grad, c.optimizer_bytes)
 

@@ -29,8 +29,9 @@ Memory per rank (``memory_bytes``) is the persistent state plus activations:
     inference  parameter bytes + the largest working set of one op (its inputs and output,
                ``working_bytes``)
     FSDP       across ``dp`` replicas (``fsdp_state_bytes``): 1/dp of each piece, its
-               gradient and optimizer state, plus the gathered piece and gradient while a
-               step runs (one FSDP unit per program)
+               gradient and optimizer state, plus the gathered piece and gradient while its
+               unit runs: every layer of a stack is a unit (two alive at a time), the rest
+               one root unit
 all at local sizes: a value split n ways counts 1/n (the largest rank's share when uneven), a
 Partial value counts whole. Activations are what make Megatron's sequence parallelism pay:
 norms and residual adds on a sequence-split value keep 1/n of their inputs (the all-gathered
@@ -221,41 +222,45 @@ def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
     return alpha * local_bytes / DDP_BUCKET_BYTES + 2.0 * (dp - 1) / dp * local_bytes / beta
 
 
-def fsdp_sync_time(local_bytes: float, dp: int, spec: DeviceSpec, trained: bool) -> float:
-    """FSDP2 (``fully_shard``) across ``dp`` replicas, one unit per program (the rewritten
-    graph reads parameters as attributes, so the whole program is one FSDP unit, and torch
-    keeps a root unit gathered from forward to backward): per step the parameter's local
-    piece in one all-gather (forward) and, when it is trained, its gradient in one
-    reduce-scatter (backward), each ``(dp-1)/dp * bytes / beta`` over the inter-node link,
-    plus FSDP's copy-out of the gathered buffer and copy-in of the gradient (a read and a write
-    of the piece each, at memory bandwidth). The unit's two latencies are
-    ``dp_step_latency``'s. Not overlapped with compute."""
+def fsdp_sync_time(local_bytes: float, dp: int, spec: DeviceSpec, trained: bool, regather: bool) -> float:
+    """FSDP2 (``fully_shard``) across ``dp`` replicas: per step the parameter's local piece in
+    an all-gather before its unit runs, again before its backward when the unit was freed after
+    forward (``regather``: every layer of a stack is a unit of its own, rewrite/units.py; the
+    root unit, holding the rest, stays gathered from forward to backward, as torch keeps a root
+    unit), and, when it is trained, its gradient in a reduce-scatter after its backward; each
+    ``(dp-1)/dp * bytes / beta`` over the inter-node link, plus FSDP's copy-out of a gathered
+    buffer and copy-in of the gradient (a read and a write of the piece each, at memory
+    bandwidth). The units' latencies are ``dp_step_latency``'s. Not overlapped with compute."""
     if dp <= 1:
         return 0.0
     _, beta = _inter_link(spec)
     one = (dp - 1) / dp * local_bytes / beta + 2.0 * local_bytes / spec.memory_bandwidth
-    return one * (2.0 if trained else 1.0)
+    return one * (1.0 + (1.0 if regather else 0.0) + (1.0 if trained else 0.0))
 
 
-def dp_step_latency(dp_mode: str, dp: int, spec: DeviceSpec) -> float:
+def dp_step_latency(dp_mode: str, dp: int, spec: DeviceSpec, layer_units: int = 0) -> float:
     """The latency a training step pays for data parallelism whatever the plan: DDP's first
-    bucket all-reduce, FSDP's unit all-gather and reduce-scatter."""
+    bucket all-reduce; FSDP's root all-gather and reduce-scatter, and each layer unit's two
+    all-gathers and reduce-scatter."""
     if dp <= 1:
         return 0.0
-    return _inter_link(spec)[0] * (2.0 if dp_mode == "fsdp" else 1.0)
+    alpha = _inter_link(spec)[0]
+    return alpha * (2.0 + 3.0 * layer_units) if dp_mode == "fsdp" else alpha
 
 
 def fsdp_state_bytes(param_bytes: float, element_size: int, mode: str, trained: bool, dp: int,
-                     optimizer_bytes: float = ADAM_FP32_BYTES) -> float:
-    """Peak persistent memory of one parameter's local piece under FSDP2 across ``dp``
-    replicas (one unit per program, see ``fsdp_sync_time``): its 1/dp shard, and the gathered
-    piece while the program runs; in training also the gradient gathered-size (until the
-    reduce-scatter) and its 1/dp shard, and 1/dp of the optimizer state."""
-    if mode != "training" or not trained:
-        return param_bytes * (1.0 + 1.0 / dp) if dp > 1 else param_bytes
+                     optimizer_bytes: float = ADAM_FP32_BYTES, gathered: float = 1.0) -> float:
+    """Peak persistent memory of one parameter's local piece under FSDP2 across ``dp`` replicas:
+    its 1/dp shard (and in training its gradient's 1/dp shard and 1/dp of the optimizer state),
+    plus the gathered piece (and in training its gathered gradient, until the reduce-scatter)
+    for the fraction ``gathered`` of the step's peak it is alive: 1 in the root unit; 2/L for a
+    layer of a stack of L (a layer and the next one FSDP prefetches)."""
+    if dp <= 1:
+        return state_bytes(param_bytes, element_size, mode, trained, optimizer_bytes)
     shard = param_bytes / dp
-    return param_bytes * 2.0 + shard * (2.0 + optimizer_bytes / element_size) if dp > 1 else \
-        state_bytes(param_bytes, element_size, mode, trained, optimizer_bytes)
+    if mode != "training" or not trained:
+        return shard + param_bytes * gathered
+    return shard * (2.0 + optimizer_bytes / element_size) + 2.0 * param_bytes * gathered
 
 
 def local_bytes(meta, p: Placement, n: int) -> float:

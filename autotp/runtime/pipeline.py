@@ -376,7 +376,8 @@ class ParallelModule(nn.Module):
     output structure, replicated on every rank. ``parameters()`` are this rank's shards."""
 
     def __init__(self, gm: torch.fx.GraphModule, plan: Plan, comm: Comm,
-                 placements: dict[str, Placement], captured: Captured):
+                 placements: dict[str, Placement], captured: Captured,
+                 layers: tuple[tuple[tuple[str, ...], ...], ...] = ()):
         super().__init__()
         # the first program; its module tree (the model's own, with the shards) is this
         # module's tree, so parameters, buffers and state_dict keys keep the model's names
@@ -398,6 +399,10 @@ class ParallelModule(nn.Module):
         # FSDP2 across the data-parallel replicas (``fully_shard``): the program's own
         # top-level parameter names, re-pointed at this module's before each call
         object.__setattr__(self, "_fsdp_roots", None)
+        object.__setattr__(self, "fsdp_units", ())  # layer module paths FSDP gathers one by one
+        # per layer of each stack: (its module path, the names of its decision nodes)
+        object.__setattr__(self, "_layer_nodes", [(st.layer(i), names) for st, per in zip(captured.stacks, layers)
+                                                  for i, names in enumerate(per)])
         # the programs by (mode, call structure); the first is ``module``. Kept outside the
         # module tree: every program reads the same Parameter objects, under the same names
         object.__setattr__(self, "_programs", {})
@@ -522,16 +527,31 @@ class ParallelModule(nn.Module):
     def fully_shard(self, dp_mesh: "DeviceMesh") -> None:
         """Shard this tensor-parallel module's parameters, gradients and optimizer state across
         the 1-D ``dp_mesh`` with FSDP2 (``torch.distributed.fsdp.fully_shard``): each piece
-        becomes a DTensor split on its first dim across the replicas; a call gathers them (one
-        FSDP unit: the program reads parameters as attributes, not through submodule calls, so
-        there are no per-layer hooks to gather by) and the backward reduce-scatters the
-        gradients, averaged across replicas as DDP's are. Build the optimizer afterwards, from
-        ``parameters()``."""
-        from torch.distributed.fsdp import fully_shard
+        becomes a DTensor split on its first dim across the replicas. Every layer of a stack
+        is its own FSDP unit (rewrite/units.py runs it as one call of the layer module): its
+        parameters are gathered as it starts and freed when it ends, in forward and again in
+        backward, where its gradients are reduce-scattered (averaged across replicas as DDP's
+        are). The rest (embeddings, final norm, head) is the root unit, gathered for the whole
+        step. Build the optimizer afterwards, from ``parameters()``."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from autotp.rewrite.units import METHOD, outline_layers
         object.__setattr__(self, "_fsdp_roots",
                            [n for n, _ in self.module.named_parameters(recurse=False, remove_duplicate=False)])
+        units = outline_layers(self.module, self._layer_nodes)
+        for path in units:
+            layer = self.module.get_submodule(path)
+            fully_shard(layer, mesh=dp_mesh)
+            register_fsdp_forward_method(layer, METHOD)
         fully_shard(self, mesh=dp_mesh)
+        # refuse a call needing a new program before FSDP's own pre-forward hook gathers the
+        # parameters (an error after it would leave them gathered until the next backward)
+        self.register_forward_pre_hook(self._refuse_new_program, prepend=True, with_kwargs=True)
         self.dp_group = dp_mesh.get_group()
+        object.__setattr__(self, "fsdp_units", tuple(units))
+
+    def _refuse_new_program(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._family is not None and self._key(self.training, args, kwargs) not in self._programs:
+            self._capture_mode(self.training, args, kwargs)  # raises: a mesh module holds one program
 
     def train(self, mode: bool = True) -> "ParallelModule":
         """Like nn.Module.train (recursive). A model with mode-dependent ops (dropout, batch
@@ -688,7 +708,7 @@ def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = 
     gm, placements = rewrite(c, planned.choice, comm, load)
     if planned.on_meta:
         _fill_buffers(gm, planned.real_buffers, weights, here)
-    return ParallelModule(gm, planned.plan, comm, placements, c.captured)
+    return ParallelModule(gm, planned.plan, comm, placements, c.captured, c.layers)
 
 
 def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):
