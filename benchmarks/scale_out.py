@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import spawn_collect, stats  # noqa: E402
-from benchmarks.runtime import Model, torch_tp  # noqa: E402
+from benchmarks.runtime import Model  # noqa: E402
 
 # (hidden, layers, batch, seq): small models on few tokens favour data parallelism's one
 # gradient all-reduce; wide models on many tokens... the cases span the crossover either way

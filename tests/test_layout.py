@@ -74,3 +74,16 @@ def test_cli_layout_prints_the_table() -> None:
     assert "fsdp" in r.stdout and "ddp" in r.stdout
     r = run_cli("layout", "examples/hf_models.py:llama", "--nodes", "0", "--gpus-per-node", "2")
     assert r.returncode == 1 and "nodes must be a positive int" in r.stderr, r.stderr
+    # the example batch (2) divides into no replica count of 4 x 2: say so, plan nothing
+    r = run_cli("layout", "examples/hf_models.py:llama", "--nodes", "4", "--gpus-per-node", "2")
+    assert r.returncode == 1 and "divides into none of the replica counts" in r.stderr, r.stderr
+
+
+def test_cli_plan_shows_the_data_parallel_axis() -> None:
+    r = run_cli("plan", "examples/hf_models.py:llama", "--world-size", "2", "--data-parallel", "4",
+                "--dp-mode", "fsdp")
+    assert r.returncode == 0, r.stderr
+    assert "data parallel: 4 replicas of this group (FSDP" in r.stdout, r.stdout
+    r = run_cli("plan", "examples/hf_models.py:llama", "--world-size", "2", "--data-parallel", "4",
+                "--dp-mode", "zero3")
+    assert r.returncode == 2 and "invalid choice" in r.stderr, r.stderr

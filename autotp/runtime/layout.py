@@ -149,6 +149,12 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
                                     True, plan))
     found.sort(key=lambda x: (not x.fits, x.predicted_time_s, x.memory_bytes_per_rank))
     fits = [x for x in found if x.fits]
+    if not captured_at:  # the batch divides into no replica count: nothing was planned
+        raise AutoTPError(
+            f"the global batch {batch} divides into none of the replica counts "
+            f"{', '.join(str(total // t) for t in tp_degrees(gpus_per_node))} of {nodes} x "
+            f"{gpus_per_node} devices: pass global_batch= (--global-batch) as a multiple of "
+            f"{total // gpus_per_node} at least (the replicas at tp {gpus_per_node})")
     if not fits:
         planned = [x for x in found if math.isfinite(x.memory_bytes_per_rank)]
         least = min(planned, key=lambda x: x.memory_bytes_per_rank, default=None)

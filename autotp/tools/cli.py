@@ -1,7 +1,7 @@
 """The autotp command: plan, explain, diff, layout, run and devices.
 
     autotp plan examples/nanogpt.py:gpt --world-size 2
-    autotp layout examples/hf_models.py:llama2_70b_train --nodes 8 --gpus-per-node 8
+    autotp layout examples/hf_models.py:llama2_70b --nodes 8 --gpus-per-node 8 --global-batch 16
     autotp explain examples/hf_models.py:llama2_7b model.layers.0.mlp --world-size 8
     autotp diff plan_a.json examples/nanogpt.py:gpt --world-size 4
     autotp run examples/hf_models.py:gpt2 --world-size 2

@@ -151,6 +151,11 @@ def print_table(pd, out: Console = out) -> None:
                   f"binds); inputs must keep that dim divisible by {p.world_size}")
     out.print(f"communication per step: forward {_bytes(fwd)}, backward {_bytes(bwd)} "
               f"({len(p.collectives)} collectives)")
+    if p.dp_size > 1:
+        kind = {"ddp": "DDP: gradients all-reduced", "fsdp": "FSDP: state divided across them, "
+                "gathered layer by layer"}.get(p.dp_mode, p.dp_mode)
+        out.print(f"data parallel: {p.dp_size} replicas of this group ({kind}), "
+                  f"{_time(p.dp_time_s)} of the communication time per step")
     out.print(f"predicted step time: {_time(p.predicted_time_s)} (compute {_time(p.compute_time_s)}, "
               f"communication {_time(p.comm_time_s)}); replicated plan {_time(rep)} "
               f"→ {rep / p.predicted_time_s if p.predicted_time_s else float('nan'):.2f}× speed-up")
