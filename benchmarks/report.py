@@ -648,6 +648,21 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
     if "frontier" in p:
         md += ["## 8. Plan time of the frontier shapes", ""] + _part_machine(p["frontier"])
         md += _frontier_md(p["frontier"]) + [""]
+    if "scale_out" in p:
+        from benchmarks import scale_out
+        so = p["scale_out"]
+        md += ["## 9. Scale out: FSDP x TP, and the layout choice", ""] + _part_machine(so)
+        md += ["`benchmarks/scale_out.py`.", ""]
+        for key, fn in (("layout", scale_out.report_layout), ("decision", scale_out.report_decision),
+                        ("recipe", scale_out.report_recipe)):
+            if so.get(key):
+                text = fn(so[key]).splitlines()
+                md += [text[0], ""] + text[1:] + [""]
+    if "compile" in p:
+        from benchmarks.compile import report as compile_report
+        md += ["## 10. torch.compile of the parallel module", ""] + _part_machine(p["compile"])
+        text = compile_report(p["compile"]).splitlines()
+        md += ["`benchmarks/compile.py`: " + text[0], ""] + [ln + ("" if ln.startswith("|") else "  ") for ln in text[1:]] + [""]
     md += ["## Reproduce", "",
            "```bash",
            "pip install -e '.[bench]'            # matplotlib, tensor_parallel",
@@ -656,6 +671,7 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
            "python benchmarks/run.py --from-json # redraw this page from benchmarks/results.json",
            "```", "",
            "Each part also runs alone and prints its tables: `benchmarks/runtime.py`, "
-           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`, `decode.py`, `frontier.py`.", ""]
+           "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`, `decode.py`, `frontier.py`, "
+           "`scale_out.py`, `compile.py`; `gpu_check.py` is the check for a machine with a GPU.", ""]
     with open(md_path, "w") as f:
         f.write("\n".join(md))

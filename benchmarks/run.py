@@ -4,7 +4,8 @@ accuracy after calibration, and the recapture cost of other modes and call struc
 cost of dropout that draws like one device. Prints each part's table, stores everything in
 benchmarks/results.json and writes docs/benchmarks.md with plots in docs/benchmarks/.
 
-    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes decode frontier]
+    python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes decode frontier
+                              scale_out compile]
     python benchmarks/run.py --from-json      # redraw the report from benchmarks/results.json
 
 The full run takes about 20 minutes on a 2-core machine; --quick about 5."""
@@ -20,10 +21,11 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import (collectives, decode, frontier, modes, peer_hf_tp, plan_quality, plan_time,  # noqa: E402
-                        report, runtime)
+                        report, runtime, scale_out)
 from benchmarks.common import ROOT, describe, load_average, machine  # noqa: E402
 
-PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode", "frontier")
+PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode", "frontier", "scale_out",
+         "compile")
 
 
 def run_part(name: str, quick: bool, peer: bool) -> dict:
@@ -55,6 +57,18 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
         shapes = ["llama70b"] if quick else list(frontier.SHAPES)
         res = {"rows": [frontier.plan_shape(s, obj) for obj in ("time", "memory") for s in shapes]}
         print(frontier.report(res["rows"]))
+    elif name == "scale_out":  # issue 16: layout choice time, its accuracy on gloo, FSDP x TP vs the recipe
+        res = {"layout": scale_out.layout_70b(repeats=1 if quick else 2),
+               "decision": scale_out.decision(iters=4 if quick else 8,
+                                              cases=scale_out.CASES[:4] if quick else None),
+               "recipe": scale_out.recipe(iters=4 if quick else 10)}
+        print(scale_out.report_layout(res["layout"]))
+        print(scale_out.report_decision(res["decision"]))
+        print(scale_out.report_recipe(res["recipe"]))
+    elif name == "compile":  # issue 17 (imported here: it turns inductor's caches off for the process)
+        from benchmarks import compile as compile_bench
+        res = compile_bench.run(iters=4 if quick else 10)
+        print(compile_bench.report(res))
     else:
         res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)

@@ -32,6 +32,8 @@ dim that the world size divides it (else the pieces would be uneven and the gath
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections import Counter
 from typing import Sequence
 
@@ -41,7 +43,8 @@ from torch import nn
 
 from autotp.cost.model import convert_ops, dual
 from autotp.errors import AutoTPError, AutoTPInternalError
-from autotp.core.placements import Placement, Shard, local_sizes, local_slices, rank_major, shard_tensor, unshard
+from autotp.core.placements import (Placement, Shard, local_size, local_sizes, local_slices, rank_major,
+                                    shard_tensor, unshard)
 
 
 class Comm:
@@ -161,17 +164,46 @@ def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: 
     return x if ops else x.view_as(x)
 
 
-class _Redistribute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mod: "Redistribute") -> torch.Tensor:  # type: ignore[override]
-        ctx.mod = mod
-        return convert(x, mod.src, mod.dst, mod.comm, "forward", mod.size_of(mod.src))
+# ---- the transition as a torch.library custom op ---------------------------------------------
+# ``autotp::redistribute(x, key, backward)`` runs one Redistribute's forward conversion (or, with
+# ``backward``, its gradient's), and its registered autograd formula is the other one. An op is
+# opaque to torch.compile: Dynamo and AOTAutograd trace through the program and keep each
+# transition as one call with the right backward, its fake implementation gives the output's
+# shape, and the collective (and its count in ``Comm.counts``) runs when the compiled code runs,
+# not when it is traced. Custom ops take numbers, not modules: ``key`` names the Redistribute in
+# ``_LIVE``, a weak table (a module that is gone leaves it).
+_LIVE: "weakref.WeakValueDictionary[int, Redistribute]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        mod = ctx.mod
-        return convert(g, mod.grad_src, mod.grad_dst, mod.comm, "backward",
-                       mod.size_of(mod.grad_src)), None
+
+@torch.library.custom_op("autotp::redistribute", mutates_args=())
+def redistribute_op(x: torch.Tensor, key: int, backward: bool) -> torch.Tensor:
+    mod = _LIVE[key]
+    if backward:
+        out = convert(x, mod.grad_src, mod.grad_dst, mod.comm, "backward", mod.size_of(mod.grad_src))
+    else:
+        mod.check_even(x)
+        out = convert(x, mod.src, mod.dst, mod.comm, "forward", mod.size_of(mod.src))
+    # an op's output may not alias its input (an identity conversion returns a view)
+    return out.clone() if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else out
+
+
+@redistribute_op.register_fake
+def _redistribute_fake(x: torch.Tensor, key: int, backward: bool) -> torch.Tensor:
+    mod = _LIVE[key]
+    src, dst = (mod.grad_src, mod.grad_dst) if backward else (mod.src, mod.dst)
+    return x.new_empty(mod.local_shape(tuple(x.shape), src, dst))
+
+
+def _redistribute_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.key, ctx.backward = inputs[1], inputs[2]
+
+
+def _redistribute_backward(ctx, g: torch.Tensor):
+    return torch.ops.autotp.redistribute(g, ctx.key, not ctx.backward), None, None
+
+
+redistribute_op.register_autograd(_redistribute_backward, setup_context=_redistribute_setup)
 
 
 class Redistribute(nn.Module):
@@ -186,8 +218,35 @@ class Redistribute(nn.Module):
         self.src, self.dst, self.grad_src, self.grad_dst = src, dst, grad_src, dual(src)
         self.shape = tuple(shape) if shape is not None else None
         self.where = where  # the value and module, for error messages
+        self.key = self._register()
 
-    def _check_even(self, x: torch.Tensor) -> None:
+    def _register(self) -> int:
+        key = next(_KEYS)
+        _LIVE[key] = self
+        return key
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) is a module of its own
+        super().__setstate__(state)
+        self.key = self._register()
+
+    def local_shape(self, shape: tuple, src: Placement, dst: Placement) -> tuple:
+        """The local shape of ``src -> dst``'s output given its input's (``convert``'s sizes: a
+        gathered dim takes its global size, a split one this rank's piece; a dynamic dim,
+        split only evenly, multiplies or divides by the world size)."""
+        n, r = self.comm.world_size, self.comm.rank
+        out = list(shape)
+        if isinstance(src, Shard) and src != dst:
+            d = src.dim % len(out)
+            size = self.size_of(src)
+            if size is None:
+                size = sum(src.blocks) if src.blocks is not None else out[d] * n // (src.rep or 1)
+            out[d] = size
+        if isinstance(dst, Shard) and src != dst:
+            d = dst.dim % len(out)
+            out[d] = local_size(dst, out[d], n, r) if isinstance(out[d], int) else out[d] // n
+        return tuple(out)
+
+    def check_even(self, x: torch.Tensor) -> None:
         """A dynamic dim split here must divide evenly (see the module docstring)."""
         p = self.dst
         if not isinstance(p, Shard) or self.src == p or self.shape is None:
@@ -208,16 +267,14 @@ class Redistribute(nn.Module):
         return s if isinstance(s, int) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_even(x)
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return convert(x, self.src, self.dst, self.comm, "forward", self.size_of(self.src))
-        if any(isinstance(p, Shard) and p.rep is not None for p in (self.src, self.dst)):
+        if torch.is_grad_enabled() and x.requires_grad and \
+                any(isinstance(p, Shard) and p.rep is not None for p in (self.src, self.dst)):
             raise AutoTPError(
                 f"{self.where}: this program was planned for inference and keeps a value split "
                 f"with pieces shared by several ranks ({self.src} -> {self.dst}: key/value heads "
                 f"fewer than ranks), which has no exact gradient. Run it under torch.no_grad(), "
                 f"or parallelize with mode='training' to train.")
-        return _Redistribute.apply(x, self)
+        return torch.ops.autotp.redistribute(x, self.key, False)
 
     def extra_repr(self) -> str:
         n = self.comm.world_size

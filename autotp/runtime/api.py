@@ -91,7 +91,7 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
                 mesh: DeviceMesh | None = None,
                 memory_budget: float | None = None,
                 optimizer_bytes: float = ADAM_FP32_BYTES,
-                dp_mode: DpMode = "auto") -> ParallelModule:
+                dp_mode: DpMode = "auto", compile: bool | dict = False) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
@@ -113,6 +113,13 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     Each data-parallel replica is given its own slice of the global batch; ``example_inputs``
     is such a slice. Build the optimizer after this call, from ``parameters()``.
 
+    ``compile``: True compiles the module in place with ``torch.compile(fullgraph=True)``
+    (``nn.Module.compile``: it stays a ParallelModule); a dict gives ``torch.compile``'s
+    keywords instead (e.g. ``{"backend": "aot_eager"}``). Every program runs compiled, the
+    collectives as one custom op each (rewrite/collectives.py); a program needed by a later
+    call (another mode, other keywords) must be made by one call without compiling first
+    (``with torch.compiler.set_stance("force_eager"): tp(...)``). Not on a mesh yet.
+
     ``memory_budget``: bytes per rank the plan must fit (state + activations at the example
     inputs' sizes; default: the device's memory). When it binds the solver splits more,
     e.g. norm regions on the sequence dim (then the sequence length must stay divisible by
@@ -124,6 +131,9 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
             "torch.distributed.init_process_group('gloo' on CPU or 'nccl' on GPUs) first; "
             "use autotp.plan(...) to plan without processes")
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
+    if compile and mesh is not None:
+        raise AutoTPError("compile=True on a data-parallel mesh is not supported yet: compile a "
+                          "tensor-parallel module (no mesh=), or leave compile off")
     dp_group = dp_mesh = None
     if mesh is not None:
         group, dp_mesh = _mesh_groups(mesh, group)
@@ -156,6 +166,8 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
             pm.fully_shard(dp_mesh)
         else:
             pm.data_parallel(dp_group, here)
+    if compile:
+        pm.compile(**({"fullgraph": True} | (compile if isinstance(compile, dict) else {})))
     return pm
 
 

@@ -406,6 +406,7 @@ class ParallelModule(nn.Module):
         # the programs by (mode, call structure); the first is ``module``. Kept outside the
         # module tree: every program reads the same Parameter objects, under the same names
         object.__setattr__(self, "_programs", {})
+        object.__setattr__(self, "_by_light", {})  # _light_key -> program (torch.compile)
         object.__setattr__(self, "_family", None)
         object.__setattr__(self, "_serving", {})  # (batch, cache length) -> generate.Serving
 
@@ -431,7 +432,7 @@ class ParallelModule(nn.Module):
         """Let this module capture programs for other modes and call structures (parallelize
         does this); ``args``/``kwargs`` are the example inputs ``module`` was captured with."""
         object.__setattr__(self, "_family", family)
-        self._programs[self._key(self.training, args, kwargs)] = self.module
+        self._remember(self._key(self.training, args, kwargs), self.module, args, kwargs)
         self._captured_with = describe_call(args, kwargs)
 
     def _key(self, mode: bool, args: tuple, kwargs: dict) -> tuple:
@@ -450,15 +451,49 @@ class ParallelModule(nn.Module):
                     f"simulate): call model.{'train' if self.training else 'eval'}() before "
                     "making it instead")
             return self._run_first(*args, **kwargs)
-        key = self._key(self.training, args, kwargs)
-        gm = self._programs.get(key)
-        if gm is None:  # a program serving both modes is captured in the mode the first was
-            gm = self._capture_mode(self.training if key[0] is not None else self._captured_training,
-                                    args, kwargs)
-            self._programs[key] = gm
+        if torch.compiler.is_compiling():
+            gm = self._compiled_program(args, kwargs)
+        else:
+            key = self._key(self.training, args, kwargs)
+            gm = self._programs.get(key)
+            if gm is None:  # a program serving both modes is captured in the mode the first was
+                gm = self._capture_mode(self.training if key[0] is not None else self._captured_training,
+                                        args, kwargs)
+                self._remember(key, gm, args, kwargs)
         if gm is self.module:
             return self._run_first(*args, **kwargs)
         return gm(*args, **kwargs)
+
+    def _light_key(self, args: tuple, kwargs: dict) -> tuple:
+        """The part of ``_key`` torch.compile can trace: the mode (when it matters), the number
+        of positional arguments, and which keywords are given (and which of them are None)."""
+        return (self.training if self._mode_sensitive else None, len(args),
+                tuple((k, kwargs[k] is None) for k in sorted(kwargs)))
+
+    def _remember(self, key: tuple, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+        self._programs[key] = gm
+        light = self._light_key(args, kwargs)
+        # two programs alike to the light key (e.g. other dtypes) can't be told apart compiled
+        self._by_light[light] = gm if self._by_light.get(light, gm) is gm else None
+
+    def _compiled_program(self, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+        """The program of this call under torch.compile, which traces this module's forward,
+        found by the light key. Capturing a new program (torch.export, planning) cannot run
+        inside a compiled graph: a call that needs one is an AutoTPError asking for one call
+        without torch.compile first."""
+        if self._ddp is not None or self._fsdp_roots is not None:
+            raise AutoTPError("torch.compile of a data-parallel (mesh) module is not supported "
+                              "yet: compile a tensor-parallel module (parallelize without mesh=)")
+        gm = self._by_light.get(self._light_key(args, kwargs))
+        if gm is None:
+            raise AutoTPError(
+                f"this call ({len(args)} positional arguments, keywords {', '.join(sorted(kwargs)) or 'none'}; "
+                f"{'train' if self.training else 'eval'} mode) has no program yet, or one that the "
+                "compiled module cannot tell apart "
+                "from another: call the module once in this mode with such arguments without "
+                "torch.compile first (e.g. under torch.compiler.set_stance('force_eager')), so "
+                "that its program is captured")
+        return gm
 
     def _run_first(self, *args: Any, **kwargs: Any) -> Any:
         """Call the first program: through DDP when data-parallel by DDP; under FSDP, whose
