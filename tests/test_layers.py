@@ -253,6 +253,33 @@ def test_binding_memory_budget_solves_the_whole_graph(llama_4) -> None:
     assert "binds" in seen.text
 
 
+def test_memory_objective_prices_parameter_bytes_by_layers_on_deep_models(monkeypatch) -> None:
+    """objective="memory"'s second step (least time within the least parameter bytes plus the
+    slack) on a graph too big for the whole program (WHOLE_GRAPH_NODES, lowered here so that
+    a small DeepSeek-V3 counts as big) prices parameter bytes per layer and mixes the two
+    Lagrangian corners (solve._priced_bound) instead of solving the whole graph: the same
+    predicted time (within the MIP gap) and parameter bytes as the whole graph's optimum."""
+    import autotp.solve.solve as S
+    m, a, k = _deepseek_v3()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = build(capture(m, a, k), 4, shared_pieces=True)
+    spec = PRESETS["h100"]
+    whole = solve(c, spec, "inference", "memory")
+    used = []
+    real = S._priced_bound
+    monkeypatch.setattr(S, "WHOLE_GRAPH_NODES", 0)
+    monkeypatch.setattr(S, "_priced_bound", lambda *x, **y: used.append(1) or real(*x, **y))
+    monkeypatch.setattr(S, "_whole", lambda *x, **y: pytest.fail("the whole graph was solved"))
+    c.cache.clear()
+    priced = solve(c, spec, "inference", "memory")
+    assert used, "the priced search was not used"
+    t_whole = evaluate(c, whole, spec, "inference").time_s
+    t_priced = evaluate(c, priced, spec, "inference").time_s
+    assert t_priced == pytest.approx(t_whole, rel=1e-4), (t_priced, t_whole)  # HiGHS' MIP gap
+    assert S._mem(c, priced) <= S._mem(c, whole) * (1 + 1e-9)
+
+
 class SharedBlock(nn.Module):
     def __init__(self, h: int):
         super().__init__()

@@ -54,7 +54,7 @@ import numpy as np
 
 from autotp.core.placements import Placement
 from autotp.candidates import Candidates, Value, NodeKind
-from autotp.solve.program import Program, bytes_bound
+from autotp.solve.program import SCALE_M, Program, bytes_bound
 
 log = logging.getLogger(__name__)
 Weight = Callable[[float, float], float]  # (seconds, parameter bytes) -> objective units
@@ -386,6 +386,33 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
     price = lam if lean is None else 0.0
     weights = [weight(t, m) + price * prog.foot.get(i, 0.0)
                for i, (t, m) in enumerate(zip(prog.time, prog.mem))]
+    return _solve_blocks(c, prog, runs, blocks, weights, extra, pinned, time_limit)
+
+
+def solve_runs_mixed(c: Candidates, spec, mode: str, runs: list[Run], low: tuple[str, Weight],
+                     high: tuple[str, Weight], objective: Weight, bound: float,
+                     pinned: dict[str, int], time_limit: float) -> dict[str, int] | None:
+    """Parameter bytes <= ``bound`` by layers, between two Lagrangian corners: each run may take
+    its first k layers from the table of ``high`` (parameter bytes priced so that the plan
+    keeps the bound) and the rest from that of ``low`` (priced so that it does not), and the
+    rest of the graph is solved for least ``objective`` with the bound as a row. ``low`` and
+    ``high`` are (table kind, weight) pairs; None when a run has no table or nothing fits."""
+    tables = [_table(c, spec, mode, r, low[0], low[1], time_limit) for r in runs]
+    leans = [_table(c, spec, mode, r, high[0], high[1], time_limit) for r in runs]
+    if any(t is None for t in tables + leans):
+        return None
+    blocks = [_chain(r, t, lt) for r, t, lt in zip(runs, tables, leans)]
+    inside = set().union(*(r.nodes for r in runs))
+    prog = Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
+    row = ({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf, bytes_bound(bound))
+    weights = [objective(t, m) for t, m in zip(prog.time, prog.mem)]
+    return _solve_blocks(c, prog, runs, blocks, weights, [row], pinned, time_limit)
+
+
+def _solve_blocks(c: Candidates, prog: Program, runs: list[Run], blocks: list, weights: list[float],
+                  extra: list, pinned: dict[str, int], time_limit: float) -> dict[str, int] | None:
+    """Solve ``prog`` (the graph outside the runs, one block per run) and read every node's
+    strategy back, the runs' from their chosen entries' cells."""
     pins = [({prog.index[(n, s)]: 1.0}, 1.0, 1.0) for n, s in pinned.items()]
     x = prog.solve(weights, pins + extra, time_limit)
     if x is None:

@@ -17,7 +17,7 @@ from autotp.cost.model import MODES
 from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError, InfeasiblePlanError
 from autotp.candidates import Candidates, NodeKind
-from autotp.solve.runs import find_runs, solve_runs
+from autotp.solve.runs import find_runs, solve_runs, solve_runs_mixed
 from autotp.cost.evaluate import Choice, Evaluation, _footprint, evaluate, held_bytes, memory_bytes
 from autotp.solve.program import SCALE_M, SCALE_MB, SCALE_T, Program, bytes_bound
 
@@ -149,6 +149,12 @@ def _best(p: _Problem, kind: str, bound: float | None = None, limit: float | Non
             log.info("the memory budget binds on %d nodes: pricing memory per layer instead "
                      "of solving the whole graph (fits, not proven optimal)", len(c.nodes))
             return _priced_search(p, limit)
+        if len(c.nodes) > WHOLE_GRAPH_NODES and kind == "time" and bound is not None:
+            log.info("the parameter-bytes bound binds on %d nodes: pricing parameter bytes per "
+                     "layer instead of solving the whole graph", len(c.nodes))
+            found = _priced_bound(p, bound, limit)
+            if found is not None:
+                return found
         log.info("the memory bound binds: solving the whole graph instead of one layer per class")
     return _whole(p, kind, bound, limit)
 
@@ -194,6 +200,56 @@ def _priced_search(p: _Problem, limit: float) -> Choice | None:
         fit(by_layers(lo / LEAN_FACTOR, (hi * LEAN_FACTOR, limit)))
     log.info("priced memory: %d plans fit, the fastest predicted %.3g s", len(fits),
              min(f[0] for f in fits))
+    return min(fits, key=lambda f: f[0])[1]
+
+
+def _priced_bound(p: _Problem, bound: float, limit: float | None) -> Choice | None:
+    """objective="memory"'s second step on deep models: the least time with parameter bytes
+    <= ``bound``, by layers, as a Lagrangian search: minimize time + mu * parameter bytes
+    (solve/runs.py tables for each mu, mu in microseconds per KB), mu raised until the plan
+    keeps the bound, then bisected (geometrically) between the last mu that did not and the
+    first that did; the fastest plan that keeps the bound (and fits ``limit``) wins. None
+    when no mu keeps it (the caller solves the whole graph). Keeps the bound; not proven
+    optimal (a plan between two Lagrangian corners can be missed)."""
+    c = p.c
+    fits: list[tuple[float, Choice]] = []
+
+    def priced(mu: float) -> tuple[str, Callable[[float, float], float]]:
+        return f"time+{mu:.9g}/KB", (lambda t, m: t * SCALE_T + mu * m * SCALE_M)
+
+    def keep(choice: Choice | None) -> bool:
+        if choice is None or _mem(c, choice) > bound or \
+                (limit is not None and memory_bytes(c, choice, p.mode)[1] > limit):
+            return False
+        ev = evaluate(c, choice, p.spec, p.mode)
+        fits.append((ev.time_s if ev is not None else math.inf, choice))
+        return True
+
+    def try_mu(mu: float) -> bool:
+        return keep(solve_runs(c, p.spec, p.mode, p.runs, *priced(mu), p.pinned, p.time_limit))
+
+    lo, hi, mu = 0.0, None, 1e-3
+    for _ in range(LAGRANGE_STEPS):
+        if try_mu(mu):
+            hi = mu
+        else:
+            lo = mu
+        if hi is None:
+            if mu > 1e9:
+                break
+            mu *= 8.0
+        else:
+            if lo and hi / lo < 1.05:
+                break
+            mu = math.sqrt(lo * hi) if lo else hi / 8.0
+    if not fits:
+        return None
+    if lo:  # between the corners: some layers as priced at the first mu that kept the bound,
+        # the rest at the last one that did not, the bound a row (solve/runs.py)
+        keep(solve_runs_mixed(c, p.spec, p.mode, p.runs, priced(lo), priced(hi), _weight("time"),
+                              bound, p.pinned, p.time_limit))
+    log.info("priced parameter bytes: %d plans keep the bound, the fastest predicted %.3g s",
+             len(fits), min(f[0] for f in fits))
     return min(fits, key=lambda f: f[0])[1]
 
 
