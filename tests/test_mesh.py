@@ -20,6 +20,7 @@ from models import build, first_tensor
 STEPS = 3
 CASES = [("llama", "ddp"), ("gpt2", "ddp"), ("llama", "fsdp"), ("gpt2", "fsdp")]
 SAVED = ("gpt2", "fsdp")  # the case written with save_pretrained after training
+LAYOUT_MODEL = "llama_6"  # deep enough that FSDP's layer units hold less than DDP at dp 2
 
 
 def _batches(make):
@@ -98,10 +99,46 @@ def _bad_inputs(mesh) -> dict[str, str]:
             "no_tp": _raised(lambda: autotp.parallelize(model, args, kwargs, mesh=no_tp))}
 
 
+def _from_layout_and_weights(mesh, root: str) -> dict:
+    """The best layout choose_layout finds for 2 x 2 devices, passed as plan= on a mesh of its
+    shape: a 6-layer Llama under a budget between the least memory of DDP and of FSDP at tp 2
+    (FSDP frees each layer after use, so only FSDP fits); and the GPT-2 saved above loaded
+    slice by slice from its checkpoint into a model built without weights, on an FSDP mesh."""
+    model, args, kwargs, make = build(LAYOUT_MODEL)
+    least = {m: autotp.plan(model, args, kwargs, world_size=2, data_parallel=2, dp_mode=m, device="h100",
+                            objective="memory").memory_bytes_per_rank for m in ("ddp", "fsdp")}
+    lay = autotp.choose_layout(model, args, kwargs, nodes=2, gpus_per_node=2, device="h100",
+                               global_batch=4, memory_budget=(least["ddp"] + least["fsdp"]) / 2)
+    best = lay.best
+    shaped = init_device_mesh("cpu", (best.dp, best.tp), mesh_dim_names=("dp", "tp"))
+    dp_rank, dp = shaped.get_local_rank("dp"), best.dp
+    a, k = _slice(_batches(make)[0], dp_rank, dp)  # a replica's batch: what the plan was made for
+    assert (a[0] if a else k["input_ids"]).shape[0] == best.batch_per_replica
+    tp = autotp.parallelize(model, a, k, mesh=shaped, plan=best.plan)
+    opt = _optimizer(tp.parameters())
+    for a, k in _batches(make):
+        a, k = _slice(a, dp_rank, dp), _slice(k, dp_rank, dp)
+        opt.zero_grad()
+        _loss(tp(*a, **k)).backward()
+        opt.step()
+    out = {"best": (best.tp, best.dp, best.dp_mode), "state": autotp.gather_state_dict(tp),
+           "layout_dp_mode": tp.plan.dp_mode, "dtensor": all(isinstance(p, DTensor) for p in tp.parameters())}
+    gpt2, args, kwargs, make = build("gpt2")
+    with autotp.empty_weights():
+        empty = type(gpt2)(gpt2.config)
+    loaded = autotp.parallelize(empty, args, kwargs, mesh=mesh, dp_mode="fsdp", objective="memory",
+                                weights=f"{root}/gpt2_fsdp")
+    torch.manual_seed(5)
+    a, k = make(2, 6)
+    out["loaded_logits"] = first_tensor(loaded(*a, **k)).detach()
+    out["loaded_input"] = (a, k)
+    return out
+
+
 def _all_cases(rank: int, world: int, root: str) -> dict:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     cases = [_train(mesh, name, mode, root) for name, mode in CASES]
-    return {"cases": cases, "errors": _bad_inputs(mesh)}
+    return {"cases": cases, "errors": _bad_inputs(mesh), "layout": _from_layout_and_weights(mesh, root)}
 
 
 def _one_device(name: str) -> dict[str, torch.Tensor]:
@@ -120,7 +157,7 @@ def _assert_close(got: dict, want: dict, label: str) -> None:
 
 
 def test_two_by_two_mesh_trains_like_one_device_saves_and_refuses_bad_input(tmp_path) -> None:
-    want = {name: _one_device(name) for name in ("llama", "gpt2")}
+    want = {name: _one_device(name) for name in ("llama", "gpt2", LAYOUT_MODEL)}
     ranks = run_ranks(_all_cases, 4, str(tmp_path))
     for rank, results in enumerate(ranks):
         for (name, mode), r in zip(CASES, results["cases"]):
@@ -154,6 +191,18 @@ def test_two_by_two_mesh_trains_like_one_device_saves_and_refuses_bad_input(tmp_
     for key, v in gathered.items():
         assert torch.equal(loaded[key], v), key
     _assert_close(loaded, want["gpt2"], "gpt2 fsdp from_pretrained")
+
+    # the layout choose_layout picked (FSDP: the budget fits nothing else at tp 2) given as plan=
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2_fsdp")
+    for rank, results in enumerate(ranks):
+        lay = results["layout"]
+        assert lay["best"][2] == "fsdp" and lay["layout_dp_mode"] == "fsdp" and lay["dtensor"], lay["best"]
+        _assert_close(lay["state"], want[LAYOUT_MODEL], f"layout {lay['best']} rank {rank}")
+        # the checkpoint written from the FSDP mesh, loaded slice by slice into an empty model
+        a, k = lay["loaded_input"]
+        with torch.no_grad():
+            ref = first_tensor(hf(*a, **k))
+        torch.testing.assert_close(lay["loaded_logits"], ref, rtol=1e-5, atol=1e-5)
 
     # bad input on a mesh: the same AutoTPError on every rank, no rank left waiting
     errors = [results["errors"] for results in ranks]

@@ -2,6 +2,8 @@
 user's own source line and what to do (``_export``)."""
 from __future__ import annotations
 
+import inspect
+
 import os
 
 import traceback
@@ -84,7 +86,20 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
 
 
+def _signature_order(model: torch.nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` in the order of ``forward``'s parameters (those it doesn't name last, as
+    given): torch.export binds the call to the signature and matches a tuple of dynamic
+    shapes in that order, so a call written ``use_cache=False, input_ids=ids`` would pair the
+    ids' spec with the bool and fall back to static shapes."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return kwargs
+    return {k: kwargs[k] for k in names if k in kwargs} | {k: v for k, v in kwargs.items() if k not in names}
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    kwargs = _signature_order(model, kwargs)
     errors: list[tuple[BaseException, list[str]]] = []
     for dynamic in (True, False):
         ds = _dynamic_shapes(args, kwargs) if dynamic else None

@@ -41,7 +41,9 @@ class Layout:
     """One way to lay the job out. ``predicted_time_s``: one step of the global batch (every
     replica's step runs at once); ``memory_bytes_per_rank``: the plan's, or the least any plan
     needs when nothing fits; ``plan``: the TP plan at this degree (None when nothing fits or
-    the layout was not planned, ``why`` says)."""
+    the layout was not planned, ``why`` says). To run it: a ("dp", "tp") mesh of shape
+    (dp, tp), and ``parallelize(model, <a replica's batch of batch_per_replica rows>, mesh=mesh,
+    plan=layout.plan)``: a plan is made for one capture, whose sizes it names."""
 
     tp: int
     dp: int
@@ -51,6 +53,9 @@ class Layout:
     fits: bool
     plan: Plan | None = None
     why: str = ""
+    # rows of the global batch each replica runs: the plan was made for inputs of this many
+    # rows, so parallelize(..., plan=layout.plan) needs example inputs of that batch size
+    batch_per_replica: int = 0
 
     @property
     def label(self) -> str:
@@ -143,10 +148,10 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
                 except InfeasiblePlanError as e:
                     least = e.least_bytes if e.least_bytes is not None else math.inf
                     found.append(Layout(tp, dp, shown, math.inf, least, False,
-                                        why=str(e).split(":")[0]))
+                                        why=str(e).split(":")[0], batch_per_replica=rows))
                     continue
                 found.append(Layout(tp, dp, shown, plan.predicted_time_s, plan.memory_bytes_per_rank,
-                                    True, plan))
+                                    True, plan, batch_per_replica=rows))
     found.sort(key=lambda x: (not x.fits, x.predicted_time_s, x.memory_bytes_per_rank))
     fits = [x for x in found if x.fits]
     if not captured_at:  # the batch divides into no replica count: nothing was planned
