@@ -163,6 +163,26 @@ def fmt_bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns`` over ``iters`` rounds after ``warmup`` untimed ones,
+    interleaved and the order rotated every round so that no variant always runs first; each
+    call between two barriers of the default process group, so every rank times the same call."""
+    import torch.distributed as dist
+    import time
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for it in range(warmup + iters):
+        k0 = it % len(names)
+        for name in names[k0:] + names[:k0]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fns[name]()
+            dist.barrier()
+            if it >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 # ---- local gloo ranks with a result ---------------------------------------------------------
 
 def _trampoline(rank: int, world: int, fn: Callable, path: str, args: tuple) -> None:

@@ -1,5 +1,6 @@
 """torch.compile of the parallel module (issue 17), gloo world 2, inductor, caches off
-(``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``, so every compile is a real one):
+(``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``, so every compile is a real one) and one compile
+thread per process (``TORCHINDUCTOR_COMPILE_THREADS=1``):
 
 - compile time: the first compiled training step (forward + backward) of autotp's module for a
   2-layer Hugging Face Llama, against compiling the unmodified model in one process (rank 0
@@ -22,12 +23,15 @@ import time
 from typing import Any
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+# one compile thread per process: the two ranks compile at once on their own cores, the
+# unmodified model alone would otherwise take both cores for its compile workers
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import spawn_collect, stats  # noqa: E402
+from benchmarks.common import interleaved, spawn_collect, stats  # noqa: E402
 from benchmarks.runtime import Model, megatron  # noqa: E402
 
 
@@ -65,17 +69,8 @@ def _worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | None
                 "megatron eager": meg, "megatron compiled": torch.compile(meg)}
     want = model(x)
     errs = {k: (m(x) - want).abs().max().item() for k, m in variants.items()}
-    names = list(variants)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for it in range(cfg["iters"] + 2):  # two warm-up rounds (the compiles happen in the first)
-        k0 = it % len(names)
-        for name in names[k0:] + names[:k0]:
-            dist.barrier()
-            t0 = time.perf_counter()
-            _train(variants[name], x)
-            dist.barrier()
-            if it >= 2:
-                times[name].append(time.perf_counter() - t0)
+    # two warm-up rounds (the compiles happen in the first)
+    times = interleaved({k: (lambda k=k: _train(variants[k], x)) for k in variants}, cfg["iters"], warmup=2)
     out = None
     if rank == 0:
         ms = {k: stats([t * 1e3 for t in v]) for k, v in times.items()}

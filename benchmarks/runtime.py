@@ -130,18 +130,24 @@ def megatron(model: Model) -> Model:
     return m
 
 
-def torch_tp(model: Model):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    m = copy.deepcopy(model)
+def megatron_plan(model: Model) -> dict:
+    """torchtitan's hand-written plan for ``Model``: q, k, v, gate, up column; o, down row."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
     plan = {}
-    for i in range(len(m.blocks)):
+    for i in range(len(model.blocks)):
         for name in ("attn.q", "attn.k", "attn.v", "gate", "up"):
             plan[f"blocks.{i}.{name}"] = ColwiseParallel()
         for name in ("attn.o", "down"):
             plan[f"blocks.{i}.{name}"] = RowwiseParallel()
-    return parallelize_module(m, mesh, plan)
+    return plan
+
+
+def torch_tp(model: Model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    m = copy.deepcopy(model)
+    return parallelize_module(m, mesh, megatron_plan(m))
 
 
 def _train(m: nn.Module, x: torch.Tensor) -> None:

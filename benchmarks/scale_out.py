@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import spawn_collect, stats  # noqa: E402
-from benchmarks.runtime import Model  # noqa: E402
+from benchmarks.common import interleaved, spawn_collect, stats  # noqa: E402
+from benchmarks.runtime import Model, megatron_plan  # noqa: E402
 
 # (hidden, layers, batch, seq): small models on few tokens favour data parallelism's one
 # gradient all-reduce; wide models on many tokens... the cases span the crossover either way
@@ -102,18 +102,8 @@ def _decision_worker(rank: int, world: int, cases: list, iters: int) -> dict[str
             "tp1 fsdp": (autotp.parallelize(copy.deepcopy(model), (half,), mesh=meshes["dp2"], device=spec,
                                             dp_mode="fsdp"), half)}
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in variants.items()}
-        names = list(variants)
-        times: dict[str, list[float]] = {k: [] for k in names}
-        for it in range(iters + 1):
-            k0 = it % len(names)
-            for name in names[k0:] + names[:k0]:
-                m, inp = variants[name]
-                dist.barrier()
-                t0 = time.perf_counter()
-                _step(m, opts[name], inp)
-                dist.barrier()
-                if it:  # the first round warms up
-                    times[name].append(time.perf_counter() - t0)
+        times = interleaved({k: (lambda k=k: _step(variants[k][0], opts[k], variants[k][1])) for k in variants},
+                            iters, warmup=1)
         if rank == 0:
             meas = {k: stats(v)["median"] for k, v in times.items()}
             # noise floor: the two halves of one variant's samples, the largest spread of the three
@@ -158,15 +148,9 @@ def report_decision(res: dict[str, Any]) -> str:
 
 def _recipe(model: torch.nn.Module, mesh) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
     m = copy.deepcopy(model)
-    plan = {}
-    for i in range(len(m.blocks)):
-        for name in ("attn.q", "attn.k", "attn.v", "gate", "up"):
-            plan[f"blocks.{i}.{name}"] = ColwiseParallel()
-        for name in ("attn.o", "down"):
-            plan[f"blocks.{i}.{name}"] = RowwiseParallel()
-    parallelize_module(m, mesh["tp"], plan)
+    parallelize_module(m, mesh["tp"], megatron_plan(m))
     for b in m.blocks:
         fully_shard(b, mesh=mesh["dp"])
     fully_shard(m, mesh=mesh["dp"])
@@ -191,16 +175,7 @@ def _recipe_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
     losses = {k: m(x).square().mean().item() for k, m in variants.items()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
     names = list(variants)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for it in range(cfg["iters"] + 2):
-        k0 = it % len(names)
-        for name in names[k0:] + names[:k0]:
-            dist.barrier()
-            t0 = time.perf_counter()
-            _step(variants[name], opts[name], x)
-            dist.barrier()
-            if it >= 2:
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved({k: (lambda k=k: _step(variants[k], opts[k], x)) for k in names}, cfg["iters"], warmup=2)
     out = None
     if rank == 0:
         out = {"config": cfg, "loss": losses, "ms": {k: stats([t * 1e3 for t in v]) for k, v in times.items()},

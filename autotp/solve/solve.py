@@ -159,6 +159,28 @@ def _best(p: _Problem, kind: str, bound: float | None = None, limit: float | Non
     return _whole(p, kind, bound, limit)
 
 
+def _bracket(fits_at: Callable[[float], bool], ratio: float) -> tuple[float, float | None]:
+    """A Lagrangian search's bracket: the price (from 1e-3, in objective units per KB) raised x8
+    until ``fits_at(price)`` holds, then bisected geometrically until hi / lo < ``ratio``.
+    Returns (lo, hi): lo the last price that did not fit (0 when the first did), hi the first
+    that did (None when none did)."""
+    lo, hi, lam = 0.0, None, 1e-3
+    for _ in range(LAGRANGE_STEPS):
+        if fits_at(lam):
+            hi = lam
+        else:
+            lo = lam
+        if hi is None:
+            if lam > 1e9:
+                break
+            lam *= 8.0
+        else:
+            if lo and hi / lo < ratio:
+                break
+            lam = math.sqrt(lo * hi) if lo else hi / 8.0
+    return lo, hi
+
+
 def _priced_search(p: _Problem, limit: float) -> Choice | None:
     """Lagrangian search: minimize time + lam * memory by layers (solve/runs.py), lam in
     microseconds per KB (SCALE_M) raised until the plan fits, then bisected (geometrically)
@@ -178,20 +200,7 @@ def _priced_search(p: _Problem, limit: float) -> Choice | None:
     def by_layers(lam: float, lean: tuple[float, float] | None = None) -> Choice | None:
         return solve_runs(c, p.spec, p.mode, p.runs, "time", w, p.pinned, p.time_limit, lam, lean)
 
-    lo, hi, lam = 0.0, None, 1e-3
-    for _ in range(LAGRANGE_STEPS):
-        if fit(by_layers(lam)):
-            hi = lam
-        else:
-            lo = lam
-        if hi is None:
-            if lam > 1e9:
-                break
-            lam *= 8.0
-        else:
-            if lo and hi / lo < 1.02:
-                break
-            lam = math.sqrt(lo * hi) if lo else hi / 8.0
+    lo, hi = _bracket(lambda lam: fit(by_layers(lam)), 1.02)
     if not fits:
         return _whole(p, "time", None, limit)
     if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
@@ -225,23 +234,8 @@ def _priced_bound(p: _Problem, bound: float, limit: float | None) -> Choice | No
         fits.append((ev.time_s if ev is not None else math.inf, choice))
         return True
 
-    def try_mu(mu: float) -> bool:
-        return keep(solve_runs(c, p.spec, p.mode, p.runs, *priced(mu), p.pinned, p.time_limit))
-
-    lo, hi, mu = 0.0, None, 1e-3
-    for _ in range(LAGRANGE_STEPS):
-        if try_mu(mu):
-            hi = mu
-        else:
-            lo = mu
-        if hi is None:
-            if mu > 1e9:
-                break
-            mu *= 8.0
-        else:
-            if lo and hi / lo < 1.05:
-                break
-            mu = math.sqrt(lo * hi) if lo else hi / 8.0
+    lo, hi = _bracket(lambda mu: keep(solve_runs(c, p.spec, p.mode, p.runs, *priced(mu), p.pinned,
+                                                 p.time_limit)), 1.05)
     if not fits:
         return None
     if lo:  # between the corners: some layers as priced at the first mu that kept the bound,
