@@ -20,6 +20,7 @@ limit). ``--objective memory`` plans for least parameter bytes per rank (the tar
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import sys
@@ -103,6 +104,29 @@ class _CellLog:
         self._cls.solve_bounded = self._orig
 
 
+class _Priced(logging.Handler):
+    """Whether the solver took a Lagrangian (priced) path: every program it solved may be
+    optimal while the plan is not proven so (autotp.solve.solve logs which path it took)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen = False
+        self._log = logging.getLogger("autotp.solve.solve")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen = self.seen or "pricing" in record.getMessage()
+
+    def __enter__(self) -> "_Priced":
+        self._level = self._log.level
+        self._log.setLevel(logging.INFO)
+        self._log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._log.removeHandler(self)
+        self._log.setLevel(self._level)
+
+
 def plan_shape(name: str, objective: str) -> dict[str, Any]:
     from autotp.runtime.api import plan_details
     build, world, device = SHAPES[name]
@@ -111,7 +135,8 @@ def plan_shape(name: str, objective: str) -> dict[str, Any]:
     built = time.perf_counter() - t0
     marks = [("start", time.perf_counter())]
     cells = _CellLog()
-    with warnings.catch_warnings(), _SolverLog() as solves, cells:
+    priced = _Priced()
+    with warnings.catch_warnings(), _SolverLog() as solves, cells, priced:
         warnings.simplefilter("ignore")
         pd = plan_details(model, (), kwargs, world_size=world, device=device, mode="inference",
                           objective=objective,
@@ -124,7 +149,7 @@ def plan_shape(name: str, objective: str) -> dict[str, Any]:
             "total_s": marks[-1][1] - marks[0][1], "nodes": len(pd.candidates.nodes),
             "layers": model.config.num_hidden_layers, "solves": solves,
             "table_cells": cells.n, "table_cells_s": cells.seconds,
-            "optimal": not any(x["status"] == 1 for x in solves),
+            "optimal": not any(x["status"] == 1 for x in solves), "priced": priced.seen,
             "params_vs_total_over_n": p.param_bytes_per_rank / (p.param_bytes_total / world),
             "param_gb_per_rank": p.param_bytes_per_rank / 1e9}
 

@@ -96,6 +96,8 @@ def run(layers: list[int] = (8, 16, 32, 64, 80)) -> dict[str, Any]:
 
 
 def solver_status(r: dict[str, Any]) -> str:
+    if r["optimal"] and r.get("priced"):
+        return "priced by layers (each program optimal; the plan not proven so)"
     if r["optimal"]:
         return "optimal"
     worst = max((x for x in r["solves"] if x["status"] == 1), key=lambda x: x["gap"])
