@@ -116,7 +116,8 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     ``compile``: True compiles the module in place with ``torch.compile(fullgraph=True)``
     (``nn.Module.compile``: it stays a ParallelModule); a dict gives ``torch.compile``'s
     keywords instead (e.g. ``{"backend": "aot_eager"}``). Every program runs compiled, the
-    collectives as one custom op each (rewrite/collectives.py); a program needed by a later
+    collectives as one custom op each (rewrite/collectives.py), ``generate``'s prefill and
+    decode programs included (compiled as they are made); a program needed by a later
     call (another mode, other keywords) must be made by one call without compiling first
     (``with torch.compiler.set_stance("force_eager"): tp(...)``). Not on a mesh yet.
 
@@ -167,7 +168,9 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
         else:
             pm.data_parallel(dp_group, here)
     if compile:
-        pm.compile(**({"fullgraph": True} | (compile if isinstance(compile, dict) else {})))
+        kw = {"fullgraph": True} | (compile if isinstance(compile, dict) else {})
+        pm.compile(**kw)
+        object.__setattr__(pm, "_compile_kwargs", kw)  # generate's prefill and decode programs too
     return pm
 
 

@@ -156,6 +156,8 @@ def _program(pm: "ParallelModule", sv: Serving, what: str, args: tuple) -> Any:
     log.info("autotp: %s program of batch %d, cache %d: %d collectives per call, predicted %.3f ms, "
              "KV cache %d bytes on this rank", what, sv.wrapper.batch, sv.wrapper.max_len,
              len(plan.collectives), plan.predicted_time_s * 1e3, sv.cache_bytes)
+    if pm._compile_kwargs is not None:  # parallelize(compile=...): compiled like the module
+        return torch.compile(gm, **pm._compile_kwargs)
     return gm
 
 

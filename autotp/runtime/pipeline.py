@@ -407,6 +407,8 @@ class ParallelModule(nn.Module):
         # module tree: every program reads the same Parameter objects, under the same names
         object.__setattr__(self, "_programs", {})
         object.__setattr__(self, "_by_light", {})  # _light_key -> program (torch.compile)
+        # parallelize(compile=...): torch.compile's keywords, which generate's programs get too
+        object.__setattr__(self, "_compile_kwargs", None)
         object.__setattr__(self, "_family", None)
         object.__setattr__(self, "_serving", {})  # (batch, cache length) -> generate.Serving
 
