@@ -10,7 +10,6 @@ producer. Nodes without tensor outputs (``sym_size``, input guards) are left as 
 """
 from __future__ import annotations
 
-
 import logging
 import operator
 import re
@@ -18,7 +17,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from enum import Enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.fx as fx
@@ -82,6 +81,11 @@ class Candidates:
 
     def bytes_of(self, v: Value) -> int:
         return self.nodes[v[0]].metas[v[1]].nbytes
+
+    def with_dp_mode(self, dp_mode: str) -> "Candidates":
+        """These candidates priced for another data-parallel kind ("ddp" or "fsdp"): the same
+        strategies, and a fresh solver cache (its tables were priced the other way)."""
+        return self if dp_mode == self.dp_mode else replace(self, dp_mode=dp_mode, cache={})
 
     def need(self, name: str, st: Strategy, slot: int) -> tuple[Placement, Placement | None]:
         """What strategy ``st`` of node ``name`` needs of the value at input ``slot``: its

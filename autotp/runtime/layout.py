@@ -132,16 +132,14 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
             rows = batch // dp
             if rows not in captured_at:
                 note(f"capturing at {rows} rows per replica")
-                a, k = _rebatch(args, kwargs, b, rows)
-                with torch.random.fork_rng(devices=[]):
-                    captured_at[rows] = capture_model(model, a, k)[0]
+                captured_at[rows] = capture_model(model, *_rebatch(args, kwargs, b, rows))[0]
             base = PlanOptions(world_size=tp, device=spec, mode=mode, optimizer_bytes=optimizer_bytes,
                                memory_budget=memory_budget, dp_size=dp)
             note(f"planning tp {tp} x dp {dp}")
             c = candidates(captured_at[rows], base)
             kinds = ("ddp", "fsdp") if dp > 1 and mode == "training" else ("ddp",)
             for kind in kinds:
-                ck = c if c.dp_mode == kind else dataclasses.replace(c, dp_mode=kind, cache={})
+                ck = c.with_dp_mode(kind)
                 shown = kind if dp > 1 else "none"
                 try:
                     plan, _ = solve_plan(ck, dataclasses.replace(base, dp_mode=kind), spec)

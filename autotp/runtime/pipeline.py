@@ -114,12 +114,15 @@ def capture_model(model: nn.Module, args: tuple, kwargs: dict, cut: bool = True
                   ) -> tuple[Captured, dict[str, torch.Tensor]]:
     """Capture ``model``; one whose parameters are on meta is captured wholly on meta (inputs
     and buffers moved there). Returns the capture and the model's real buffers by name.
-    ``cut``: capture stacks of identical layers once (capture.capture)."""
-    if not on_meta(model):
-        return capture(model, args, kwargs, cut=cut), {}
-    with buffers_on_meta(model) as real_buffers:
-        captured = capture(model, *meta_call(args, kwargs), cut=cut)
-    return captured, real_buffers
+    ``cut``: capture stacks of identical layers once (capture.capture). Capture runs on fake
+    tensors and should draw nothing; a later program is captured mid-training, so the random
+    generator is kept exactly as it was (randomness equal to one device)."""
+    with torch.random.fork_rng(devices=[]):
+        if not on_meta(model):
+            return capture(model, args, kwargs, cut=cut), {}
+        with buffers_on_meta(model) as real_buffers:
+            captured = capture(model, *meta_call(args, kwargs), cut=cut)
+        return captured, real_buffers
 
 
 def meta_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -195,7 +198,7 @@ def solve_dp(c: Candidates, options: PlanOptions, spec: DeviceSpec,
         return (c, *solve_plan(c, options, spec, pinned))
     found, error = [], None
     for kind in ("ddp", "fsdp"):
-        ck = c if c.dp_mode == kind else dataclasses.replace(c, dp_mode=kind, cache={})
+        ck = c.with_dp_mode(kind)
         try:
             found.append((ck, *solve_plan(ck, options, spec, pinned)))
         except PlanError as e:
@@ -297,10 +300,7 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
     meta = on_meta(model)
     with gc_paused():
         note("capturing the model with torch.export")
-        # capture runs on fake tensors and should draw nothing; a later program is captured
-        # mid-training, so the generator is kept exactly as it was (randomness equal to one device)
-        with torch.random.fork_rng(devices=[]):
-            captured, real_buffers = capture_model(model, args, kwargs, cut)
+        captured, real_buffers = capture_model(model, args, kwargs, cut)
         note("building candidate strategies")
         c = candidates(captured, options)
         if plan is None:
@@ -310,8 +310,8 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
             else:
                 c, p, choice = solve_dp(c, options, spec)
         else:
-            if plan.dp_mode in ("ddp", "fsdp") and plan.dp_mode != c.dp_mode:
-                c = dataclasses.replace(c, dp_mode=plan.dp_mode, cache={})
+            if plan.dp_mode in ("ddp", "fsdp"):
+                c = c.with_dp_mode(plan.dp_mode)
             p, choice = plan, choice_from_plan(c, plan)
     return Planned(p, c, choice, spec, options, real_buffers, meta)
 
