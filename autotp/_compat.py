@@ -47,3 +47,19 @@ def copy_codegen(new: fx.Graph, old: fx.Graph) -> Any:
     """Give ``new`` the in/out handling (pytree codegen) of ``old``."""
     new._codegen = old._codegen
     return new
+
+
+def call_codegen(new: fx.Graph, old: fx.Graph) -> fx.Graph:
+    """Give ``new`` the input handling of ``old`` (its call's arguments flattened by the same
+    spec) and no output handling: ``new`` returns what its output node holds."""
+    cg = old._codegen
+    info = getattr(cg, "pytree_info", None)
+    if info is not None:
+        new._codegen = type(cg)(info._replace(out_spec=None))
+    return new
+
+
+def out_spec(gm: fx.GraphModule) -> Any:
+    """The pytree spec ``gm``'s flat outputs are rebuilt with (None: returned flat)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    return None if info is None else info.out_spec

@@ -7,13 +7,18 @@ reduce-scatter's input)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 from autotp.cost.model import MODES
-from autotp.errors import AutoTPInternalError
+from autotp.cost.pipeline import balance, least_memory, segment_costs
+from autotp.errors import AutoTPInternalError, PlanError
 from autotp.core.placements import format_out
 from autotp.cost.evaluate import Choice, Evaluation
 from autotp.candidates import Candidates, NodeKind
+
+if TYPE_CHECKING:
+    from autotp.cost.devices import DeviceSpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,38 @@ class ParamShard:
     name: str
     shape: tuple[int, ...]
     placement: str
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One pipeline stage: its layers (module paths, in order; the first stage also runs what
+    comes before the layers, the last what comes after), its predicted time per microbatch
+    (sends included), memory per rank (state and the activations in flight) and the bytes per
+    microbatch it sends to the next stage."""
+    layers: tuple[str, ...]
+    time_s: float
+    memory_bytes: int
+    send_bytes: int
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Pipeline parallelism over the plan (cost/pipeline.py): ``stages`` groups of
+    ``world_size`` ranks, ``microbatches`` per step run by ``schedule``; ``step_time_s`` =
+    (microbatches + stages - 1) x the slowest stage's time; ``bubble`` the idle fraction."""
+    schedule: str
+    microbatches: int
+    step_time_s: float
+    bubble: float
+    stages: tuple[PipelineStage, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.stages)
+
+    def first_layers(self) -> tuple[str, ...]:
+        """The first layer of every stage after the first: where the program is cut."""
+        return tuple(st.layers[0] for st in self.stages[1:])
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,10 @@ class Plan:
     dp_size: int = 1
     dp_mode: str = "none"
     dp_time_s: float = 0.0
+    # pipeline stages (``autotp.plan(..., pipeline_parallel=P)``; a mesh with a "pp" dim): then
+    # the example inputs are one microbatch; decisions, collectives and the times and bytes
+    # above are for the whole model at one microbatch, ``pipeline`` has the step and each stage
+    pipeline: Pipeline | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -87,6 +128,10 @@ class Plan:
         d["sequence_split"] = tuple(d.get("sequence_split", ()))
         d["params"] = tuple(ParamShard(x["name"], tuple(x["shape"]), x["placement"]) for x in d["params"])
         d["state"] = tuple(ParamShard(x["name"], tuple(x["shape"]), x["placement"]) for x in d.get("state", ()))
+        if d.get("pipeline") is not None:
+            pp = d["pipeline"]
+            d["pipeline"] = Pipeline(**{**pp, "stages": tuple(
+                PipelineStage(**{**st, "layers": tuple(st["layers"])}) for st in pp["stages"])})
         return Plan(**d)
 
     def count(self, kind: str | None = None, phase: str | None = None) -> int:
@@ -139,3 +184,36 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
                 int(round(ev.state_bytes)), sum(c.nodes[n].metas[0].nbytes for n in c.nodes
                                                 if c.nodes[n].kind is NodeKind.STATE),
                 c.dp_size, c.dp_mode if c.dp_size > 1 else "none", ev.dp_s)
+
+
+def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp: int, microbatches: int,
+                  schedule: str, budget: float) -> Plan:
+    """``p`` with its layers cut into ``pp`` balanced stages (cost/pipeline.py's ``balance``)
+    that each fit ``budget`` bytes per rank; PlanError when the program has fewer layers than
+    stages or no cut fits."""
+    paths, segs = segment_costs(c, choice, spec, p.mode)
+    if not paths:
+        raise PlanError(
+            f"{pp} pipeline stages need layers to cut at, and the model has no stack of identical "
+            "layers (an nn.ModuleList or nn.Sequential of structurally equal blocks, children "
+            "named 0, 1, ...): autotp cuts stages only between such layers; use tensor and data "
+            "parallelism without a 'pp' dim")
+    if len(paths) < pp:
+        raise PlanError(f"{pp} pipeline stages need at least {pp} layers to cut at, and the model "
+                        f"has {len(paths)} ({paths[0]} .. {paths[-1]}): use at most {len(paths)} stages")
+    found = balance(segs, pp, microbatches, schedule, p.mode, spec, budget)
+    if found is None:
+        least = least_memory(segs, pp, microbatches, schedule, p.mode, spec)
+        raise PlanError(
+            f"no cut of {len(paths)} layers into {pp} stages fits {budget / 1e9:.2f} GB per rank "
+            f"under {schedule} with {microbatches} microbatches: the best cut needs "
+            f"{least / 1e9:.2f} GB on its largest stage; use more stages or tensor-parallel ranks, "
+            "a smaller microbatch" + (" or schedule='1f1b' (fewer microbatches in flight)"
+                                      if schedule == "gpipe" else ""))
+    ends = found.bounds[1:] + (len(paths),)
+    stages = tuple(PipelineStage(tuple(paths[lo:hi]), t, int(round(m)), int(round(x)))
+                   for lo, hi, t, m, x in zip(found.bounds, ends, found.time_s, found.memory_bytes,
+                                              found.send_bytes))
+    pipe = Pipeline(schedule, microbatches, found.step_time_s, found.bubble, stages)
+    return replace(p, pipeline=pipe, predicted_time_s=found.step_time_s,
+                   memory_bytes_per_rank=max(st.memory_bytes for st in stages))

@@ -17,10 +17,12 @@ if TYPE_CHECKING:
 Mode = Literal["training", "inference"]
 Objective = Literal["time", "memory"]
 DpMode = Literal["auto", "ddp", "fsdp"]
+Schedule = Literal["1f1b", "gpipe"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DP_MODES: tuple[str, ...] = get_args(DpMode)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 ADAM_FP32_BYTES = 8.0
 
 
@@ -40,6 +42,9 @@ class PlanOptions:
     ``fully_shard`` over the data-parallel dim: parameters, gradients and optimizer state
     divided across the replicas, gathered for the step), "auto" (the faster of the two that
     fits; cost/model.py prices both). ``time_limit``: seconds per MILP solve (None: the solver's default).
+    ``pp_size``: pipeline stages (each a tensor-parallel group of ``world_size`` ranks) the
+    layers are cut into, run over ``microbatches`` microbatches by ``schedule`` ("1f1b" or
+    "gpipe"; cost/pipeline.py); the example inputs are then one microbatch.
     """
 
     world_size: int
@@ -51,6 +56,9 @@ class PlanOptions:
     dp_size: int = 1
     dp_mode: DpMode = "auto"
     time_limit: float | None = None
+    pp_size: int = 1
+    microbatches: int = 1
+    schedule: Schedule = "1f1b"
 
     def __post_init__(self) -> None:
         def whole(name: str, v: object) -> None:
@@ -62,6 +70,11 @@ class PlanOptions:
             raise AutoTPError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.objective not in OBJECTIVES:
             raise AutoTPError(f"objective must be 'time' or 'memory', got {self.objective!r}")
+        whole("pipeline_parallel", self.pp_size)
+        whole("microbatches", self.microbatches)
+        if self.schedule not in SCHEDULES:
+            raise AutoTPError(f"schedule must be one of {SCHEDULES} (torch.distributed.pipelining's "
+                              f"Schedule1F1B, ScheduleGPipe), got {self.schedule!r}")
         if self.dp_mode not in DP_MODES:
             raise AutoTPError(f"dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}")
         if self.memory_budget is not None and not self.memory_budget > 0:

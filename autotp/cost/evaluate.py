@@ -205,3 +205,41 @@ def evaluate(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "train
     act, total = memory_bytes(c, choice, mode)
     return Evaluation(compute, comm, mem, tuple(edges), act, total,
                       sum(state_mem(c, v, s) for v, s in choice.items()), dp)
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One node's share of a plan's cost (``breakdown``): its compute, the collectives on the
+    edges into it (charged to a value's first consumer), its data-parallel sync (a parameter),
+    the state it holds and the activations it keeps (training: the values it saves for its
+    backward, charged to the first node keeping each; inference: its working set)."""
+    time_s: float
+    state_bytes: float
+    activation_bytes: float
+
+
+def breakdown(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "training") -> dict[str, NodeCost]:
+    """``evaluate``'s cost split per node, in graph order: the times sum to ``evaluate``'s time
+    less the step's data-parallel latency (``_dp_latency``, no node's), the state bytes to its
+    state, and in training the activation bytes to its activations (in inference the largest
+    node's is its peak). A pipeline cuts the program into stages and prices each by the sum
+    of its nodes (cost/pipeline.py)."""
+    ev = evaluate(c, choice, spec, mode)
+    if ev is None:
+        raise ValueError("breakdown of an infeasible assignment")
+    time = {v: _node_time(c, v, s, spec, mode) + _dp_time(c, v, s, spec, mode) for v, s in choice.items()}
+    for e in ev.edges:
+        first = e.consumers[0][0]
+        time[first] += e.time_s
+    act = defaultdict(float)
+    if mode == "training":
+        kept: dict[tuple, str] = {}
+        for value, keep in _keepers(c, mode).items():
+            for n, slot in keep:
+                kept.setdefault((value, c.nodes[n].strategies[choice[n]].inputs[slot]), n)
+        for (v, q), n in kept.items():
+            act[n] += local_bytes(c.nodes[v[0]].metas[v[1]], q, c.world_size)
+    else:
+        for v, s in choice.items():
+            act[v] = _working(c, v, s)
+    return {v: NodeCost(time[v], _footprint(c, v, choice[v], mode), act[v]) for v in c.nodes}

@@ -2,6 +2,7 @@
 ``PlanOptions`` and runs ``pipeline.plan_model`` (and ``pipeline.rank_module``)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -14,13 +15,14 @@ from autotp.rewrite.collectives import DistComm
 from autotp.core.options import ADAM_FP32_BYTES
 from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, ProcessGroupError
-from autotp.core.options import DpMode, Mode, Objective, PlanOptions
+from autotp.core.options import DpMode, Mode, Objective, PlanOptions, Schedule
 from autotp.runtime.pipeline import (  # noqa: F401  (re-exported)
     ModeFamily, ParallelModule, Planned, buffers_on_meta, check_args, choice_from_plan, missing_weights_error,
     on_meta, plan_model, rank0_plan, rank_module, retarget_device)
 from autotp.plans import Plan
 from autotp.runtime.generate import decode_call
 from autotp.runtime.inputs import default_inputs
+from autotp.runtime.stages import PipelinedModule, microbatch_of
 from autotp.runtime.weights import open_weights
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,18 @@ def plan_details(model: nn.Module, example_inputs: Any = None, example_kwargs: d
                  world_size: int, device: "str | DeviceSpec" = "h100", objective: Objective = "time",
                  mode: Mode = "training", memory_budget: float | None = None,
                  progress: Callable[[str], Any] | None = None, data_parallel: int = 1,
-                 optimizer_bytes: float = ADAM_FP32_BYTES, dp_mode: DpMode = "auto") -> Planned:
+                 optimizer_bytes: float = ADAM_FP32_BYTES, dp_mode: DpMode = "auto",
+                 pipeline_parallel: int = 1, microbatches: int = 1,
+                 schedule: Schedule = "1f1b") -> Planned:
     """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
     each stage starts (capture, strategies, solve)."""
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
     options = PlanOptions(world_size=world_size, device=device, mode=mode, objective=objective,
                           memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
-                          dp_size=data_parallel, dp_mode=dp_mode)
+                          dp_size=data_parallel, dp_mode=dp_mode, pp_size=pipeline_parallel,
+                          microbatches=microbatches, schedule=schedule)
+    if pipeline_parallel > 1:
+        args, kwargs = microbatch_of(args, kwargs, microbatches)
     return plan_model(model, args, kwargs, options, progress=progress)
 
 
@@ -67,7 +74,8 @@ def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | No
          world_size: int, device: "str | DeviceSpec" = "h100", objective: Objective = "time",
          mode: Mode = "training", memory_budget: float | None = None,
          data_parallel: int = 1, optimizer_bytes: float = ADAM_FP32_BYTES,
-         dp_mode: DpMode = "auto") -> Plan:
+         dp_mode: DpMode = "auto", pipeline_parallel: int = 1, microbatches: int = 1,
+         schedule: Schedule = "1f1b") -> Plan:
     """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
     The model may live on the meta device (example inputs are moved there too).
     ``data_parallel``: replicas of the tensor-parallel group (a 2-D mesh); their traffic over
@@ -91,7 +99,8 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
                 mesh: DeviceMesh | None = None,
                 memory_budget: float | None = None,
                 optimizer_bytes: float = ADAM_FP32_BYTES,
-                dp_mode: DpMode = "auto", compile: bool | dict = False) -> ParallelModule:
+                dp_mode: DpMode = "auto", compile: bool | dict = False,
+                microbatches: int = 1, schedule: Schedule = "1f1b") -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
@@ -124,7 +133,15 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     ``memory_budget``: bytes per rank the plan must fit (state + activations at the example
     inputs' sizes; default: the device's memory). When it binds the solver splits more,
     e.g. norm regions on the sequence dim (then the sequence length must stay divisible by
-    the world size)."""
+    the world size).
+
+    A ``mesh`` with a ``"pp"`` dim (``("pp", "tp")`` or ``("pp", "dp", "tp")``, any of them
+    of size 1) cuts the layers into that many pipeline stages, balanced by the cost model, and
+    returns this rank's stage, a ``PipelinedModule`` trained with ``tp.step(args, kwargs,
+    target=..., loss_fn=...)`` over ``microbatches`` microbatches under ``schedule`` ("1f1b"
+    or "gpipe", ``torch.distributed.pipelining``); ``example_inputs`` is then the batch
+    ``step`` gets (one data-parallel replica's), planned for one microbatch of it
+    (runtime/stages.py)."""
     if not dist.is_available() or not dist.is_initialized():
         raise ProcessGroupError(
             "autotp.parallelize needs an initialized torch.distributed process group: launch "
@@ -132,6 +149,16 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
             "torch.distributed.init_process_group('gloo' on CPU or 'nccl' on GPUs) first; "
             "use autotp.plan(...) to plan without processes")
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
+    if mesh is not None and "pp" in (mesh.mesh_dim_names or ()):
+        if compile:
+            raise AutoTPError("compile=True with pipeline stages is not supported yet")
+        return _pipelined(model, args, kwargs, mesh, group=group, device=device, objective=objective,
+                          plan=plan, mode=mode, weights=weights, memory_budget=memory_budget,
+                          optimizer_bytes=optimizer_bytes, dp_mode=dp_mode,
+                          microbatches=microbatches, schedule=schedule)
+    if microbatches != 1:
+        raise AutoTPError("microbatches= applies to pipeline stages: give a mesh with a 'pp' dim, "
+                          "e.g. init_device_mesh(..., (2, 2), mesh_dim_names=('pp', 'tp'))")
     if compile and mesh is not None:
         raise AutoTPError("compile=True on a data-parallel mesh is not supported yet: compile a "
                           "tensor-parallel module (no mesh=), or leave compile off")
@@ -194,3 +221,55 @@ def _mesh_groups(mesh: DeviceMesh, group: dist.ProcessGroup | None
             "the world size")
     dp = [n for n in names if n != "tp"]
     return mesh.get_group("tp"), (mesh[dp[0]] if dp else None)
+
+
+def _pipelined(model: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh, *, group: Any,
+               device: Any, objective: Objective, plan: Plan | None, mode: Mode, weights: Any,
+               memory_budget: float | None, optimizer_bytes: float, dp_mode: DpMode,
+               microbatches: int, schedule: Schedule) -> PipelinedModule:
+    """``parallelize`` on a mesh with a "pp" dim (runtime/stages.py). Every check before the
+    plan's broadcast reads only the arguments and the mesh, alike on every rank."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if group is not None:
+        raise AutoTPError("pass either group= or mesh=, not both")
+    if set(names) - {"pp", "dp", "tp"} or "tp" not in names or len(set(names)) != len(names):
+        raise AutoTPError(f"a pipelined mesh has dims named 'pp', 'tp' and optionally 'dp' (any of "
+                          f"size 1), got {names}: e.g. init_device_mesh('cuda', (stages, replicas, "
+                          "gpus_per_stage), mesh_dim_names=('pp', 'dp', 'tp'))")
+    if mesh.size() != dist.get_world_size():
+        raise AutoTPError(f"the mesh holds {mesh.size()} ranks (shape {tuple(mesh.shape)}) but the "
+                          f"process group has {dist.get_world_size()}")
+    if mode != "training":
+        raise AutoTPError("pipeline stages run training steps (tp.step); for inference "
+                          "parallelize without a 'pp' dim")
+    if dp_mode == "fsdp":
+        raise AutoTPError("dp_mode='fsdp' with pipeline stages is not supported yet: use "
+                          "dp_mode='ddp' (replicas average their gradients after each step)")
+    pp, tp = mesh.size(names.index("pp")), mesh.size(names.index("tp"))
+    dp = mesh.size(names.index("dp")) if "dp" in names else 1
+    if pp < 2:
+        raise AutoTPError("the mesh's 'pp' dim has size 1: drop it (mesh_dim_names=('dp', 'tp')) "
+                          "to train without pipeline stages")
+    options = PlanOptions(world_size=tp, device=device, mode=mode, objective=objective,
+                          memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
+                          dp_size=dp, dp_mode="ddp", pp_size=pp, microbatches=microbatches,
+                          schedule=schedule)
+    mb_args, mb_kwargs = microbatch_of(args, kwargs, microbatches)
+    if on_meta(model) and weights is None:
+        raise missing_weights_error()
+    tp_group = mesh.get_group("tp")
+    backend = dist.get_backend(tp_group)
+    here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    options = dataclasses.replace(options, device=get_device(device, backend))
+    planned = plan_model(model, mb_args, mb_kwargs, options, plan=plan)
+    if plan is None:
+        planned = rank0_plan(planned, None)  # global rank 0's: every stage cuts alike
+    pipe = planned.plan.pipeline
+    if pipe is None or pipe.size != pp:
+        raise AutoTPError(f"the plan has {0 if pipe is None else pipe.size} pipeline stages and the "
+                          f"mesh's 'pp' dim {pp}: plan with pipeline_parallel={pp}")
+    source = open_weights(weights) if weights is not None else None
+    full = rank_module(planned, DistComm(tp_group), weights=source, here=here)
+    return PipelinedModule(full, stage=mesh.get_local_rank("pp"), pp_group=mesh.get_group("pp"),
+                           dp_group=mesh.get_group("dp") if "dp" in names else None, here=here,
+                           example=(mb_args, mb_kwargs))

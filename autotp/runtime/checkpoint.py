@@ -86,6 +86,12 @@ def gather_state_dict(tp_module: ParallelModule) -> dict[str, torch.Tensor]:
     rank; each rank gets the whole state (tied weights under every original key)."""
     _check(tp_module)
     got = {k: full for keys, full in iter_state_dict(tp_module) for k in keys}
+    pp_group = getattr(tp_module, "pp_group", None)
+    if pp_group is not None:  # pipeline stages: each holds its layers; every rank gets them all
+        parts: list[Any] = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(parts, got, group=pp_group)
+        got = {k: v for part in parts for k, v in part.items()}
+        return {k: got[k] for k in tp_module.model_state_keys}
     return {k: got[k] for k in tp_module.state_keys}  # state_dict() order
 
 

@@ -34,7 +34,7 @@ from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out
-from autotp.plans import Plan, make_plan
+from autotp.plans import Plan, make_plan, with_pipeline
 from autotp.rewrite.rewrite import rewrite
 from autotp.cost.evaluate import Choice, evaluate, time_lower_bound
 from autotp.solve.solve import solve
@@ -212,6 +212,19 @@ def solve_dp(c: Candidates, options: PlanOptions, spec: DeviceSpec,
     return best
 
 
+def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple[Candidates, Plan, Choice]:
+    """The plan of a program cut into ``options.pp_size`` pipeline stages: tensor parallelism
+    solved for the whole program at one microbatch, every layer alike, under ``pp_size`` times
+    the per-rank budget (each stage holds about 1/pp of the layers), then the layers cut into
+    stages balanced by time that each fit the budget itself, activations in flight included
+    (plans.with_pipeline, cost/pipeline.py)."""
+    budget = options.memory_budget or spec.memory_bytes
+    whole = dataclasses.replace(options, memory_budget=budget * options.pp_size)
+    c, p, choice = solve_dp(c, whole, spec)
+    return c, with_pipeline(p, c, choice, spec, options.pp_size, options.microbatches,
+                            options.schedule, budget), choice
+
+
 def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:
     """The strategy index of every parameter (or state buffer: a KV cache) node named in
     ``placements`` whose output is that placement (AutoTPError when this capture offers no
@@ -307,6 +320,8 @@ def plan_model(model: nn.Module, example_inputs: Any, example_kwargs: dict | Non
             note("solving")
             if pinned_params:
                 p, choice = solve_pinned(c, options, spec, pinned_params)
+            elif options.pp_size > 1:
+                c, p, choice = solve_stages(c, options, spec)
             else:
                 c, p, choice = solve_dp(c, options, spec)
         else:

@@ -1,0 +1,245 @@
+"""Pipeline parallelism's cost: a program's layers cut into ``pp`` stages, each on its own
+group of ranks, run over ``M`` microbatches by a schedule (GPipe or 1F1B,
+``torch.distributed.pipelining``).
+
+Segments. A program is  pre | layer 0 | ... | layer L-1 | post  in graph order (the layers
+are the stacks' layers, capture/stacks.py, in graph order). ``segment_of`` assigns every node:
+an op to the latest layer that started at or before it (-1, "pre", before the first layer; L,
+"post", after the last layer's last node); a parameter, buffer or input to the segment of its
+first user. Stage ``s`` runs layers ``bounds[s]`` to ``bounds[s+1] - 1``; the first stage also
+pre, the last also post. The same rule cuts the rank's rewritten graph (rewrite/stages.py), so
+the stages priced are the stages run.
+
+Time. A stage's time per microbatch ``t_s`` is the sum of its nodes' (compute, collectives,
+data-parallel sync: ``evaluate.breakdown``) plus the point-to-point send of the values that
+cross its boundary to the next stage, forward and (training) back, ``alpha + bytes / beta``
+over the inter-node link. Both schedules run ``M + pp - 1`` slots of the slowest stage:
+
+    step = (M + pp - 1) * max_s t_s,        bubble = (pp - 1) / (M + pp - 1)
+
+(GPipe: all forwards, then all backwards; 1F1B interleaves them after a warm-up, the same
+bubble with fewer microbatches in flight; Narayanan et al., SC'21, section 2.2).
+
+Memory. A stage holds its nodes' state (parameters, gradients, optimizer state) and the
+activations of the microbatches in flight: GPipe keeps all ``M``; 1F1B keeps ``pp - s`` at
+stage ``s`` (at most ``M``). Inference keeps one microbatch's working set.
+
+Balance. ``balance`` chooses the bounds minimizing the slowest stage's time, among cuts whose
+every stage fits the memory budget (a dynamic program over layer boundaries, exact for the
+time)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from autotp.candidates import Candidates, NodeKind
+from autotp.cost.devices import DeviceSpec
+from autotp.cost.evaluate import breakdown
+from autotp.cost.model import _inter_link, local_bytes
+
+def bubble_fraction(pp: int, microbatches: int) -> float:
+    """The idle fraction of a GPipe or 1F1B step: ``(pp - 1) / (M + pp - 1)``."""
+    return (pp - 1) / (microbatches + pp - 1)
+
+
+def in_flight(stage: int, pp: int, microbatches: int, schedule: str) -> int:
+    """Microbatches whose activations stage ``stage`` keeps at once in training."""
+    if schedule == "gpipe":
+        return microbatches
+    return min(pp - stage, microbatches)
+
+
+def send_time(nbytes: float, spec: DeviceSpec, mode: str) -> float:
+    """A boundary's point-to-point activations (and in training their gradients back)."""
+    if nbytes <= 0:
+        return 0.0
+    alpha, beta = _inter_link(spec)
+    return (alpha + nbytes / beta) * (2.0 if mode == "training" else 1.0)
+
+
+def segment_of(order: Sequence[str], layers: Sequence[set[str]], users: Callable[[str], Iterable[str]],
+               is_attr: Callable[[str], bool]) -> dict[str, int]:
+    """Each node's segment (module docstring): -1 pre, 0..L-1 a layer, L post. ``order``: the
+    node names in graph order; ``layers``: each layer's own node names (its ops and its
+    parameters); ``users``: a node's users; ``is_attr``: whether a node is a parameter, buffer
+    or input (placed by its first user, not by its position)."""
+    where = {n: i for i, names in enumerate(layers) for n in names}
+    starts = {}
+    for i, names in enumerate(layers):
+        first = next((n for n in order if n in names and not is_attr(n)), None)
+        if first is not None:
+            starts[first] = i
+    last_of_last = next((n for n in reversed(order) if n in layers[-1] and not is_attr(n)), None) if layers else None
+    seg: dict[str, int] = {}
+    cur, done = -1, False
+    for n in order:
+        if n in starts:
+            cur = starts[n]
+        if is_attr(n) and n not in where:
+            continue
+        seg[n] = where.get(n, len(layers) if done else cur)
+        if n == last_of_last:
+            done = True
+    for n in order:  # parameters, buffers and inputs: with their first user
+        if n not in seg:
+            firsts = [seg[u] for u in users(n) if u in seg]
+            seg[n] = min(firsts) if firsts else -1
+    return seg
+
+
+def stage_of_segment(bounds: Sequence[int], layers: int) -> Callable[[int], int]:
+    """segment -> stage for stages starting at layers ``bounds`` (bounds[0] == 0)."""
+    def stage(seg: int) -> int:
+        if seg < 0:
+            return 0
+        if seg >= layers:
+            return len(bounds) - 1
+        return max(s for s, b in enumerate(bounds) if b <= seg)
+    return stage
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """One segment's share: time per microbatch, state bytes, activation bytes per
+    microbatch (training: kept for the backward; inference: the largest working set), and
+    the bytes of values produced at or before it that later segments read."""
+    time_s: float
+    state_bytes: float
+    activation_bytes: float
+    out_bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stages:
+    """A balanced cut: the first layer of each stage, and per stage its time per microbatch
+    (sends included), memory (state plus activations in flight), and the bytes it sends on."""
+    bounds: tuple[int, ...]
+    time_s: tuple[float, ...]
+    memory_bytes: tuple[float, ...]
+    send_bytes: tuple[float, ...]
+    step_time_s: float
+    bubble: float
+
+
+class _Sums:
+    """Prefix sums over the segments, so that a stage's cost is O(1) (``balance`` prices
+    O(pp L^2) candidate stages)."""
+
+    def __init__(self, segs: Sequence[SegmentCost]):
+        self.segs = segs
+        self.time, self.state, self.act = [0.0], [0.0], [0.0]
+        for x in segs:
+            self.time.append(self.time[-1] + x.time_s)
+            self.state.append(self.state[-1] + x.state_bytes)
+            self.act.append(self.act[-1] + x.activation_bytes)
+
+    def stage(self, lo: int, hi: int, s: int, pp: int, microbatches: int, schedule: str, mode: str,
+              spec: DeviceSpec) -> tuple[float, float, float]:
+        """(time per microbatch, memory, bytes sent) of stage ``s`` holding layers lo..hi-1
+        (the segment list is pre, layers, post: layer i is segs[i + 1])."""
+        a = 0 if s == 0 else lo + 1
+        b = len(self.segs) if s == pp - 1 else hi + 1
+        sent = 0.0 if s == pp - 1 else self.segs[hi].out_bytes  # what crosses after its last layer
+        time = self.time[b] - self.time[a] + send_time(sent, spec, mode)
+        state = self.state[b] - self.state[a]
+        if mode == "training":
+            act = (self.act[b] - self.act[a]) * in_flight(s, pp, microbatches, schedule)
+        else:
+            act = max(x.activation_bytes for x in self.segs[a:b])
+        return time, state + act, sent
+
+
+def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
+            spec: DeviceSpec, budget: float) -> Stages | None:
+    """The cut of ``segs`` (pre, L layers, post) into ``pp`` stages of at least one layer
+    each minimizing the slowest stage's time per microbatch, every stage within ``budget``
+    bytes (among cuts as fast, it prefers the less largest memory); None when no cut fits."""
+    layers = len(segs) - 2
+    inf = float("inf")
+    sums = _Sums(segs)
+    # best[s][i]: (slowest time, largest memory, bounds) of stages 0..s-1 covering layers 0..i-1
+    best: list[dict[int, tuple[float, float, tuple[int, ...]]]] = [{0: (0.0, 0.0, ())}]
+    for s in range(pp):
+        row: dict[int, tuple[float, float, tuple[int, ...]]] = {}
+        for lo, (t0, m0, bounds) in best[s].items():
+            his = [layers] if s == pp - 1 else range(lo + 1, layers - (pp - s - 1) + 1)
+            for hi in his:
+                if hi <= lo:
+                    continue
+                t, m, _ = sums.stage(lo, hi, s, pp, microbatches, schedule, mode, spec)
+                if m > budget:
+                    continue
+                cand = (max(t0, t), max(m0, m), bounds + (lo,))
+                if cand[:2] < row.get(hi, (inf, inf, ()))[:2]:
+                    row[hi] = cand
+        best.append(row)
+    if layers not in best[pp]:
+        return None
+    _, _, bounds = best[pp][layers]
+    ends = bounds[1:] + (layers,)
+    costs = [sums.stage(lo, hi, s, pp, microbatches, schedule, mode, spec)
+             for s, (lo, hi) in enumerate(zip(bounds, ends))]
+    slowest = max(t for t, _, _ in costs)
+    return Stages(bounds, tuple(t for t, _, _ in costs), tuple(m for _, m, _ in costs),
+                  tuple(x for _, _, x in costs), (microbatches + pp - 1) * slowest,
+                  bubble_fraction(pp, microbatches))
+
+
+def least_memory(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
+                 spec: DeviceSpec) -> float:
+    """The least largest stage memory of any cut (for the error when none fits)."""
+    found = balance(segs, pp, microbatches, schedule, mode, spec, float("inf"))
+    if found is None:
+        return float("inf")
+    best = max(found.memory_bytes)
+    # the time-optimal cut need not be the memory-optimal one: bisect on the budget
+    lo, hi = 0.0, best
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if balance(segs, pp, microbatches, schedule, mode, spec, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def program_segments(c: Candidates) -> tuple[list[str], dict[str, int]]:
+    """The layer module paths of ``c``'s program in graph order, and each decision node's
+    segment (``segment_of``)."""
+    paths = [st.layer(i) for st, per in zip(c.captured.stacks, c.layers) for i in range(len(per))]
+    sets = [set(names) for per in c.layers for names in per]
+    users: dict[str, list[str]] = {}
+    for (v, _), cons in c.consumers.items():
+        users.setdefault(v, []).extend(n for n, _ in cons)
+    attr = {n for n, nc in c.nodes.items() if nc.kind is not NodeKind.OP}
+    return paths, segment_of(list(c.nodes), sets, lambda n: users.get(n, ()), attr.__contains__)
+
+
+def segment_costs(c: Candidates, choice: dict[str, int], spec: DeviceSpec, mode: str
+                  ) -> tuple[list[str], list[SegmentCost]]:
+    """The layer paths and the cost of each segment (pre, layers, post) of plan ``choice``."""
+    paths, seg = program_segments(c)
+    costs = breakdown(c, choice, spec, mode)
+    n = len(paths) + 2
+    time, state, act = [0.0] * n, [0.0] * n, [0.0] * n
+    for name, k in seg.items():
+        x = costs[name]
+        time[k + 1] += x.time_s
+        state[k + 1] += x.state_bytes
+        act[k + 1] = act[k + 1] + x.activation_bytes if mode == "training" else max(act[k + 1], x.activation_bytes)
+    cross = [0.0] * (n + 1)  # difference array: bytes crossing after segment index i
+    for (v, oi), cons in c.consumers.items():
+        if c.nodes[v].kind in (NodeKind.PARAM, NodeKind.BUFFER, NodeKind.STATE):
+            continue  # each stage holds its own copy of a tensor it reads
+        p = seg[v] + 1
+        q = max(seg[u] for u, _ in cons) + 1
+        if q > p:
+            place = c.nodes[v].strategies[choice[v]].outputs()[oi]
+            b = local_bytes(c.nodes[v].metas[oi], place, c.world_size)
+            cross[p] += b
+            cross[q] -= b
+    out, run = [], 0.0
+    for i in range(n):
+        run += cross[i]
+        out.append(run)
+    return paths, [SegmentCost(time[i], state[i], act[i], out[i]) for i in range(n)]

@@ -1,0 +1,268 @@
+"""Pipeline parallelism at run time: this rank's stage of the program, run over microbatches by
+``torch.distributed.pipelining`` (``PipelineStage`` and its ``Schedule1F1B`` / ``ScheduleGPipe``).
+
+A mesh ``("pp", "dp", "tp")`` (any dim may be 1; "dp" may be absent) puts stage ``s`` on the
+ranks ``mesh[s, :, :]``. Each rank rewrites the program for its tensor-parallel rank as
+``parallelize`` always does, cuts out its stage (rewrite/stages.py) and keeps only what the
+stage reads. ``PipelinedModule.step`` runs one training step's forward and backward:
+
+- the schedule splits the batch into microbatches (dim 0 of every tensor argument), stage 0
+  runs the model's call on each, every stage sends the values the next one reads, and the
+  last stage computes ``loss_fn(output, target)`` per microbatch, where ``output`` is the
+  model's own output structure (e.g. a ``CausalLMOutputWithPast``) for that microbatch;
+- gradients accumulate over the microbatches and are divided by their number (the
+  schedule's ``scale_grads``): with a mean loss over equal microbatches this is the gradient
+  of the mean loss over the batch, what one device computes;
+- a parameter two stages read (tied input and output embeddings) is held by both, and its
+  gradient is summed across them (one process group per such set);
+- data-parallel replicas ("dp") average every gradient across the replicas, as DDP does;
+- the loss returned on every rank is the mean of the microbatches' losses (the last stage's,
+  broadcast over the pipeline).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autotp._compat import out_spec, pytree
+from autotp.core.attrs import fetch_attr, has_attr
+from autotp.errors import AutoTPError
+from autotp.plans import Plan
+from autotp.rewrite.collectives import Comm
+from autotp.rewrite.stages import cut, stage_module
+from autotp.runtime.pipeline import ParallelModule, check_args
+
+log = logging.getLogger(__name__)
+
+
+def microbatch_of(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
+    """The first of ``microbatches`` equal microbatches of a batch (dim 0 of every tensor
+    argument): what a pipelined program is captured and planned for. AutoTPError when a
+    tensor's dim 0 is not divisible."""
+    check_batch(args, kwargs, microbatches)
+    from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
+    a, k = split_args_kwargs_into_chunks(args, kwargs, microbatches)
+    return tuple(a[0]), dict(k[0])
+
+
+def check_batch(args: tuple, kwargs: dict, microbatches: int) -> int:
+    """The batch size (dim 0, alike for every tensor argument), divisible by ``microbatches``."""
+    leaves = [(name, t) for name, t in [*[(f"positional argument {i}", a) for i, a in enumerate(args)],
+                                         *sorted(kwargs.items())]
+              for t in pytree.tree_leaves(t) if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for _, t in leaves}
+    if not leaves or None in sizes or len(sizes) != 1:
+        raise AutoTPError(
+            "a pipelined model's tensor arguments must all have the batch as dim 0 (the schedule "
+            "splits them into microbatches there); got "
+            + ", ".join(f"{n}: {tuple(t.shape)}" for n, t in leaves))
+    batch = sizes.pop()
+    if batch % microbatches:
+        raise AutoTPError(f"the batch of {batch} rows does not split into {microbatches} equal "
+                          f"microbatches: use a microbatch count dividing {batch}, or a batch "
+                          f"that {microbatches} divides")
+    return batch
+
+
+def _schedule(name: str):
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+    return {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[name]
+
+
+class PipelinedModule(ParallelModule):
+    """This rank's pipeline stage of the tensor-parallel program (module docstring). Train it
+    with ``step``; ``parameters()`` are this stage's shards (build the optimizer from them),
+    ``gather_state_dict`` collects the whole model."""
+
+    def __init__(self, full: ParallelModule, *, stage: int, pp_group: dist.ProcessGroup,
+                 dp_group: dist.ProcessGroup | None, here: torch.device, example: tuple[tuple, dict]):
+        plan = full.plan
+        pipe = plan.pipeline
+        gm = full.module
+        sc = cut(gm, [(p, set(n)) for p, n in full._layer_nodes], pipe.first_layers())
+        sgm = stage_module(gm, sc, stage)
+        keys = _stage_keys(gm, sgm, sc, stage, full.state_keys)
+        super().__init__(sgm, plan, full.comm, {k: v for k, v in full.placements.items() if has_attr(sgm, k)},
+                         _Cap(full), ())
+        self.model_state_keys = full.state_keys
+        self.state_keys = keys
+        self.stage = stage
+        self.stages = pipe.size
+        self.pp_group = pp_group
+        self.dp_group = dp_group
+        self.microbatches = pipe.microbatches
+        self.schedule_name = pipe.schedule
+        object.__setattr__(self, "_out_spec", out_spec(gm))
+        object.__setattr__(self, "_user_loss", None)
+        object.__setattr__(self, "_tied", _tied_groups(gm, sc, pp_group, self.stages))
+        from torch.distributed.pipelining import PipelineStage
+        inputs, outputs = _example_io(sgm, stage, self.stages, pp_group, here, *example)
+        object.__setattr__(self, "_stage", PipelineStage(sgm, stage, self.stages, here, input_args=inputs,
+                                                         output_args=outputs, group=pp_group))
+        object.__setattr__(self, "_sched", _schedule(pipe.schedule)(self._stage, self.microbatches,
+                                                                    loss_fn=self._loss))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise AutoTPError(
+            "a pipelined module (a mesh with a 'pp' dim) runs whole steps over its microbatches: "
+            "call tp.step(args, kwargs, target=..., loss_fn=...) on every rank instead of tp(...)")
+
+    def _loss(self, out: Any, target: Any) -> torch.Tensor:
+        out = pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
+        fn, with_target = self._user_loss
+        return fn(out, target) if with_target else fn(out)
+
+    def step(self, args: Any = (), kwargs: dict | None = None, *, target: Any = None,
+             loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """One forward and backward of the batch ``(args, kwargs)`` (the same on every rank of
+        this data-parallel replica) over the microbatches; gradients accumulate into
+        ``parameters()`` as one backward of the batch's mean loss would leave them. ``loss_fn
+        (output, target)`` (or ``loss_fn(output)`` without ``target``) gets one microbatch's
+        model output and target rows and returns its mean loss. Returns the mean loss over
+        the microbatches, on every rank."""
+        args, kwargs = check_args(args, kwargs)
+        batch = check_batch(args, kwargs, self.microbatches)
+        if target is not None and (not isinstance(target, torch.Tensor) or target.shape[0] != batch):
+            raise AutoTPError(f"target must be a tensor with the batch ({batch} rows) as dim 0, got "
+                              + (str(tuple(target.shape)) if isinstance(target, torch.Tensor) else type(target).__name__))
+        object.__setattr__(self, "_user_loss", (loss_fn, target is not None))
+        first, last = self.stage == 0, self.stage == self.stages - 1
+        losses: list[torch.Tensor] = []
+        step_kw: dict[str, Any] = {"return_outputs": False}
+        if last:
+            step_kw |= {"target": target if target is not None else torch.zeros(batch), "losses": losses}
+        if first:
+            self._sched.step(*args, **kwargs, **step_kw)
+        else:
+            self._sched.step(**step_kw)
+        self._sync_grads()
+        loss = torch.stack([x.detach() for x in losses]).mean() if last else torch.zeros(())
+        loss = loss.to(torch.float32)
+        dist.broadcast(loss, group_src=self.stages - 1, group=self.pp_group)
+        return loss
+
+    def _sync_grads(self) -> None:
+        for group, names in self._tied:  # tied weights: the sum of every stage's gradient
+            for n in names:
+                p = fetch_attr(self.module, n)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=group)
+        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+            n = dist.get_world_size(self.dp_group)
+            for p in self.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=self.dp_group)
+                p.grad.div_(n)
+
+
+def _example_io(sgm: torch.fx.GraphModule, stage: int, pp: int, group: dist.ProcessGroup,
+                here: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
+    """Every stage's inputs and outputs for one example microbatch, run through the pipeline
+    once (each stage receives what the previous one sends): the shapes, dtypes and gradient
+    flags ``PipelineStage`` is given, so that it never runs a stage on uninitialized tensors
+    to infer them (token ids and labels must be real indices). The random generator and
+    the stage's buffers are left as they were."""
+    saved = {n: b.detach().clone() for n, b in sgm.named_buffers()}
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        if stage == 0:
+            inputs = tuple(args)
+            outs = sgm(*args, **kwargs)
+        else:
+            box = [None]
+            dist.recv_object_list(box, group=group, group_src=stage - 1)
+            inputs = []
+            for shape, dtype, grad in box[0]:
+                t = torch.empty(shape, dtype=dtype, device=here)
+                dist.recv(t, group=group, group_src=stage - 1)
+                inputs.append(t.requires_grad_(grad))
+            inputs = tuple(inputs)
+            outs = sgm(*inputs)
+        outs = tuple(outs)
+        if stage < pp - 1:
+            dist.send_object_list([[(tuple(t.shape), t.dtype, t.requires_grad) for t in outs]],
+                                  group=group, group_dst=stage + 1)
+            for t in outs:
+                dist.send(t.detach().contiguous(), group=group, group_dst=stage + 1)
+    for n, b in sgm.named_buffers():
+        b.data.copy_(saved[n]) if n in saved else None
+    return tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs), \
+        tuple(t.detach().requires_grad_(t.requires_grad) for t in outs)
+
+
+class _Cap:
+    """What ParallelModule reads of a capture, taken from the full module."""
+
+    def __init__(self, full: ParallelModule):
+        self.state_keys = full.state_keys
+        self.state_meta = full.state_meta
+        self.mode_sensitive = full._mode_sensitive
+        self.training = full._captured_training
+        self.stacks = ()
+
+
+def _stage_keys(gm: torch.fx.GraphModule, sgm: torch.fx.GraphModule, sc: Any, stage: int,
+                keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The model's state keys this stage holds, each made an attribute path of ``sgm`` (a
+    tied name of a tensor it reads, and on stage 0 the tensors no stage reads)."""
+    targets = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    read_by: dict[int, set[int]] = {}
+    for node, stages in sc.attrs.items():
+        t = fetch_attr(gm, targets[node])
+        read_by.setdefault(id(t), set()).update(stages)
+    mine = []
+    for k in keys:
+        if not has_attr(gm, k):
+            continue
+        t = fetch_attr(gm, k)
+        holders = read_by.get(id(t))
+        if (holders and stage in holders) or (not holders and stage == 0):
+            if not has_attr(sgm, k):
+                _attach(sgm, k, t)
+            mine.append(k)
+    return tuple(mine)
+
+
+def _attach(root: nn.Module, path: str, t: torch.Tensor) -> None:
+    *parents, name = path.split(".")
+    mod = root
+    for p in parents:
+        if not hasattr(mod, p):
+            mod.add_module(p, nn.Module())
+        mod = getattr(mod, p)
+    if isinstance(t, nn.Parameter):
+        mod.register_parameter(name, t)
+    else:
+        mod.register_buffer(name, t)
+
+
+def _tied_groups(gm: torch.fx.GraphModule, sc: Any, pp_group: dist.ProcessGroup, pp: int
+                 ) -> list[tuple[dist.ProcessGroup, list[str]]]:
+    """Per set of stages reading the same parameter (tied embeddings): a process group of
+    those stages' ranks in this pipeline, and the parameter paths; this rank's sets only.
+    Every rank creates every group (``new_group`` is collective over the world), in one
+    order, reading only the plan and the mesh, which every rank holds alike."""
+    targets = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    sets: dict[tuple[int, ...], list[str]] = {}
+    for node, stages in sorted(sc.attrs.items()):
+        if len(stages) > 1 and isinstance(fetch_attr(gm, targets[node]), nn.Parameter) \
+                and fetch_attr(gm, targets[node]).requires_grad:
+            sets.setdefault(stages, []).append(targets[node])
+    if not sets:
+        return []
+    mine = dist.get_process_group_ranks(pp_group)  # this pipeline's ranks, by stage
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)  # every pipeline's ranks (one per tp, dp index)
+    pipelines = sorted({tuple(r) for r in everyone})
+    out = []
+    for stages, names in sorted(sets.items()):
+        for ranks in pipelines:
+            g = dist.new_group([ranks[s] for s in stages])
+            if tuple(mine) == ranks:
+                out.append((g, names))
+    return out
