@@ -85,11 +85,16 @@ def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | No
     ``optimizer_bytes``: optimizer
     state per trained parameter element in training (8: Adam's two fp32 moments; 4 for SGD
     with momentum in fp32, 0 without state); ``memory_budget`` bounds parameters, gradients,
-    optimizer state and activations per rank (default: the device's memory)."""
+    optimizer state and activations per rank (default: the device's memory).
+    ``pipeline_parallel``: pipeline stages the layers are cut into (``Plan.pipeline``: each
+    stage's layers, time and memory, the step and its bubble), run over ``microbatches``
+    microbatches of the example batch by ``schedule`` ("1f1b" or "gpipe")."""
     return plan_details(model, example_inputs, example_kwargs, world_size=world_size,
                         device=device, objective=objective, mode=mode,
                         memory_budget=memory_budget, data_parallel=data_parallel,
-                        optimizer_bytes=optimizer_bytes, dp_mode=dp_mode).plan
+                        optimizer_bytes=optimizer_bytes, dp_mode=dp_mode,
+                        pipeline_parallel=pipeline_parallel, microbatches=microbatches,
+                        schedule=schedule).plan
 
 
 def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,

@@ -220,7 +220,11 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     (plans.with_pipeline, cost/pipeline.py)."""
     budget = options.memory_budget or spec.memory_bytes
     whole = dataclasses.replace(options, memory_budget=budget * options.pp_size)
-    c, p, choice = solve_dp(c, whole, spec)
+    try:
+        c, p, choice = solve_dp(c, whole, spec)
+    except PlanError as e:
+        raise PlanError(f"with {options.pp_size} pipeline stages (each holding about "
+                        f"1/{options.pp_size} of the model, {budget / 1e9:.2f} GB per rank): {e}") from e
     return c, with_pipeline(p, c, choice, spec, options.pp_size, options.microbatches,
                             options.schedule, budget), choice
 

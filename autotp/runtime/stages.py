@@ -34,7 +34,7 @@ from autotp.errors import AutoTPError
 from autotp.plans import Plan
 from autotp.rewrite.collectives import Comm
 from autotp.rewrite.stages import cut, stage_module
-from autotp.runtime.pipeline import ParallelModule, check_args
+from autotp.runtime.pipeline import ParallelModule, call_structure, check_args, describe_call
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class PipelinedModule(ParallelModule):
         object.__setattr__(self, "_user_loss", None)
         object.__setattr__(self, "_tied", _tied_groups(gm, sc, pp_group, self.stages))
         from torch.distributed.pipelining import PipelineStage
+        object.__setattr__(self, "_structure", call_structure(*example))
+        object.__setattr__(self, "_described", describe_call(*example))
         inputs, outputs = _example_io(sgm, stage, self.stages, pp_group, here, *example)
         object.__setattr__(self, "_stage", PipelineStage(sgm, stage, self.stages, here, input_args=inputs,
                                                          output_args=outputs, group=pp_group))
@@ -125,6 +127,11 @@ class PipelinedModule(ParallelModule):
         model output and target rows and returns its mean loss. Returns the mean loss over
         the microbatches, on every rank."""
         args, kwargs = check_args(args, kwargs)
+        if call_structure(args, kwargs) != self._structure:
+            raise AutoTPError(
+                f"this step's call ({describe_call(args, kwargs)}) differs from the example inputs' "
+                f"({self._described}): a pipelined module runs the one program it was made for; "
+                "call step with arguments like those (sizes may differ)")
         batch = check_batch(args, kwargs, self.microbatches)
         if target is not None and (not isinstance(target, torch.Tensor) or target.shape[0] != batch):
             raise AutoTPError(f"target must be a tensor with the batch ({batch} rows) as dim 0, got "

@@ -1,0 +1,213 @@
+"""Pipeline stages (a mesh with a "pp" dim): the layers cut into stages balanced by the cost
+model, each stage tensor-parallel inside its "tp" dim, run over microbatches by
+torch.distributed.pipelining's 1F1B and GPipe schedules. Real gloo processes train 3 AdamW
+steps and must end with the weights of one process training on the global batch (within
+1e-5), the loss returned on every rank equal to one process's:
+
+- 4 processes (one spawned group): a 4-layer Llama with grouped-query attention at pp 2 x tp 2
+  under 1F1B and under GPipe; GPT-2, whose input and output embeddings are one tensor held by
+  the first and the last stage; a 5-layer Llama at pp 2 x dp 2 (uneven stages, replicas
+  averaging their gradients); the errors a user meets, the same on every rank;
+- 3 processes: a 5-layer Llama at pp 3 x tp 1.
+
+Without processes: a plan's stages, bubble and memory, and the errors of impossible cuts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import autotp
+from autotp.cost.pipeline import bubble_fraction, in_flight
+from autotp.errors import AutoTPError, PlanError
+from autotp.plans import with_pipeline
+from autotp.runtime.api import plan_details
+from dist_utils import run_ranks
+from examples import hf_models
+
+STEPS, BATCH, SEQ, MICRO = 3, 8, 12, 4
+
+
+def _model(name: str, layers: int):
+    if name == "llama":  # 4 heads, 2 kv heads: grouped-query attention
+        return hf_models.llama(n_layer=layers, hidden=64, heads=4, kv_heads=2, seed=0)[0]
+    return hf_models.gpt2(n_layer=layers, seed=0)[0]
+
+
+def _batches() -> list[torch.Tensor]:
+    torch.manual_seed(5)
+    return [torch.randint(0, 256, (BATCH, SEQ)) for _ in range(STEPS)]
+
+
+def _optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-6)  # eps: see test_mesh
+
+
+def _call(ids: torch.Tensor, labels: bool = True) -> dict:
+    return {"input_ids": ids, "use_cache": False} | ({"labels": ids} if labels else {})
+
+
+def _reference(name: str, layers: int) -> tuple[dict, list[float]]:
+    model = _model(name, layers)
+    opt = _optimizer(model.parameters())
+    losses = []
+    for ids in _batches():
+        opt.zero_grad()
+        out = model(**_call(ids))
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
+
+
+def _train(mesh, name: str, layers: int, schedule: str, target: bool = False) -> dict:
+    dims = mesh.mesh_dim_names
+    dp = mesh.size(dims.index("dp")) if "dp" in dims else 1
+    dp_rank = mesh.get_local_rank("dp") if "dp" in dims else 0
+    mine = lambda ids: ids.chunk(dp)[dp_rank]  # noqa: E731  (a replica's rows)
+    model = _model(name, layers)
+    tp = autotp.parallelize(model, (), _call(mine(_batches()[0]), not target), mesh=mesh,
+                            microbatches=MICRO, schedule=schedule, device="cpu-gloo")
+    opt = _optimizer(tp.parameters())
+    losses = []
+    ce = torch.nn.functional.cross_entropy
+    for ids in _batches():
+        opt.zero_grad()
+        if target:  # the loss computed from the logits and a target, not by the model
+            loss = tp.step((), _call(mine(ids), False), target=mine(ids), loss_fn=lambda out, t: ce(
+                out.logits[:, :-1].flatten(0, 1), t[:, 1:].flatten()))
+        else:
+            loss = tp.step((), _call(mine(ids)), loss_fn=lambda out: out.loss)
+        opt.step()
+        losses.append(loss.item())
+    return {"state": autotp.gather_state_dict(tp), "losses": losses, "stage": tp.stage,
+            "layers": [st.layers for st in tp.plan.pipeline.stages],
+            "params": sorted(n for n, _ in tp.named_parameters()),
+            "forward": _raised(lambda: tp(**_call(ids))),
+            "other_call": _raised(lambda: tp.step((), _call(ids, target), loss_fn=lambda out: out.loss))}
+
+
+def _raised(call) -> str:
+    try:
+        call()
+    except AutoTPError as e:
+        return str(e)
+    return "<no error>"
+
+
+CASES4 = {"llama_1f1b": ("llama", 4, "1f1b", (2, 2), ("pp", "tp"), False),
+          "llama_gpipe": ("llama", 4, "gpipe", (2, 2), ("pp", "tp"), False),
+          "gpt2_tied": ("gpt2", 4, "1f1b", (2, 2), ("pp", "tp"), True),
+          "llama5_dp": ("llama", 5, "1f1b", (2, 2, 1), ("pp", "dp", "tp"), False)}
+
+
+def _four(rank: int, world: int) -> dict:
+    out = {}
+    for key, (name, layers, schedule, shape, dims, target) in CASES4.items():
+        out[key] = _train(init_device_mesh("cpu", shape, mesh_dim_names=dims), name, layers, schedule, target)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    model = _model("llama", 4)
+    ids = _batches()[0]
+    out["errors"] = {
+        "microbatches": _raised(lambda: autotp.parallelize(model, (), _call(ids[:6]), mesh=mesh, microbatches=4)),
+        "schedule": _raised(lambda: autotp.parallelize(model, (), _call(ids), mesh=mesh, microbatches=4,
+                                                       schedule="zigzag")),
+        "dims": _raised(lambda: autotp.parallelize(model, (), _call(ids), microbatches=4, mesh=init_device_mesh(
+            "cpu", (2, 2), mesh_dim_names=("pp", "x")))),
+    }
+    return out
+
+
+def _three(rank: int, world: int) -> dict:
+    return _train(init_device_mesh("cpu", (3, 1), mesh_dim_names=("pp", "tp")), "llama", 5, "1f1b")
+
+
+@pytest.fixture(scope="module")
+def four():
+    return run_ranks(_four, 4)
+
+
+def _close(got: dict, want: dict) -> float:
+    assert set(got) == set(want)
+    return max((got[k] - want[k]).abs().max().item() for k in want)
+
+
+@pytest.mark.parametrize("key", list(CASES4))
+def test_pipeline_trains_like_one_process(four, key: str) -> None:
+    name, layers, _, shape, dims, _ = CASES4[key]
+    want, losses = _reference(name, layers)
+    for r, res in enumerate(four):
+        got = res[key]
+        assert _close(got["state"], want) < 1e-5, (key, r)
+        if "dp" not in dims:  # a replica's loss is its own rows' mean
+            assert got["losses"] == pytest.approx(losses, abs=1e-5)
+        assert got["stage"] == r // (4 // shape[0])
+        assert got["forward"].startswith("a pipelined module")
+        assert "differs from the example inputs'" in got["other_call"]
+    stages = four[0][key]["layers"]
+    assert len(stages) == 2 and sum(map(len, stages)) == layers
+    # a stage holds only its layers
+    for r, res in enumerate(four):
+        held = {n.split(".")[2] for n in res[key]["params"] if ".h." in n or ".layers." in n}
+        assert held == {p.split(".")[-1] for p in stages[res[key]["stage"]]}
+
+
+def test_tied_embedding_is_held_by_first_and_last_stage(four) -> None:
+    for res in four:
+        got = res["gpt2_tied"]
+        assert "transformer.wte.weight" in got["params"], got["stage"]
+
+
+def test_bad_pipeline_input_same_error_on_every_rank(four) -> None:
+    errors = [res["errors"] for res in four]
+    assert all(e == errors[0] for e in errors)
+    e = errors[0]
+    assert "does not split into 4 equal microbatches" in e["microbatches"]
+    assert "schedule must be one of" in e["schedule"] and "zigzag" in e["schedule"]
+    assert "dims named 'pp', 'tp'" in e["dims"]
+
+
+def test_three_stages() -> None:
+    res = run_ranks(_three, 3)
+    want, losses = _reference("llama", 5)
+    for r, got in enumerate(res):
+        assert got["stage"] == r
+        assert _close(got["state"], want) < 1e-5
+        assert got["losses"] == pytest.approx(losses, abs=1e-5)
+    assert sum(map(len, res[0]["layers"])) == 5 and len(res[0]["layers"]) == 3
+
+
+def test_plan_reports_stages_bubble_and_memory() -> None:
+    model, _, kw = hf_models.llama(n_layer=8, hidden=64, heads=4, kv_heads=2, batch=8, seq=16)
+    p = autotp.plan(model, (), kw, world_size=2, device="h100", pipeline_parallel=4,
+                    microbatches=4, schedule="1f1b")
+    pipe = p.pipeline
+    assert pipe.size == 4 and sum(len(s.layers) for s in pipe.stages) == 8
+    assert pipe.bubble == pytest.approx(bubble_fraction(4, 4)) == pytest.approx(3 / 7)
+    assert pipe.step_time_s == pytest.approx(7 * max(s.time_s for s in pipe.stages))
+    assert p.predicted_time_s == pipe.step_time_s
+    assert p.memory_bytes_per_rank == max(s.memory_bytes for s in pipe.stages)
+    assert all(s.send_bytes > 0 for s in pipe.stages[:-1]) and pipe.stages[-1].send_bytes == 0
+    # GPipe keeps every microbatch in flight, 1F1B at most pp - s: never more memory
+    g = autotp.plan(model, (), kw, world_size=2, device="h100", pipeline_parallel=4,
+                    microbatches=4, schedule="gpipe").pipeline
+    assert max(s.memory_bytes for s in g.stages) >= max(s.memory_bytes for s in pipe.stages)
+    assert in_flight(0, 4, 8, "1f1b") == 4 and in_flight(3, 4, 8, "1f1b") == 1 and in_flight(0, 4, 8, "gpipe") == 8
+    assert autotp.Plan.from_json(p.to_json()) == p
+
+
+def test_impossible_cuts_say_why() -> None:
+    model, _, kw = hf_models.llama(n_layer=4, hidden=64, heads=4, kv_heads=2, batch=8, seq=16)
+    with pytest.raises(PlanError, match="at most 4 stages"):
+        autotp.plan(model, (), kw, world_size=1, pipeline_parallel=5, microbatches=4)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    with pytest.raises(PlanError, match="no stack of identical layers"):
+        autotp.plan(mlp, (torch.randn(4, 8),), world_size=1, pipeline_parallel=2, microbatches=2)
+    with pytest.raises(AutoTPError, match="does not split into 3 equal microbatches"):
+        autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=3)
+    with pytest.raises(PlanError, match="with 2 pipeline stages"):
+        autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=4, memory_budget=1e4)
+    # a whole-model plan that fits, and no cut whose every stage does
+    planned = plan_details(model, (), kw, world_size=1, device="h100")
+    with pytest.raises(PlanError, match=r"no cut of 4 layers into 2 stages fits .* largest stage"):
+        with_pipeline(planned.plan, planned.candidates, planned.choice, planned.spec, 2, 4, "gpipe", 1e4)
