@@ -64,6 +64,9 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
                             mode=a.mode, memory_budget=budget,
                             data_parallel=getattr(a, "data_parallel", 1) or 1,
                             dp_mode=getattr(a, "dp_mode", "auto"),
+                            pipeline_parallel=getattr(a, "pipeline_parallel", 1) or 1,
+                            microbatches=getattr(a, "microbatches", 1) or 1,
+                            schedule=getattr(a, "schedule", "1f1b"),
                             optimizer_bytes=getattr(a, "optimizer_bytes", ADAM_FP32_BYTES),
                             progress=lambda stage: status.update(stage + "…"))
 
@@ -344,6 +347,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dp-mode", choices=["auto", "ddp", "fsdp"], default="auto",
                        help="how the --data-parallel replicas hold the shards: DDP (full copies) "
                             "or FSDP (state divided across replicas); auto: the faster that fits")
+        p.add_argument("--pipeline-parallel", type=int, default=1, metavar="P",
+                       help="pipeline stages the layers are cut into (each a tensor-parallel group); "
+                            "the example batch is split into --microbatches")
+        p.add_argument("--microbatches", type=int, default=1, metavar="M",
+                       help="--pipeline-parallel: microbatches per step (must divide the example batch)")
+        p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b",
+                       help="--pipeline-parallel: the pipeline schedule (1f1b keeps fewer microbatches in flight)")
 
     p = sub.add_parser("plan", help="show the plan for a model")
     p.add_argument("target")

@@ -135,16 +135,20 @@ def print_table(pd, out: Console = out) -> None:
     bwd = sum(x.bytes for x in p.collectives if x.phase == "backward")
     rep = _replicated_time(pd)
     ideal = p.param_bytes_total / p.world_size
+    if p.pipeline is not None:
+        out.print(f"the whole model's tensor-parallel shard at one microbatch (before the cut into "
+                  f"{p.pipeline.size} stages; each stage holds its own layers, see below):")
     out.print(f"parameters per rank: {_bytes(p.param_bytes_per_rank)} "
               f"(total/N = {_bytes(ideal)}, {p.param_bytes_per_rank / max(ideal, 1):.3f}× of it; "
               f"total {_bytes(p.param_bytes_total)})")
     act = ("kept for the backward" if p.mode == "training" else "peak of one op's inputs and output")
     state = p.memory_bytes_per_rank - p.activation_bytes_per_rank
-    out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} = state {_bytes(state)} "
-              f"({'parameters, gradients, optimizer' if p.mode == 'training' else 'parameters'}"
-              f"{f', KV cache {_bytes(p.state_bytes_per_rank)}' if p.state_bytes_per_rank else ''}) "
-              f"+ activations {_bytes(p.activation_bytes_per_rank)} ({act}); budget "
-              f"{_bytes(pd.budget or pd.spec.memory_bytes)}")
+    if p.pipeline is None:
+        out.print(f"memory per rank: {_bytes(p.memory_bytes_per_rank)} = state {_bytes(state)} "
+                  f"({'parameters, gradients, optimizer' if p.mode == 'training' else 'parameters'}"
+                  f"{f', KV cache {_bytes(p.state_bytes_per_rank)}' if p.state_bytes_per_rank else ''}) "
+                  f"+ activations {_bytes(p.activation_bytes_per_rank)} ({act}); budget "
+                  f"{_bytes(pd.budget or pd.spec.memory_bytes)}")
     seq = len(p.sequence_split)
     if seq:
         out.print(f"sequence parallel: {seq} ops run on a split batch/sequence dim (the memory budget "
@@ -156,9 +160,33 @@ def print_table(pd, out: Console = out) -> None:
                 "gathered layer by layer"}.get(p.dp_mode, p.dp_mode)
         out.print(f"data parallel: {p.dp_size} replicas of this group ({kind}), "
                   f"{_time(p.dp_time_s)} of the communication time per step")
+    if p.pipeline is not None:
+        print_stages(p)
+        return
     out.print(f"predicted step time: {_time(p.predicted_time_s)} (compute {_time(p.compute_time_s)}, "
               f"communication {_time(p.comm_time_s)}); replicated plan {_time(rep)} "
               f"→ {rep / p.predicted_time_s if p.predicted_time_s else float('nan'):.2f}× speed-up")
+
+
+def print_stages(p) -> None:
+    """The pipeline's stages: layers, time per microbatch, memory per rank, bytes sent on."""
+    pipe = p.pipeline
+    t = Table(title=f"pipeline: {pipe.size} stages x {p.world_size} tensor-parallel ranks, "
+                    f"{pipe.schedule}, {pipe.microbatches} microbatches", box=None)
+    for col in ("stage", "layers", "time / microbatch", "memory / rank", "sends / microbatch"):
+        t.add_column(col)
+    slowest = max(st.time_s for st in pipe.stages)
+    for i, st in enumerate(pipe.stages):
+        first, last = st.layers[0], st.layers[-1]
+        extra = " + embeddings" if i == 0 else " + head" if i == pipe.size - 1 else ""
+        t.add_row(str(i), f"{first} .. {last.rsplit('.', 1)[-1]} ({len(st.layers)}){extra}",
+                  _time(st.time_s) + (" *" if st.time_s == slowest else ""),
+                  _bytes(st.memory_bytes), _bytes(st.send_bytes) if st.send_bytes else "-")
+    out.print(t)
+    out.print(f"predicted step time: {_time(pipe.step_time_s)} = ({pipe.microbatches} + {pipe.size} - 1) "
+              f"x the slowest stage (*); bubble {pipe.bubble:.1%} of the step; largest memory "
+              f"{_bytes(max(st.memory_bytes for st in pipe.stages))} per rank (state and the "
+              f"activations in flight)")
 
 
 def to_dot(pd) -> str:
