@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from autotp.cost.model import MODES
 from autotp.cost.pipeline import balance, least_memory, segment_costs
-from autotp.errors import AutoTPInternalError, PlanError
+from autotp.errors import AutoTPInternalError, InfeasiblePlanError, PlanError
 from autotp.core.placements import format_out
 from autotp.cost.evaluate import Choice, Evaluation
 from autotp.candidates import Candidates, NodeKind
@@ -204,12 +204,12 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
     found = balance(segs, pp, microbatches, schedule, p.mode, spec, budget)
     if found is None:
         least = least_memory(segs, pp, microbatches, schedule, p.mode, spec)
-        raise PlanError(
+        raise InfeasiblePlanError(
             f"no cut of {len(paths)} layers into {pp} stages fits {budget / 1e9:.2f} GB per rank "
             f"under {schedule} with {microbatches} microbatches: the best cut needs "
             f"{least / 1e9:.2f} GB on its largest stage; use more stages or tensor-parallel ranks, "
             "a smaller microbatch" + (" or schedule='1f1b' (fewer microbatches in flight)"
-                                      if schedule == "gpipe" else ""))
+                                      if schedule == "gpipe" else ""), least)
     ends = found.bounds[1:] + (len(paths),)
     stages = tuple(PipelineStage(tuple(paths[lo:hi]), t, int(round(m)), int(round(x)))
                    for lo, hi, t, m, x in zip(found.bounds, ends, found.time_s, found.memory_bytes,

@@ -14,6 +14,13 @@ directly. A layout that fits nothing records the least memory it would need
 The model is captured once per distinct replica batch and its candidates built once per TP
 degree; each data-parallel kind is one solve (runtime/pipeline.py's stages, called directly).
 Data-parallel traffic is priced on the inter-node link even when some replicas share a node.
+
+Pipeline stages (``pipeline=True``, training): every stage count ``pp`` dividing ``nodes``
+(stages span nodes, a TP group stays inside one) up to the layers there are, with ``dp =
+nodes * gpus_per_node / (tp * pp)`` replicas by DDP (FSDP across stages is not run yet), each
+replica's rows split into ``microbatches`` (default: one row each, the least bubble; 1F1B
+keeps at most ``pp`` in flight whatever their count). The plan is made at one microbatch and
+cut into balanced stages (cost/pipeline.py); its step time is the pipeline's.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from torch import nn
 from autotp._compat import pytree
 from autotp.core.options import ADAM_FP32_BYTES, Mode, PlanOptions
 from autotp.cost.devices import DeviceSpec, get_device
-from autotp.errors import AutoTPError, InfeasiblePlanError
+from autotp.errors import AutoTPError, InfeasiblePlanError, PlanError
 from autotp.plans import Plan
 from autotp.runtime.pipeline import candidates, capture_model, gc_paused, solve_plan
 
@@ -56,10 +63,13 @@ class Layout:
     # rows of the global batch each replica runs: the plan was made for inputs of this many
     # rows, so parallelize(..., plan=layout.plan) needs example inputs of that batch size
     batch_per_replica: int = 0
+    pp: int = 1  # pipeline stages (a ("pp", "dp", "tp") mesh); the plan's ``pipeline`` has them
+    microbatches: int = 1
 
     @property
     def label(self) -> str:
-        return f"tp {self.tp} x dp {self.dp}" + (f" ({self.dp_mode})" if self.dp > 1 else "")
+        return (f"pp {self.pp} x " if self.pp > 1 else "") + f"tp {self.tp} x dp {self.dp}" + \
+            (f" ({self.dp_mode})" if self.dp > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -102,14 +112,17 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
                   nodes: int, gpus_per_node: int, device: "str | DeviceSpec" = "h100",
                   mode: Mode = "training", global_batch: int | None = None,
                   optimizer_bytes: float = ADAM_FP32_BYTES, memory_budget: float | None = None,
-                  progress: Callable[[str], Any] | None = None) -> Layouts:
+                  progress: Callable[[str], Any] | None = None, pipeline: bool = False,
+                  microbatches: int | None = None) -> Layouts:
     """Choose the TP degree (1 = no TP ... ``gpus_per_node``), the data-parallel kind (DDP or
     FSDP) and degree for the rest of ``nodes * gpus_per_node`` devices, and the TP splits,
     by predicted step time under memory (``memory_budget`` per device, default the device's
     memory). ``example_inputs``/``example_kwargs``: one call of the model whose first dim is
     the batch; ``global_batch`` (default: the example's batch) rows per step are split across
     the data-parallel replicas. ``Layouts.best.plan`` can be given to ``parallelize`` as
-    ``plan=`` on a ("dp", "tp") mesh of the best layout's shape."""
+    ``plan=`` on a ("dp", "tp") mesh of the best layout's shape. ``pipeline``: also pipeline
+    stages across nodes (module docstring), ``microbatches`` per replica step (default: one
+    row each); a pipelined best layout runs on a ("pp", "dp", "tp") mesh."""
     from autotp.runtime.api import resolve_inputs
     for name, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -150,6 +163,9 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
                     continue
                 found.append(Layout(tp, dp, shown, plan.predicted_time_s, plan.memory_bytes_per_rank,
                                     True, plan, batch_per_replica=rows))
+        if pipeline and mode == "training":
+            found += _pipelined(model, args, kwargs, b, batch, nodes, gpus_per_node, spec,
+                                optimizer_bytes, memory_budget, microbatches, note)
     found.sort(key=lambda x: (not x.fits, x.predicted_time_s, x.memory_bytes_per_rank))
     fits = [x for x in found if x.fits]
     if not captured_at:  # the batch divides into no replica count: nothing was planned
@@ -173,3 +189,51 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
             None if least is None else least.memory_bytes_per_rank)
     log.info("autotp: %d layouts, best %s", len(found), fits[0].label)
     return Layouts(fits[0], tuple(found), nodes, gpus_per_node, spec.name, batch)
+
+
+def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, nodes: int,
+               gpus_per_node: int, spec: DeviceSpec, optimizer_bytes: float,
+               memory_budget: float | None, microbatches: int | None, note: Callable[[str], Any]
+               ) -> list[Layout]:
+    """The pipelined layouts (module docstring): one capture per microbatch size, one
+    candidate build per TP degree, one solve and stage cut per (tp, pp)."""
+    from autotp.runtime.pipeline import solve_stages
+    out: list[Layout] = []
+    captured_at: dict[int, Any] = {}
+    for tp in tp_degrees(gpus_per_node):
+        for pp in [p for p in range(2, nodes + 1) if nodes % p == 0]:
+            dp = nodes * gpus_per_node // (tp * pp)
+            if batch % dp:
+                out.append(Layout(tp, dp, "ddp" if dp > 1 else "none", math.inf, math.inf, False, pp=pp,
+                                  why=f"the global batch {batch} does not divide into {dp} replicas"))
+                continue
+            rows = batch // dp
+            m = microbatches or rows
+            if rows % m:
+                out.append(Layout(tp, dp, "ddp" if dp > 1 else "none", math.inf, math.inf, False, pp=pp,
+                                  why=f"{rows} rows per replica do not split into {m} microbatches"))
+                continue
+            mb = rows // m
+            if mb not in captured_at:
+                note(f"capturing at {mb} rows per microbatch")
+                captured_at[mb] = capture_model(model, *_rebatch(args, kwargs, b, mb))[0]
+            options = PlanOptions(world_size=tp, device=spec, mode="training", optimizer_bytes=optimizer_bytes,
+                                  memory_budget=memory_budget, dp_size=dp, dp_mode="ddp", pp_size=pp,
+                                  microbatches=m)
+            note(f"planning pp {pp} x tp {tp} x dp {dp}")
+            shown = "ddp" if dp > 1 else "none"
+            try:
+                c = candidates(captured_at[mb], options)
+                _, plan, _ = solve_stages(c, options, spec)
+            except InfeasiblePlanError as e:
+                least = e.least_bytes if e.least_bytes is not None else math.inf
+                out.append(Layout(tp, dp, shown, math.inf, least, False, why=str(e).split(":")[0],
+                                  batch_per_replica=rows, pp=pp, microbatches=m))
+                continue
+            except PlanError as e:  # too few layers, or no cut fits
+                out.append(Layout(tp, dp, shown, math.inf, math.inf, False, why=str(e).split(":")[0],
+                                  batch_per_replica=rows, pp=pp, microbatches=m))
+                continue
+            out.append(Layout(tp, dp, shown, plan.predicted_time_s, plan.memory_bytes_per_rank, True, plan,
+                              batch_per_replica=rows, pp=pp, microbatches=m))
+    return out

@@ -31,7 +31,7 @@ from autotp.capture.modes import derive_eval, keep_source
 from autotp.core.attrs import has_attr
 from autotp.rewrite.collectives import Comm
 from autotp.cost.devices import DeviceSpec, get_device
-from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, PlanError
+from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out
 from autotp.plans import Plan, make_plan, with_pipeline
@@ -223,8 +223,11 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     try:
         c, p, choice = solve_dp(c, whole, spec)
     except PlanError as e:
-        raise PlanError(f"with {options.pp_size} pipeline stages (each holding about "
-                        f"1/{options.pp_size} of the model, {budget / 1e9:.2f} GB per rank): {e}") from e
+        msg = (f"with {options.pp_size} pipeline stages (each holding about 1/{options.pp_size} of "
+               f"the model, {budget / 1e9:.2f} GB per rank): {e}")
+        if isinstance(e, InfeasiblePlanError):  # the least is the whole model's: about pp x a stage's
+            raise InfeasiblePlanError(msg, None if e.least_bytes is None else e.least_bytes / options.pp_size) from e
+        raise PlanError(msg) from e
     return c, with_pipeline(p, c, choice, spec, options.pp_size, options.microbatches,
                             options.schedule, budget), choice
 

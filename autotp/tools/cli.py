@@ -288,14 +288,18 @@ def cmd_layout(a: argparse.Namespace) -> int:
                             device=_device(a.device), mode=a.mode, global_batch=a.global_batch,
                             optimizer_bytes=a.optimizer_bytes,
                             memory_budget=a.memory_gb * 1e9 if a.memory_gb else None,
-                            progress=lambda stage: status.update(stage + "…"))
+                            progress=lambda stage: status.update(stage + "…"),
+                            pipeline=a.pipeline, microbatches=a.microbatches)
     t = Table(title=f"layouts of {a.nodes} x {a.gpus_per_node} {lay.device}, {a.mode}, global batch "
               f"{lay.global_batch} (tp inside a node; dp across)", title_justify="left")
-    for col in ("", "tp", "dp", "dp kind", "step time", "vs best", "memory/device", "fits", "note"):
+    pp = [("pp", lambda x: str(x.pp)), ("micro", lambda x: str(x.microbatches) if x.pp > 1 else "-")] \
+        if a.pipeline else []
+    for col in ("", *[c for c, _ in pp], "tp", "dp", "dp kind", "step time", "vs best", "memory/device",
+                "fits", "note"):
         t.add_column(col)
     best = lay.best.predicted_time_s
     for x in lay.alternatives:
-        t.add_row("*" if x is lay.best else "", str(x.tp), str(x.dp), x.dp_mode,
+        t.add_row("*" if x is lay.best else "", *[f(x) for _, f in pp], str(x.tp), str(x.dp), x.dp_mode,
                   _time(x.predicted_time_s) if x.fits else "-",
                   f"{x.predicted_time_s / best:.2f}x" if x.fits else "-",
                   _bytes(x.memory_bytes_per_rank) if math.isfinite(x.memory_bytes_per_rank) else "-",
@@ -395,6 +399,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the target's example batch)")
     p.add_argument("--memory-gb", type=float, help="memory budget per device (default: the device's)")
     p.add_argument("--optimizer-bytes", type=float, default=ADAM_FP32_BYTES, metavar="B")
+    p.add_argument("--pipeline", action="store_true", help="training: also pipeline stages across "
+                   "nodes (every stage count dividing --nodes; a ('pp', 'dp', 'tp') mesh)")
+    p.add_argument("--microbatches", type=int, metavar="M",
+                   help="--pipeline: microbatches per replica step (default: one row each)")
     p.set_defaults(fn=cmd_layout)
 
     p = sub.add_parser("run", help="run N local ranks and check against one device")
