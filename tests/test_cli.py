@@ -138,3 +138,16 @@ def test_run_generate_checks_tokens() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "generation: 8 greedy tokens" in r.stdout and "token-identical" in r.stdout, r.stdout
     assert "the parallel model equals the original" in r.stdout
+
+
+def test_plan_pipeline_shows_stages_and_bubble() -> None:
+    """--pipeline-parallel: the stage table (nanoGPT's 2 blocks: one each) and the step."""
+    r = autotp("plan", "examples/nanogpt.py:gpt", "--world-size", "2", "--pipeline-parallel", "2",
+               "--microbatches", "2", "--schedule", "gpipe")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "pipeline: 2 stages x 2 tensor-parallel ranks, gpipe, 2 microbatches" in out
+    assert "h.0 .. 0 (1) + embeddings" in out and "h.1 .. 1 (1) + head" in out
+    assert "= (2 + 2 - 1) x the slowest stage (*); bubble 33.3% of the step" in out
+    r = autotp("plan", "examples/nanogpt.py:gpt", "--world-size", "2", "--pipeline-parallel", "3")
+    assert r.returncode != 0 and "at most 2 stages" in r.stderr

@@ -31,8 +31,6 @@ from torch import nn
 from autotp._compat import out_spec, pytree
 from autotp.core.attrs import fetch_attr, has_attr
 from autotp.errors import AutoTPError
-from autotp.plans import Plan
-from autotp.rewrite.collectives import Comm
 from autotp.rewrite.stages import cut, stage_module
 from autotp.runtime.pipeline import ParallelModule, call_structure, check_args, describe_call
 
