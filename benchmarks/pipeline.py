@@ -1,9 +1,17 @@
-"""Pipeline stages (issue 18): choose_layout with pipeline stages for the Llama-3.1-405B shape,
-training on 16 nodes x 8 h100, global batch 64 of 2048 tokens (meta device, bf16): every
-layout (pp x tp x dp), whether it fits 80 GB, its predicted step time, the best 2-D and the
-best 3-D layout, and the wall time from model to choice (target <= 30 s).
+"""Pipeline stages (issue 18), two parts:
 
-    python benchmarks/pipeline.py [--nodes 16] [--global-batch 64]
+- ``layout``: choose_layout with pipeline stages for the Llama-3.1-405B shape, training on 16
+  nodes x 8 h100, global batch 64 of 2048 tokens (meta device, bf16): every layout (pp x tp x
+  dp), whether it fits 80 GB, its predicted step time, the best 2-D and the best 3-D layout,
+  and the wall time from model to choice (target <= 30 s).
+- ``bubble``: on this machine's gloo, pp 2 x tp 1 (2 processes, one core each), a 4-layer
+  Llama (hidden 256) training on a global batch of 16 x 64 tokens under 1F1B with 2, 4 and 8
+  microbatches: the measured bubble, 1 - M * t / T, where T is the step's wall time and t the
+  slowest stage's forward and backward of one microbatch timed alone on its rank, against the
+  predicted (pp - 1) / (M + pp - 1); the noise floor is the measured bubble's spread between
+  the two halves of the samples.
+
+    python benchmarks/pipeline.py [--parts layout bubble] [--nodes 16] [--global-batch 64] [--iters 10]
 """
 from __future__ import annotations
 
@@ -12,8 +20,70 @@ import os
 import sys
 import time
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.frontier import llama405b  # noqa: E402
+
+
+def _bubble_rank(rank: int, world: int, iters: int) -> dict:
+    import statistics
+
+    import autotp
+    from examples import hf_models
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "tp"))
+    out = {}
+    for m in (2, 4, 8):
+        model, _, kw = hf_models.llama(n_layer=4, hidden=256, heads=8, kv_heads=4, intermediate=768,
+                                       batch=16, seq=64, seed=0)
+        call = {**kw, "labels": kw["input_ids"]}
+        tp = autotp.parallelize(model, (), call, mesh=mesh, microbatches=m, device="cpu-gloo")
+        inputs, kwargs = tp.example_stage_call
+
+        def alone() -> float:  # this stage's forward and backward of one microbatch, no sends
+            t0 = time.perf_counter()
+            outs = [o for o in tp.module(*inputs, **kwargs) if o.requires_grad]
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            return time.perf_counter() - t0
+
+        steps, stage = [], []
+        for i in range(iters + 1):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            tp.step((), call, loss_fn=lambda o: o.loss)
+            if i:
+                steps.append(time.perf_counter() - t0)
+            torch.distributed.barrier()
+            stage.append(alone())
+        slowest = [0.0] * world
+        torch.distributed.all_gather_object(slowest, statistics.median(stage[1:]))
+        t = max(slowest)
+
+        def measured(xs: list[float]) -> float:
+            return 1.0 - m * t / statistics.median(xs)
+
+        half = len(steps) // 2
+        out[m] = {"predicted": tp.plan.pipeline.bubble, "measured": measured(steps),
+                  "noise": abs(measured(steps[:half]) - measured(steps[half:])),
+                  "step_s": statistics.median(steps), "stage_s": t,
+                  "predicted_step_s": tp.plan.pipeline.step_time_s}
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return out
+
+
+def bubble(iters: int) -> None:
+    from benchmarks.common import spawn_collect
+    res = spawn_collect(_bubble_rank, 2, iters)
+    print(f"{'micro':>5} {'predicted':>9} {'measured':>8} {'noise':>6} {'|diff|':>6} {'within':>6}"
+          f" {'step ms':>8} {'stage ms':>8}")
+    for m, r in res.items():
+        diff = abs(r["predicted"] - r["measured"])
+        print(f"{m:>5} {r['predicted']:9.3f} {r['measured']:8.3f} {r['noise']:6.3f} {diff:6.3f} "
+              f"{'yes' if diff <= r['noise'] else 'no':>6} {r['step_s'] * 1e3:8.1f} {r['stage_s'] * 1e3:8.1f}")
 
 
 def main() -> None:
@@ -24,13 +94,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--parts", nargs="+", default=["layout", "bubble"])
+    ap.add_argument("--iters", type=int, default=10)
     a = ap.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    if "bubble" in a.parts:
+        bubble(a.iters)
+    if "layout" not in a.parts:
+        return
     model, kw = llama405b()
     t0 = time.perf_counter()
     try:
         lay = autotp.choose_layout(model, (), kw, nodes=a.nodes, gpus_per_node=8, device="h100",
-                                   global_batch=a.global_batch, pipeline=True)
+                                   global_batch=a.global_batch, pipeline=True,
+                                   progress=lambda s: print(f"  {time.perf_counter() - t0:6.1f} s  {s}", flush=True))
     except InfeasiblePlanError as e:
         print(f"model -> answer: {time.perf_counter() - t0:.1f} s")
         print(f"NO LAYOUT FITS: {e}")

@@ -200,6 +200,7 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, 
     from autotp.runtime.pipeline import solve_stages
     out: list[Layout] = []
     captured_at: dict[int, Any] = {}
+    built: dict[tuple[int, int], Any] = {}
     for tp in tp_degrees(gpus_per_node):
         for pp in [p for p in range(2, nodes + 1) if nodes % p == 0]:
             dp = nodes * gpus_per_node // (tp * pp)
@@ -223,7 +224,9 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, 
             note(f"planning pp {pp} x tp {tp} x dp {dp}")
             shown = "ddp" if dp > 1 else "none"
             try:
-                c = candidates(captured_at[mb], options)
+                if (tp, mb) not in built:  # the strategies depend on tp; dp only prices them
+                    built[(tp, mb)] = candidates(captured_at[mb], options)
+                c = dataclasses.replace(built[(tp, mb)], dp_size=dp, cache={})
                 _, plan, _ = solve_stages(c, options, spec)
             except InfeasiblePlanError as e:
                 least = e.least_bytes if e.least_bytes is not None else math.inf

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import gc
+import math
 import logging
 import warnings
 import contextlib
@@ -214,22 +215,25 @@ def solve_dp(c: Candidates, options: PlanOptions, spec: DeviceSpec,
 
 def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple[Candidates, Plan, Choice]:
     """The plan of a program cut into ``options.pp_size`` pipeline stages: tensor parallelism
-    solved for the whole program at one microbatch, every layer alike, under ``pp_size`` times
-    the per-rank budget (each stage holds about 1/pp of the layers), then the layers cut into
-    stages balanced by time that each fit the budget itself, activations in flight included
-    (plans.with_pipeline, cost/pipeline.py)."""
+    solved for the whole program at one microbatch with no memory bound (every layer alike, by
+    layers: fast), then the layers cut into stages balanced by time that each fit the per-rank
+    budget, the activations in flight included (plans.with_pipeline, cost/pipeline.py). When
+    no cut of the fastest plan fits, the plan of least parameter bytes (objective "memory") is
+    cut instead; when none of its cuts fits either, the InfeasiblePlanError with the least
+    largest stage of the two is raised."""
     budget = options.memory_budget or spec.memory_bytes
-    whole = dataclasses.replace(options, memory_budget=budget * options.pp_size)
-    try:
-        c, p, choice = solve_dp(c, whole, spec)
-    except PlanError as e:
-        msg = (f"with {options.pp_size} pipeline stages (each holding about 1/{options.pp_size} of "
-               f"the model, {budget / 1e9:.2f} GB per rank): {e}")
-        if isinstance(e, InfeasiblePlanError):  # the least is the whole model's: about pp x a stage's
-            raise InfeasiblePlanError(msg, None if e.least_bytes is None else e.least_bytes / options.pp_size) from e
-        raise PlanError(msg) from e
-    return c, with_pipeline(p, c, choice, spec, options.pp_size, options.microbatches,
-                            options.schedule, budget), choice
+    # replicas across stages are DDP's (runtime/stages.py): FSDP with stages is not run yet
+    free = dataclasses.replace(options, memory_budget=math.inf, dp_mode="ddp")
+    errors: list[InfeasiblePlanError] = []
+    for objective in dict.fromkeys((options.objective, "memory")):
+        cs, p, choice = solve_dp(c, dataclasses.replace(free, objective=objective), spec)
+        try:
+            return cs, dataclasses.replace(with_pipeline(p, cs, choice, spec, options.pp_size, options.microbatches,
+                                                         options.schedule, budget),
+                                           objective=options.objective), choice
+        except InfeasiblePlanError as e:
+            errors.append(e)
+    raise min(errors, key=lambda e: e.least_bytes if e.least_bytes is not None else math.inf)
 
 
 def _pins(c: Candidates, placements: dict[str, Placement]) -> dict[str, int]:

@@ -101,6 +101,9 @@ class PipelinedModule(ParallelModule):
         object.__setattr__(self, "_structure", call_structure(*example))
         object.__setattr__(self, "_described", describe_call(*example))
         inputs, outputs = _example_io(sgm, stage, self.stages, pp_group, here, *example)
+        # one example microbatch's stage inputs (and stage 0's keywords): what this stage was
+        # shaped by, and what benchmarks time the stage alone on
+        object.__setattr__(self, "example_stage_call", (inputs, example[1] if stage == 0 else {}))
         object.__setattr__(self, "_stage", PipelineStage(sgm, stage, self.stages, here, input_args=inputs,
                                                          output_args=outputs, group=pp_group))
         object.__setattr__(self, "_sched", _schedule(pipe.schedule)(self._stage, self.microbatches,
