@@ -186,6 +186,10 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
                 c.dp_size, c.dp_mode if c.dp_size > 1 else "none", ev.dp_s)
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp: int, microbatches: int,
                   schedule: str, budget: float) -> Plan:
     """``p`` with its layers cut into ``pp`` balanced stages (cost/pipeline.py's ``balance``)
@@ -205,9 +209,9 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
     if found is None:
         least = least_memory(segs, pp, microbatches, schedule, p.mode, spec)
         raise InfeasiblePlanError(
-            f"no cut of {len(paths)} layers into {pp} stages fits {budget / 1e9:.2f} GB per rank "
+            f"no cut of {len(paths)} layers into {pp} stages fits {_size(budget)} per rank "
             f"under {schedule} with {microbatches} microbatches: the best cut needs "
-            f"{least / 1e9:.2f} GB on its largest stage; use more stages or tensor-parallel ranks, "
+            f"{_size(least)} on its largest stage; use more stages or tensor-parallel ranks, "
             "a smaller microbatch" + (" or schedule='1f1b' (fewer microbatches in flight)"
                                       if schedule == "gpipe" else ""), least)
     ends = found.bounds[1:] + (len(paths),)

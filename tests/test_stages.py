@@ -60,7 +60,7 @@ def _reference(name: str, layers: int) -> tuple[dict, list[float]]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
 
-def _train(mesh, name: str, layers: int, schedule: str, target: bool = False) -> dict:
+def _train(mesh, name: str, layers: int, schedule: str, target: bool = False, root: str | None = None) -> dict:
     dims = mesh.mesh_dim_names
     dp = mesh.size(dims.index("dp")) if "dp" in dims else 1
     dp_rank = mesh.get_local_rank("dp") if "dp" in dims else 0
@@ -80,7 +80,11 @@ def _train(mesh, name: str, layers: int, schedule: str, target: bool = False) ->
             loss = tp.step((), _call(mine(ids)), loss_fn=lambda out: out.loss)
         opt.step()
         losses.append(loss.item())
-    return {"state": autotp.gather_state_dict(tp), "losses": losses, "stage": tp.stage,
+    saved = None
+    if root is not None:  # collective: every rank gathers, global rank 0 writes
+        saved = autotp.save_pretrained(tp, f"{root}/{name}", config=model.config)
+    return {"state": autotp.gather_state_dict(tp), "losses": losses, "stage": tp.stage, "saved": saved,
+            "dcp": _raised(lambda: autotp.save_checkpoint(tp, f"{root}/dcp")) if root else None,
             "layers": [st.layers for st in tp.plan.pipeline.stages],
             "params": sorted(n for n, _ in tp.named_parameters()),
             "forward": _raised(lambda: tp(**_call(ids))),
@@ -101,10 +105,11 @@ CASES4 = {"llama_1f1b": ("llama", 4, "1f1b", (2, 2), ("pp", "tp"), False),
           "llama5_dp": ("llama", 5, "1f1b", (2, 2, 1), ("pp", "dp", "tp"), False)}
 
 
-def _four(rank: int, world: int) -> dict:
+def _four(rank: int, world: int, root: str) -> dict:
     out = {}
     for key, (name, layers, schedule, shape, dims, target) in CASES4.items():
-        out[key] = _train(init_device_mesh("cpu", shape, mesh_dim_names=dims), name, layers, schedule, target)
+        out[key] = _train(init_device_mesh("cpu", shape, mesh_dim_names=dims), name, layers, schedule, target,
+                          root if key == SAVED else None)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
     model = _model("llama", 4)
     ids = _batches()[0]
@@ -122,9 +127,17 @@ def _three(rank: int, world: int) -> dict:
     return _train(init_device_mesh("cpu", (3, 1), mesh_dim_names=("pp", "tp")), "llama", 5, "1f1b")
 
 
+SAVED = "gpt2_tied"  # written with save_pretrained after training
+
+
 @pytest.fixture(scope="module")
-def four():
-    return run_ranks(_four, 4)
+def saved_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pipelined"))
+
+
+@pytest.fixture(scope="module")
+def four(saved_root):
+    return run_ranks(_four, 4, saved_root)
 
 
 def _close(got: dict, want: dict) -> float:
@@ -156,6 +169,19 @@ def test_tied_embedding_is_held_by_first_and_last_stage(four) -> None:
     for res in four:
         got = res["gpt2_tied"]
         assert "transformer.wte.weight" in got["params"], got["stage"]
+
+
+def test_save_pretrained_from_stages_loads_in_transformers(four, saved_root) -> None:
+    """Every stage's layers in one file; the tied embedding once; transformers loads it
+    bit-exactly as the trained weights."""
+    import transformers
+    got = four[0][SAVED]
+    assert "lm_head.weight" not in got["saved"] and "transformer.wte.weight" in got["saved"]
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(f"{saved_root}/gpt2")
+    state = loaded.state_dict()
+    for k, v in got["state"].items():
+        assert torch.equal(state[k], v), k
+    assert "not supported yet" in got["dcp"] and "save_pretrained" in got["dcp"]
 
 
 def test_bad_pipeline_input_same_error_on_every_rank(four) -> None:
@@ -205,7 +231,7 @@ def test_impossible_cuts_say_why() -> None:
         autotp.plan(mlp, (torch.randn(4, 8),), world_size=1, pipeline_parallel=2, microbatches=2)
     with pytest.raises(AutoTPError, match="does not split into 3 equal microbatches"):
         autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=3)
-    with pytest.raises(PlanError, match=r"no cut of 4 layers into 2 stages fits .* largest stage needs"):
+    with pytest.raises(PlanError, match=r"no cut of 4 layers into 2 stages fits 0.01 MB .* the best cut needs [0-9.]+ MB on its largest stage"):
         autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=4, memory_budget=1e4)
     planned = plan_details(model, (), kw, world_size=1, device="h100")
     with pytest.raises(PlanError, match=r"no cut of 4 layers into 2 stages fits .* largest stage"):

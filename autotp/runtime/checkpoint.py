@@ -103,6 +103,8 @@ def save_pretrained(tp: ParallelModule, path: str | os.PathLike, *, config: Any 
     config) is saved beside it. Collective: call on every rank. Returns the keys written."""
     _check(tp)
     folder = Path(path)
+    if getattr(tp, "pp_group", None) is not None:
+        return _save_stages(tp, folder, config)
     # one writer: tensor-parallel rank 0 of the first data-parallel replica
     rank0 = tp.comm.rank == 0 and (tp.dp_group is None or dist.get_rank(tp.dp_group) == 0)
     if rank0:
@@ -138,6 +140,23 @@ def save_pretrained(tp: ParallelModule, path: str | os.PathLike, *, config: Any 
             config.save_pretrained(folder)
     _barrier(tp)
     return [e[0] for e in entries]
+
+
+def _save_stages(tp: Any, folder: Path, config: Any) -> list[str]:
+    """save_pretrained of a pipelined module: the whole state gathered on every rank
+    (``gather_state_dict``: each stage gathers its layers, then the stages exchange them), one
+    file written by global rank 0, a tied weight once under its first key."""
+    state = gather_state_dict(tp)
+    keys = [group[0] for group in tp.tied_keys]
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = [(k, *tp.state_meta[k]) for k in keys]
+        write_safetensors(folder / "model.safetensors", entries,
+                          (state[k].to(dtype) for k, _, dtype in entries))
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(folder)
+    dist.barrier()
+    return keys
 
 
 def _barrier(tp: ParallelModule) -> None:
@@ -214,6 +233,10 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     """Write this rank's shards of the model (and of ``optimizer``'s state) to the folder
     ``path`` with torch.distributed.checkpoint. Collective: call on every rank."""
     _check(tp)
+    if getattr(tp, "pp_group", None) is not None:
+        raise AutoTPError("sharded (DCP) checkpoints of a pipelined module are not supported yet: "
+                          "use autotp.save_pretrained(tp, path) (a full checkpoint, loadable with "
+                          "parallelize(..., weights=path) at any layout)")
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     state: dict[str, Any] = {}
@@ -259,6 +282,10 @@ def load_checkpoint(tp: ParallelModule, path: str | os.PathLike,
     """Load a ``save_checkpoint`` folder into ``tp`` (and ``optimizer``), whatever world size
     and plan wrote it. Collective: call on every rank."""
     _check(tp)
+    if getattr(tp, "pp_group", None) is not None:
+        raise AutoTPError("sharded (DCP) checkpoints of a pipelined module are not supported yet: "
+                          "use autotp.save_pretrained(tp, path) (a full checkpoint, loadable with "
+                          "parallelize(..., weights=path) at any layout)")
     folder = Path(path)
     if not (folder / LAYOUT).exists():
         raise AutoTPError(f"{folder} is not an autotp checkpoint (no {LAYOUT}); "

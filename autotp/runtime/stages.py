@@ -18,6 +18,10 @@ stage reads. ``PipelinedModule.step`` runs one training step's forward and backw
 - data-parallel replicas ("dp") average every gradient across the replicas, as DDP does;
 - the loss returned on every rank is the mean of the microbatches' losses (the last stage's,
   broadcast over the pipeline).
+
+``autotp.gather_state_dict`` and ``autotp.save_pretrained`` collect every stage's layers (each
+stage gathers its tensor-parallel pieces, then the stages exchange them); sharded DCP
+checkpoints of a pipelined module are not built yet.
 """
 from __future__ import annotations
 
@@ -87,6 +91,11 @@ class PipelinedModule(ParallelModule):
         super().__init__(sgm, plan, full.comm, {k: v for k, v in full.placements.items() if has_attr(sgm, k)},
                          _Cap(full), ())
         self.model_state_keys = full.state_keys
+        groups: dict[int, list[str]] = {}  # the model's keys by tensor: tied ones share a group
+        for k in full.state_keys:
+            if has_attr(gm, k):
+                groups.setdefault(id(fetch_attr(gm, k)), []).append(k)
+        self.tied_keys = tuple(tuple(g) for g in groups.values())
         self.state_keys = keys
         self.stage = stage
         self.stages = pipe.size
