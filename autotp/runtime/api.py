@@ -274,7 +274,12 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh, *,
         raise AutoTPError(f"the plan has {0 if pipe is None else pipe.size} pipeline stages and the "
                           f"mesh's 'pp' dim {pp}: plan with pipeline_parallel={pp}")
     source = open_weights(weights) if weights is not None else None
-    full = rank_module(planned, DistComm(tp_group), weights=source, here=here)
-    return PipelinedModule(full, stage=mesh.get_local_rank("pp"), pp_group=mesh.get_group("pp"),
+    stage = mesh.get_local_rank("pp")
+    others = [p for i, st in enumerate(pipe.stages) if i != stage for p in st.layers]
+
+    def elsewhere(names: list[str]) -> bool:  # every name in another stage's layer: not read
+        return all(any(n.startswith(p + ".") for p in others) for n in names)
+    full = rank_module(planned, DistComm(tp_group), weights=source, here=here, skip=elsewhere)
+    return PipelinedModule(full, stage=stage, pp_group=mesh.get_group("pp"),
                            dp_group=mesh.get_group("dp") if "dp" in names else None, here=here,
                            example=(mb_args, mb_kwargs))

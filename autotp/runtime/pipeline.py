@@ -34,7 +34,7 @@ from autotp.rewrite.collectives import Comm
 from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError
 from autotp.core.options import PlanOptions
-from autotp.core.placements import Placement, Replicate, parse, parse_out
+from autotp.core.placements import Placement, Replicate, parse, parse_out, shard_tensor
 from autotp.plans import Plan, make_plan, with_pipeline
 from autotp.rewrite.rewrite import rewrite
 from autotp.cost.evaluate import Choice, evaluate, time_lower_bound
@@ -753,11 +753,14 @@ class ModeFamily:
 
 
 def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = None,
-                here: torch.device = torch.device("cpu"), copy_graph: bool = False) -> ParallelModule:
+                here: torch.device = torch.device("cpu"), copy_graph: bool = False,
+                skip: Callable[[list[str]], bool] | None = None) -> ParallelModule:
     """``comm.rank``'s ParallelModule of ``planned``: its parameters sliced (read from
     ``weights`` when given; required for a model captured on meta), collectives inserted,
     factory ops and buffers of a meta capture moved to ``here``. ``copy_graph``: rewrite a
-    copy of the captured graph (several ranks of one process each rewrite their own)."""
+    copy of the captured graph (several ranks of one process each rewrite their own).
+    ``skip(names)``: parameters not read from ``weights`` but left on the meta device (another
+    pipeline stage's layers: this rank keeps only its own stage)."""
     c = planned.candidates
     if planned.on_meta and weights is None:
         raise missing_weights_error()
@@ -767,17 +770,20 @@ def rank_module(planned: Planned, comm: Comm, *, weights: WeightSource | None = 
             c = dataclasses.replace(c, captured=copy.deepcopy(c.captured))
     if planned.on_meta:
         retarget_device(c.captured.gm, torch.device("meta"), here)
-    load = None if weights is None else _loader(weights, comm.rank, comm.world_size, here)
+    load = None if weights is None else _loader(weights, comm.rank, comm.world_size, here, skip)
     gm, placements = rewrite(c, planned.choice, comm, load)
     if planned.on_meta:
         _fill_buffers(gm, planned.real_buffers, weights, here)
     return ParallelModule(gm, planned.plan, comm, placements, c.captured, c.layers)
 
 
-def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device):
+def _loader(source: WeightSource, rank: int, world_size: int, here: torch.device,
+            skip: Callable[[list[str]], bool] | None = None):
     keys = set(source.keys())
 
     def load(names: list[str], full: torch.Tensor, place: Placement) -> torch.Tensor:
+        if skip is not None and skip(names):
+            return shard_tensor(full.to("meta"), place, rank, world_size)
         key = next((k for k in names if k in keys), None)
         if key is None:
             near = difflib.get_close_matches(names[0], list(keys), n=3)

@@ -91,6 +91,8 @@ class PipelinedModule(ParallelModule):
         super().__init__(sgm, plan, full.comm, {k: v for k, v in full.placements.items() if has_attr(sgm, k)},
                          _Cap(full), ())
         self.model_state_keys = full.state_keys
+        # parameters of other stages this rank never read from the checkpoint (weights=...)
+        self.unloaded = sum(p.device.type == "meta" for p in gm.parameters())
         groups: dict[int, list[str]] = {}  # the model's keys by tensor: tied ones share a group
         for k in full.state_keys:
             if has_attr(gm, k):
