@@ -18,7 +18,7 @@ from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError, InfeasiblePlanError
 from autotp.candidates import Candidates, NodeKind
 from autotp.solve.runs import find_runs, solve_runs, solve_runs_mixed
-from autotp.cost.evaluate import Choice, Evaluation, _footprint, evaluate, held_bytes, memory_bytes
+from autotp.cost.evaluate import Choice, Evaluation, _footprint, _keepers, evaluate, held_bytes, memory_bytes
 from autotp.solve.program import SCALE_M, SCALE_MB, SCALE_T, Program, bytes_bound
 
 
@@ -90,6 +90,12 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
                 for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
     if floor > budget:
         raise _infeasible_error(p, floor, floor_only=True)
+    if mode == "training" and len(c.nodes) > WHOLE_GRAPH_NODES:
+        # a large graph: its exact least memory is a whole-graph solve (minutes at 405B); first
+        # the state and every activation the backward keeps, split as far as n ranks can
+        low = floor + sum(c.nodes[v].metas[i].nbytes for v, i in _keepers(c, mode)) / c.world_size
+        if low > budget:
+            raise _infeasible_error(p, low, floor_only=False, lower=True)
     if objective == "memory":
         choice = _best(p, "memory", None, budget)
         if choice is not None:
@@ -247,9 +253,11 @@ def _priced_bound(p: _Problem, bound: float, limit: float | None) -> Choice | No
     return min(fits, key=lambda f: f[0])[1]
 
 
-def _infeasible_error(p: _Problem, least: float, floor_only: bool) -> InfeasiblePlanError:
+def _infeasible_error(p: _Problem, least: float, floor_only: bool, lower: bool = False) -> InfeasiblePlanError:
     """``least``: the least memory any plan needs, or (``floor_only``) the parameters' state
-    split as far as it goes, a lower bound found before planning activations. Suggests only
+    split as far as it goes, a lower bound found before planning activations, or (``lower``)
+    that plus every activation the backward keeps split n ways, a lower bound found before
+    solving. Suggests only
     what could help: inference only to a training plan, a smaller batch only when activations
     were counted, less optimizer state only when the optimizer's state counts."""
     n, budget, training = p.c.world_size, p.budget, p.mode == "training"
@@ -257,6 +265,8 @@ def _infeasible_error(p: _Problem, least: float, floor_only: bool) -> Infeasible
     what = (f"more than {least / 1e9:.2f} GB per rank, what parameters"
             f"{', gradients and optimizer state' if training else ''} alone take when split as "
             f"far as they go, before activations" if floor_only else
+            f"more than {least / 1e9:.2f} GB per rank, the state and the activations kept for "
+            f"the backward split as far as they go" if lower else
             f"{least / 1e9:.2f} GB per rank (state and activations)")
     fixes = [f"a world size of at least {need_n}", "a device with more memory"]
     if floor_only and training:
