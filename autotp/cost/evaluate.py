@@ -90,7 +90,7 @@ def _param_mem(c: Candidates, name: str, s: int) -> float:
     return param_bytes(nc.metas[0].nbytes, nc.strategies[s].output, c.world_size, nc.metas[0].shape)
 
 
-def _keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
+def keepers(c: Candidates, mode: str) -> dict[Value, list[tuple[str, int]]]:
     """Training: per activation value, the (op, slot)s that keep it for the backward (found
     once per Candidates: ``memory_bytes`` runs for every plan evaluated)."""
     if mode != "training":
@@ -155,7 +155,7 @@ def memory_bytes(c: Candidates, choice: Choice, mode: str) -> tuple[float, float
     state = sum(_footprint(c, v, s, mode) for v, s in choice.items())
     if mode == "training":
         kept = {(value, c.nodes[n].strategies[choice[n]].inputs[slot])
-                for value, keep in _keepers(c, mode).items() for n, slot in keep}
+                for value, keep in keepers(c, mode).items() for n, slot in keep}
         act = sum(local_bytes(c.nodes[v[0]].metas[v[1]], q, c.world_size) for v, q in kept)
     else:
         act = max([0.0] + [_working(c, v, s) for v, s in choice.items()])
@@ -234,7 +234,7 @@ def breakdown(c: Candidates, choice: Choice, spec: DeviceSpec, mode: str = "trai
     act = defaultdict(float)
     if mode == "training":
         kept: dict[tuple, str] = {}
-        for value, keep in _keepers(c, mode).items():
+        for value, keep in keepers(c, mode).items():
             for n, slot in keep:
                 kept.setdefault((value, c.nodes[n].strategies[choice[n]].inputs[slot]), n)
         for (v, q), n in kept.items():

@@ -35,9 +35,10 @@ from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out, shard_tensor
+from autotp.cost.pipeline import in_flight
 from autotp.plans import Plan, make_plan, with_pipeline
 from autotp.rewrite.rewrite import rewrite
-from autotp.cost.evaluate import Choice, evaluate, time_lower_bound
+from autotp.cost.evaluate import Choice, evaluate, keepers, time_lower_bound
 from autotp.solve.solve import solve
 from autotp.candidates import Candidates, NodeKind, build
 from autotp.runtime.weights import WeightSource
@@ -215,20 +216,46 @@ def solve_dp(c: Candidates, options: PlanOptions, spec: DeviceSpec,
 
 def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple[Candidates, Plan, Choice]:
     """The plan of a program cut into ``options.pp_size`` pipeline stages: tensor parallelism
-    solved for the whole program at one microbatch with no memory bound (every layer alike, by
-    layers: fast), then the layers cut into stages balanced by time that each fit the per-rank
-    budget, the activations in flight included (plans.with_pipeline, cost/pipeline.py). When
-    no cut of the fastest plan fits, the plan of least parameter bytes (objective "memory") is
-    cut instead; when none of its cuts fits either, the InfeasiblePlanError with the least
-    largest stage of the two is raised."""
+    solved for the whole program at one microbatch (every layer alike), then the layers cut
+    into stages balanced by time that each fit the per-rank budget, the activations in flight
+    included (plans.with_pipeline, cost/pipeline.py). Tried in turn until a cut fits:
+
+    1. the fastest plan with no memory bound (by layers: fast);
+    2. the plan of least parameter bytes (objective "memory");
+    3. the fastest plan keeping fewer activations: under a whole-program budget ``X = S +
+       (pp * B - S) / f``, S the least plan's state, B the per-rank budget and f the
+       microbatches the first stage keeps in flight, so that S + f * A <= pp * B (the first
+       stage holds about 1/pp of the state and f/pp of one microbatch's activations A); the
+       solver then splits more (norm regions on the sequence dim) to keep fewer.
+
+    When none fits, the InfeasiblePlanError with the least largest stage is raised."""
     budget = options.memory_budget or spec.memory_bytes
+    pp = options.pp_size
     # replicas across stages are DDP's (runtime/stages.py): FSDP with stages is not run yet
     free = dataclasses.replace(options, memory_budget=math.inf, dp_mode="ddp")
     errors: list[InfeasiblePlanError] = []
-    for objective in dict.fromkeys((options.objective, "memory")):
-        cs, p, choice = solve_dp(c, dataclasses.replace(free, objective=objective), spec)
+    least_state = None
+    for objective in (*dict.fromkeys((options.objective, "memory")), "fewer activations"):
+        if objective == "fewer activations":
+            flight = in_flight(0, pp, options.microbatches, options.schedule)
+            if least_state is None or flight <= 1 or pp * budget <= least_state:
+                break
+            # activations kept for the backward split as far as they go: no plan keeps fewer
+            kept = sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, options.mode)) / c.world_size
+            if least_state + flight * kept > pp * budget:
+                break
+            bound = least_state + (pp * budget - least_state) / flight
+            try:
+                cs, p, choice = solve_dp(c, dataclasses.replace(free, memory_budget=bound, objective="time"), spec)
+            except InfeasiblePlanError as e:
+                errors.append(e)
+                break
+        else:
+            cs, p, choice = solve_dp(c, dataclasses.replace(free, objective=objective), spec)
+            if objective == "memory":
+                least_state = p.memory_bytes_per_rank - p.activation_bytes_per_rank
         try:
-            return cs, dataclasses.replace(with_pipeline(p, cs, choice, spec, options.pp_size, options.microbatches,
+            return cs, dataclasses.replace(with_pipeline(p, cs, choice, spec, pp, options.microbatches,
                                                          options.schedule, budget),
                                            objective=options.objective), choice
         except InfeasiblePlanError as e:

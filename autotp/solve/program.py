@@ -51,7 +51,7 @@ from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError
 from autotp.core.placements import Placement
 from autotp.candidates import Candidates, Value, NodeKind
-from autotp.cost.evaluate import Choice, _dp_time, _edge_mode, _footprint, _keepers, _node_time, _working, held_bytes
+from autotp.cost.evaluate import Choice, _dp_time, _edge_mode, _footprint, keepers, _node_time, _working, held_bytes
 log = logging.getLogger(__name__)
 
 
@@ -227,7 +227,7 @@ class Program:
         placement however many ops keep it."""
         c = self.c
         out: dict[int, float] = defaultdict(float)
-        for value, keep in _keepers(c, self.mode).items():
+        for value, keep in keepers(c, self.mode).items():
             keep = [(n, slot) for n, slot in keep if (n, 0) in self.index]
             meta = c.nodes[value[0]].metas[value[1]]
             size = {}
