@@ -75,22 +75,61 @@ def _bubble_rank(rank: int, world: int, iters: int) -> dict:
     return out
 
 
-def bubble(iters: int) -> None:
+def bubble(iters: int = 10) -> dict:
     from benchmarks.common import spawn_collect
-    res = spawn_collect(_bubble_rank, 2, iters)
-    print(f"{'micro':>5} {'predicted':>9} {'measured':>8} {'noise':>6} {'|diff|':>6} {'within':>6}"
-          f" {'step ms':>8} {'stage ms':>8}")
+    return spawn_collect(_bubble_rank, 2, iters)
+
+
+def report_bubble(res: dict) -> str:
+    lines = [f"{'micro':>5} {'predicted':>9} {'measured':>8} {'noise':>6} {'|diff|':>6} {'within':>6}"
+             f" {'step ms':>8} {'stage ms':>8}"]
     for m, r in res.items():
         diff = abs(r["predicted"] - r["measured"])
-        print(f"{m:>5} {r['predicted']:9.3f} {r['measured']:8.3f} {r['noise']:6.3f} {diff:6.3f} "
-              f"{'yes' if diff <= r['noise'] else 'no':>6} {r['step_s'] * 1e3:8.1f} {r['stage_s'] * 1e3:8.1f}")
+        lines.append(f"{m:>5} {r['predicted']:9.3f} {r['measured']:8.3f} {r['noise']:6.3f} {diff:6.3f} "
+                     f"{'yes' if diff <= r['noise'] else 'no':>6} {r['step_s'] * 1e3:8.1f} "
+                     f"{r['stage_s'] * 1e3:8.1f}")
+    return "\n".join(lines)
+
+
+def layout(nodes: int = 16, global_batch: int = 64) -> dict:
+    import autotp
+    from autotp.errors import InfeasiblePlanError
+    model, kw = llama405b()
+    t0 = time.perf_counter()
+    try:
+        lay = autotp.choose_layout(model, (), kw, nodes=nodes, gpus_per_node=8, device="h100",
+                                   global_batch=global_batch, pipeline=True,
+                                   progress=lambda s: print(f"  {time.perf_counter() - t0:6.1f} s  {s}", flush=True))
+    except InfeasiblePlanError as e:
+        return {"seconds": time.perf_counter() - t0, "error": str(e)}
+    took = time.perf_counter() - t0
+    rows = [{"label": x.label, "pp": x.pp, "microbatches": x.microbatches, "fits": x.fits,
+             "time_s": x.predicted_time_s if x.fits else None, "why": x.why,
+             "memory_gib": x.memory_bytes_per_rank / 2 ** 30 if x.memory_bytes_per_rank < float("inf") else None}
+            for x in lay.alternatives]
+    two = [r for r in rows if r["fits"] and r["pp"] == 1]
+    three = [r for r in rows if r["fits"] and r["pp"] > 1]
+    return {"seconds": took, "rows": rows, "best": rows[0]["label"],
+            "best_2d": two[0]["label"] if two else None, "best_3d": three[0]["label"] if three else None,
+            "nodes": nodes, "global_batch": global_batch}
+
+
+def report_layout(res: dict) -> str:
+    if "error" in res:
+        return f"model -> answer: {res['seconds']:.1f} s\nNO LAYOUT FITS: {res['error']}"
+    lines = [f"{'layout':34} {'micro':>5} {'fits':>4} {'step s':>8} {'GiB/dev':>8}  note"]
+    for r in res["rows"]:
+        lines.append(f"{r['label']:34} {r['microbatches']:>5} {'yes' if r['fits'] else 'no':>4} "
+                     f"{r['time_s'] if r['fits'] else float('nan'):8.3f} "
+                     f"{r['memory_gib'] if r['memory_gib'] is not None else float('nan'):8.1f}  {r['why'][:70]}")
+    lines.append(f"best: {res['best']}; best 2-D: {res['best_2d'] or 'none fits'}; "
+                 f"best 3-D: {res['best_3d'] or 'none fits'}")
+    lines.append(f"model -> choice: {res['seconds']:.1f} s (target <= 30 s)")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    import autotp
-    import torch
     import transformers
-    from autotp.errors import InfeasiblePlanError
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--global-batch", type=int, default=64)
@@ -99,30 +138,9 @@ def main() -> None:
     a = ap.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     if "bubble" in a.parts:
-        bubble(a.iters)
-    if "layout" not in a.parts:
-        return
-    model, kw = llama405b()
-    t0 = time.perf_counter()
-    try:
-        lay = autotp.choose_layout(model, (), kw, nodes=a.nodes, gpus_per_node=8, device="h100",
-                                   global_batch=a.global_batch, pipeline=True,
-                                   progress=lambda s: print(f"  {time.perf_counter() - t0:6.1f} s  {s}", flush=True))
-    except InfeasiblePlanError as e:
-        print(f"model -> answer: {time.perf_counter() - t0:.1f} s")
-        print(f"NO LAYOUT FITS: {e}")
-        return
-    took = time.perf_counter() - t0
-    print(f"{'layout':34} {'micro':>5} {'fits':>4} {'step s':>8} {'GiB/dev':>8}  note")
-    for x in lay.alternatives:
-        gib = x.memory_bytes_per_rank / 2 ** 30 if x.memory_bytes_per_rank < float("inf") else float("nan")
-        print(f"{x.label:34} {x.microbatches:>5} {'yes' if x.fits else 'no':>4} "
-              f"{x.predicted_time_s if x.fits else float('nan'):8.3f} {gib:8.1f}  {x.why[:70]}")
-    two = [x for x in lay.alternatives if x.fits and x.pp == 1]
-    three = [x for x in lay.alternatives if x.fits and x.pp > 1]
-    print(f"best: {lay.best.label}; best 2-D: {two[0].label if two else 'none fits'}; "
-          f"best 3-D: {three[0].label if three else 'none fits'}")
-    print(f"model -> choice: {took:.1f} s (target <= 30 s)")
+        print(report_bubble(bubble(a.iters)))
+    if "layout" in a.parts:
+        print(report_layout(layout(a.nodes, a.global_batch)))
 
 
 if __name__ == "__main__":

@@ -663,6 +663,16 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         md += ["## 10. torch.compile of the parallel module", ""] + _part_machine(p["compile"])
         text = compile_report(p["compile"]).splitlines()
         md += ["`benchmarks/compile.py`: " + text[0], ""] + [ln + ("" if ln.startswith("|") else "  ") for ln in text[1:]] + [""]
+    if "pipeline" in p:
+        from benchmarks import pipeline as pipeline_bench
+        pl = p["pipeline"]
+        md += ["## 11. Pipeline stages: the 3-D layout, and the bubble", ""] + _part_machine(pl)
+        md += ["`benchmarks/pipeline.py`. The bubble on gloo at pp 2 x tp 1 (measured 1 - M t / T, "
+               "t the slowest stage's microbatch timed alone, T the step), then `choose_layout(..., "
+               "pipeline=True)` for the Llama-3.1-405B shape on 16 x 8 h100, global batch 64 x 2048.", ""]
+        for key, fn in (("bubble", pipeline_bench.report_bubble), ("layout", pipeline_bench.report_layout)):
+            if pl.get(key):
+                md += ["```"] + fn(pl[key]).splitlines() + ["```", ""]
     md += ["## Reproduce", "",
            "```bash",
            "pip install -e '.[bench]'            # matplotlib, tensor_parallel",
@@ -672,6 +682,6 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
            "```", "",
            "Each part also runs alone and prints its tables: `benchmarks/runtime.py`, "
            "`plan_time.py`, `plan_quality.py`, `collectives.py`, `modes.py`, `decode.py`, `frontier.py`, "
-           "`scale_out.py`, `compile.py`; `gpu_check.py` is the check for a machine with a GPU.", ""]
+           "`scale_out.py`, `compile.py`, `pipeline.py`; `gpu_check.py` is the check for a machine with a GPU.", ""]
     with open(md_path, "w") as f:
         f.write("\n".join(md))

@@ -5,7 +5,7 @@ cost of dropout that draws like one device. Prints each part's table, stores eve
 benchmarks/results.json and writes docs/benchmarks.md with plots in docs/benchmarks/.
 
     python benchmarks/run.py [--quick] [--parts runtime plan_time plan_quality cost_model modes decode frontier
-                              scale_out compile]
+                              scale_out compile pipeline]
     python benchmarks/run.py --from-json      # redraw the report from benchmarks/results.json
 
 The full run takes about 20 minutes on a 2-core machine; --quick about 5."""
@@ -25,7 +25,7 @@ from benchmarks import (collectives, decode, frontier, modes, peer_hf_tp, plan_q
 from benchmarks.common import ROOT, describe, load_average, machine  # noqa: E402
 
 PARTS = ("runtime", "plan_time", "plan_quality", "cost_model", "modes", "decode", "frontier", "scale_out",
-         "compile")
+         "compile", "pipeline")
 
 
 def run_part(name: str, quick: bool, peer: bool) -> dict:
@@ -69,6 +69,11 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
         from benchmarks import compile as compile_bench
         res = compile_bench.run(iters=4 if quick else 10)
         print(compile_bench.report(res))
+    elif name == "pipeline":  # issue 18: 3-D layout of the 405B shape, bubble on gloo pp 2
+        from benchmarks import pipeline as pipeline_bench
+        res = {"bubble": pipeline_bench.bubble(iters=6 if quick else 10), "layout": pipeline_bench.layout()}
+        print(pipeline_bench.report_bubble(res["bubble"]))
+        print(pipeline_bench.report_layout(res["layout"]))
     else:
         res = collectives.run(repeats=9 if quick else 15, iters=5 if quick else 10,
                               step_configs=collectives.STEP_CONFIGS[:2] if quick else collectives.STEP_CONFIGS)
