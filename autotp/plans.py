@@ -186,6 +186,22 @@ def make_plan(c: Candidates, choice: Choice, ev: Evaluation, device: str, object
                 c.dp_size, c.dp_mode if c.dp_size > 1 else "none", ev.dp_s)
 
 
+def _cut_hint(gm) -> str:
+    """Where a model without a stack could be cut: its biggest containers' children, by size."""
+    best = None
+    for path, mod in gm.named_modules():
+        kids = [(n, sum(p.numel() for p in k.parameters())) for n, k in mod.named_children()]
+        kids = [(n, k) for n, k in kids if k]
+        if len(kids) >= 2 and (best is None or len(kids) > len(best[1])):
+            best = (path, kids)
+    if best is None:
+        return "The model has no module with two or more parameter-holding children to cut between"
+    path, kids = best
+    where = ", ".join(f"{(path + '.' if path else '') + n} ({k:,} parameters)" for n, k in kids[:8])
+    return (f"It could be cut between the children of {path or 'the model'}: {where}; put "
+            "repeated blocks of equal structure in an nn.ModuleList to cut there")
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -200,8 +216,8 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
         raise PlanError(
             f"{pp} pipeline stages need layers to cut at, and the model has no stack of identical "
             "layers (an nn.ModuleList or nn.Sequential of structurally equal blocks, children "
-            "named 0, 1, ...): autotp cuts stages only between such layers; use tensor and data "
-            "parallelism without a 'pp' dim")
+            "named 0, 1, ...): autotp cuts stages only between such layers. "
+            + _cut_hint(c.captured.gm) + "; or use tensor and data parallelism without a 'pp' dim")
     if len(paths) < pp:
         raise PlanError(f"{pp} pipeline stages need at least {pp} layers to cut at, and the model "
                         f"has {len(paths)} ({paths[0]} .. {paths[-1]}): use at most {len(paths)} stages")

@@ -239,7 +239,8 @@ def test_impossible_cuts_say_why() -> None:
     with pytest.raises(PlanError, match="at most 4 stages"):
         autotp.plan(model, (), kw, world_size=1, pipeline_parallel=5, microbatches=4)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    with pytest.raises(PlanError, match="no stack of identical layers"):
+    with pytest.raises(PlanError, match=r"no stack of identical layers.*could be cut between the children "
+                                        r"of the model: 0 \(144 parameters\), 2 \(136 parameters\)"):
         autotp.plan(mlp, (torch.randn(4, 8),), world_size=1, pipeline_parallel=2, microbatches=2)
     with pytest.raises(AutoTPError, match="does not split into 3 equal microbatches"):
         autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=3)
@@ -248,3 +249,26 @@ def test_impossible_cuts_say_why() -> None:
     planned = plan_details(model, (), kw, world_size=1, device="h100")
     with pytest.raises(PlanError, match=r"no cut of 4 layers into 2 stages fits .* largest stage"):
         with_pipeline(planned.plan, planned.candidates, planned.choice, planned.spec, 2, 4, "gpipe", 1e4)
+
+
+def test_layout_with_pipeline_stages() -> None:
+    """choose_layout(pipeline=True) on 2 nodes x 2: 2 stages beside the 2-D layouts,
+    each pipelined layout's plan cut into its stages over one row per microbatch; under a budget
+    that only the leanest layouts fit, a pipelined one among them, the fastest that fits is chosen."""
+    model, _, kw = hf_models.llama(n_layer=4, hidden=64, heads=4, kv_heads=2, batch=8, seq=16)
+    lay = autotp.choose_layout(model, (), kw, nodes=2, gpus_per_node=2, device="h100", global_batch=8,
+                               pipeline=True)
+    piped = [x for x in lay.alternatives if x.pp > 1]
+    assert {(x.pp, x.tp) for x in piped} == {(2, 1), (2, 2)}
+    for x in piped:
+        assert x.fits and x.plan.pipeline.size == x.pp and x.dp == 4 // (x.pp * x.tp)
+        assert x.microbatches == x.batch_per_replica == 8 // x.dp  # one row each
+        assert x.predicted_time_s == x.plan.pipeline.step_time_s
+    staged = min(x.memory_bytes_per_rank for x in piped)
+    budget = staged * 1.001  # the least a pipelined layout holds: the faster ones no longer fit
+    tight = autotp.choose_layout(model, (), kw, nodes=2, gpus_per_node=2, device="h100", global_batch=8,
+                                 pipeline=True, memory_budget=budget)
+    fitting = [x for x in tight.alternatives if x.fits]
+    assert tight.best.fits and all(x.memory_bytes_per_rank <= budget for x in fitting)
+    assert tight.best.predicted_time_s == min(x.predicted_time_s for x in fitting)
+    assert any(x.pp > 1 for x in fitting) and len(fitting) < len([x for x in lay.alternatives if x.fits])
