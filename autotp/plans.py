@@ -202,7 +202,7 @@ def _cut_hint(gm) -> str:
             "repeated blocks of equal structure in an nn.ModuleList to cut there")
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
@@ -225,9 +225,9 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
     if found is None:
         least = least_memory(segs, pp, microbatches, schedule, p.mode, spec)
         raise InfeasiblePlanError(
-            f"no cut of {len(paths)} layers into {pp} stages fits {_size(budget)} per rank "
+            f"no cut of {len(paths)} layers into {pp} stages fits {size_text(budget)} per rank "
             f"under {schedule} with {microbatches} microbatches: the best cut needs "
-            f"{_size(least)} on its largest stage; use more stages or tensor-parallel ranks, "
+            f"{size_text(least)} on its largest stage; use more stages or tensor-parallel ranks, "
             "a smaller microbatch" + (" or schedule='1f1b' (fewer microbatches in flight)"
                                       if schedule == "gpipe" else ""), least)
     ends = found.bounds[1:] + (len(paths),)

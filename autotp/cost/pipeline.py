@@ -150,12 +150,13 @@ class _Sums:
 
 
 def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
-            spec: DeviceSpec, budget: float) -> Stages | None:
+            spec: DeviceSpec, budget: float, by: str = "time") -> Stages | None:
     """The cut of ``segs`` (pre, L layers, post) into ``pp`` stages of at least one layer
     each minimizing the slowest stage's time per microbatch, every stage within ``budget``
-    bytes (among cuts as fast, it prefers the less largest memory); None when no cut fits."""
+    bytes (among cuts as fast, it prefers the less largest memory); None when no cut fits.
+    ``by="memory"``: the least largest stage memory instead (then the least time)."""
+    first = 0 if by == "time" else 1
     layers = len(segs) - 2
-    inf = float("inf")
     sums = _Sums(segs)
     # best[s][i]: (slowest time, largest memory, bounds) of stages 0..s-1 covering layers 0..i-1
     best: list[dict[int, tuple[float, float, tuple[int, ...]]]] = [{0: (0.0, 0.0, ())}]
@@ -170,7 +171,8 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
                 if m > budget:
                     continue
                 cand = (max(t0, t), max(m0, m), bounds + (lo,))
-                if cand[:2] < row.get(hi, (inf, inf, ()))[:2]:
+                have = row.get(hi)
+                if have is None or (cand[first], cand[1 - first]) < (have[first], have[1 - first]):
                     row[hi] = cand
         best.append(row)
     if layers not in best[pp]:
@@ -188,19 +190,8 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
 def least_memory(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
                  spec: DeviceSpec) -> float:
     """The least largest stage memory of any cut (for the error when none fits)."""
-    found = balance(segs, pp, microbatches, schedule, mode, spec, float("inf"))
-    if found is None:
-        return float("inf")
-    best = max(found.memory_bytes)
-    # the time-optimal cut need not be the memory-optimal one: bisect on the budget
-    lo, hi = 0.0, best
-    for _ in range(16):  # to 1/65536 of the time-optimal cut's memory
-        mid = (lo + hi) / 2
-        if balance(segs, pp, microbatches, schedule, mode, spec, mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    found = balance(segs, pp, microbatches, schedule, mode, spec, float("inf"), by="memory")
+    return float("inf") if found is None else max(found.memory_bytes)
 
 
 def program_segments(c: Candidates) -> tuple[list[str], dict[str, int]]:

@@ -36,9 +36,9 @@ from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, Infeas
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out, shard_tensor
 from autotp.cost.pipeline import in_flight
-from autotp.plans import Plan, make_plan, with_pipeline
+from autotp.plans import Plan, make_plan, size_text, with_pipeline
 from autotp.rewrite.rewrite import rewrite
-from autotp.cost.evaluate import Choice, evaluate, keepers, time_lower_bound
+from autotp.cost.evaluate import Choice, _footprint as footprint, evaluate, keepers, time_lower_bound
 from autotp.solve.solve import solve
 from autotp.candidates import Candidates, NodeKind, build
 from autotp.runtime.weights import WeightSource
@@ -231,6 +231,18 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     When none fits, the InfeasiblePlanError with the least largest stage is raised."""
     budget = options.memory_budget or spec.memory_bytes
     pp = options.pp_size
+    # no plan and no cut beats this: the state split as far as it goes and every activation the
+    # backward keeps split n ways, spread evenly over the stages, one microbatch in flight each
+    floor = (sum(min(footprint(c, v, s, options.mode) for s in range(len(nc.strategies)))
+                 for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
+             + (sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, options.mode)) / c.world_size
+                if options.mode == "training" else 0.0)) / pp
+    if floor > budget:
+        raise InfeasiblePlanError(
+            f"no plan cut into {pp} stages fits {size_text(budget)} per rank at world size "
+            f"{c.world_size}: a stage holds more than {size_text(floor)} (the state and the kept "
+            "activations split as far as they go, over the stages); use more stages or "
+            "tensor-parallel ranks", floor)
     # replicas across stages are DDP's (runtime/stages.py): FSDP with stages is not run yet
     free = dataclasses.replace(options, memory_budget=math.inf, dp_mode="ddp")
     errors: list[InfeasiblePlanError] = []
