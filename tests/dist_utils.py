@@ -59,3 +59,14 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 600) -> lis
             # cores at world 3): not a correctness failure, but say so
             warnings.warn(f"a rank process crashed after finishing its work: {crashed}")
         return results
+
+
+def raised(call) -> str:
+    """The AutoTPError message ``call()`` raises ("<no error>" when it raises none): checks
+    run on ranks return it, so the test can compare every rank's error."""
+    from autotp.errors import AutoTPError
+    try:
+        call()
+    except AutoTPError as e:
+        return str(e)
+    return "<no error>"

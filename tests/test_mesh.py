@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 import autotp
 from autotp.errors import AutoTPError
-from dist_utils import run_ranks
+from dist_utils import raised, run_ranks
 from models import build, first_tensor
 
 STEPS = 3
@@ -77,17 +77,9 @@ def _train(mesh, name: str, dp_mode: str, root: str | None = None) -> dict:
     # a call needing a new program (here: one more keyword) is refused on a mesh module,
     # before FSDP gathers anything: the parameters stay sharded
     mask = torch.ones(k["input_ids"].shape, dtype=torch.long)
-    out["new_call"] = _raised(lambda: tp(*a, **k, attention_mask=mask))
+    out["new_call"] = raised(lambda: tp(*a, **k, attention_mask=mask))
     out["dtensor_after_refusal"] = all(isinstance(p, DTensor) for p in tp.parameters())
     return out
-
-
-def _raised(call) -> str:
-    try:
-        call()
-    except AutoTPError as e:
-        return str(e)
-    return "<no error>"
 
 
 def _bad_inputs(mesh) -> dict[str, str]:
@@ -95,8 +87,8 @@ def _bad_inputs(mesh) -> dict[str, str]:
     collective, so none waits on a peer that gave up."""
     model, args, kwargs, _ = build("llama")
     no_tp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "x"))
-    return {"zero3": _raised(lambda: autotp.parallelize(model, args, kwargs, mesh=mesh, dp_mode="zero3")),
-            "no_tp": _raised(lambda: autotp.parallelize(model, args, kwargs, mesh=no_tp))}
+    return {"zero3": raised(lambda: autotp.parallelize(model, args, kwargs, mesh=mesh, dp_mode="zero3")),
+            "no_tp": raised(lambda: autotp.parallelize(model, args, kwargs, mesh=no_tp))}
 
 
 def _from_layout_and_weights(mesh, root: str) -> dict:

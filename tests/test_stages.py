@@ -22,7 +22,7 @@ from autotp.cost.pipeline import bubble_fraction, in_flight
 from autotp.errors import AutoTPError, PlanError
 from autotp.plans import with_pipeline
 from autotp.runtime.api import plan_details
-from dist_utils import run_ranks
+from dist_utils import raised, run_ranks
 from examples import hf_models
 
 STEPS, BATCH, SEQ, MICRO = 3, 8, 12, 4
@@ -84,19 +84,11 @@ def _train(mesh, name: str, layers: int, schedule: str, target: bool = False, ro
     if root is not None:  # collective: every rank gathers, global rank 0 writes
         saved = autotp.save_pretrained(tp, f"{root}/{name}", config=model.config)
     return {"state": autotp.gather_state_dict(tp), "losses": losses, "stage": tp.stage, "saved": saved,
-            "dcp": _raised(lambda: autotp.save_checkpoint(tp, f"{root}/dcp")) if root else None,
+            "dcp": raised(lambda: autotp.save_checkpoint(tp, f"{root}/dcp")) if root else None,
             "layers": [st.layers for st in tp.plan.pipeline.stages],
             "params": sorted(n for n, _ in tp.named_parameters()),
-            "forward": _raised(lambda: tp(**_call(ids))),
-            "other_call": _raised(lambda: tp.step((), _call(ids, target), loss_fn=lambda out: out.loss))}
-
-
-def _raised(call) -> str:
-    try:
-        call()
-    except AutoTPError as e:
-        return str(e)
-    return "<no error>"
+            "forward": raised(lambda: tp(**_call(ids))),
+            "other_call": raised(lambda: tp.step((), _call(ids, target), loss_fn=lambda out: out.loss))}
 
 
 CASES4 = {"llama_1f1b": ("llama", 4, "1f1b", (2, 2), ("pp", "tp"), False),
@@ -121,10 +113,10 @@ def _four(rank: int, world: int, root: str) -> dict:
     model = _model("llama", 4)
     ids = _batches()[0]
     out["errors"] = {
-        "microbatches": _raised(lambda: autotp.parallelize(model, (), _call(ids[:6]), mesh=mesh, microbatches=4)),
-        "schedule": _raised(lambda: autotp.parallelize(model, (), _call(ids), mesh=mesh, microbatches=4,
+        "microbatches": raised(lambda: autotp.parallelize(model, (), _call(ids[:6]), mesh=mesh, microbatches=4)),
+        "schedule": raised(lambda: autotp.parallelize(model, (), _call(ids), mesh=mesh, microbatches=4,
                                                        schedule="zigzag")),
-        "dims": _raised(lambda: autotp.parallelize(model, (), _call(ids), microbatches=4, mesh=init_device_mesh(
+        "dims": raised(lambda: autotp.parallelize(model, (), _call(ids), microbatches=4, mesh=init_device_mesh(
             "cpu", (2, 2), mesh_dim_names=("pp", "x")))),
     }
     return out

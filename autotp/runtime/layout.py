@@ -139,8 +139,7 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
         for tp in tp_degrees(gpus_per_node):
             dp = total // tp
             if batch % dp:
-                found.append(Layout(tp, dp, "none" if dp == 1 else "ddp", math.inf, math.inf, False,
-                                    why=f"the global batch {batch} does not divide into {dp} replicas"))
+                found.append(_undivided(tp, dp, batch))
                 continue
             rows = batch // dp
             if rows not in captured_at:
@@ -191,6 +190,12 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
     return Layouts(fits[0], tuple(found), nodes, gpus_per_node, spec.name, batch)
 
 
+def _undivided(tp: int, dp: int, batch: int, pp: int = 1) -> Layout:
+    """A layout not planned: its replica count does not divide the global batch."""
+    return Layout(tp, dp, "none" if dp == 1 else "ddp", math.inf, math.inf, False, pp=pp,
+                  why=f"the global batch {batch} does not divide into {dp} replicas")
+
+
 def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, nodes: int,
                gpus_per_node: int, spec: DeviceSpec, optimizer_bytes: float,
                memory_budget: float | None, microbatches: int | None, note: Callable[[str], Any]
@@ -205,8 +210,7 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, 
         for pp in [p for p in range(2, nodes + 1) if nodes % p == 0]:
             dp = nodes * gpus_per_node // (tp * pp)
             if batch % dp:
-                out.append(Layout(tp, dp, "ddp" if dp > 1 else "none", math.inf, math.inf, False, pp=pp,
-                                  why=f"the global batch {batch} does not divide into {dp} replicas"))
+                out.append(_undivided(tp, dp, batch, pp))
                 continue
             rows = batch // dp
             m = microbatches or rows
