@@ -8,6 +8,10 @@ across nodes, launched by torchrun. One process per GPU (or per CPU rank with gl
     # FSDP across the two
     torchrun --standalone --nproc-per-node 4 examples/train_torchrun.py --nodes 2 --dp-mode fsdp --check
 
+    # pipeline stages: the layers cut into 2 stages (each a TP group of the rest), 2 microbatches
+    # per step under 1F1B, from a checkpoint (tested too, on 2 CPU ranks)
+    torchrun --standalone --nproc-per-node 2 examples/train_torchrun.py --pp 2 --microbatches 2 --weights ckpt
+
     # 2 machines x 8 GPUs: TP over the 8 GPUs of a node, DP across the nodes
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint node0.example:29500 --rdzv-id gpt-tp \\
@@ -38,9 +42,13 @@ def batches(steps: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
 
 
-def loss_fn(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=False).logits
+def shifted_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, the mean over every predicted token."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def loss_fn(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return shifted_ce(model(input_ids=ids, use_cache=False).logits, ids)
 
 
 def main() -> int:
@@ -50,6 +58,9 @@ def main() -> int:
                          "world size / nodes ranks of each")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per replica "
                     "(instead of --nodes; default: world size / nodes)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (the mesh's 'pp' dim): the "
+                    "layers cut into that many stages, each a ('dp', 'tp') group of the rest")
+    ap.add_argument("--microbatches", type=int, default=1, help="--pp: microbatches per step (1F1B)")
     ap.add_argument("--dp-mode", choices=["auto", "ddp", "fsdp"], default="auto",
                     help="how the replicas hold the shards: DDP copies, FSDP divides them")
     ap.add_argument("--steps", type=int, default=3)
@@ -68,12 +79,15 @@ def main() -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    tp = a.tp or world // a.nodes
-    if tp < 1 or world % tp or a.batch % (world // tp):
-        raise SystemExit(f"world size {world} must be a multiple of --tp {tp}, and --batch "
-                         f"{a.batch} of the {world // tp} data-parallel replicas")
-    mesh = init_device_mesh("cuda" if cuda else "cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    dp_rank, dp = mesh.get_local_rank("dp"), world // tp
+    tp = a.tp or world // (a.nodes * a.pp)
+    dp = world // (tp * a.pp) if tp >= 1 else 0
+    if tp < 1 or dp < 1 or world != a.pp * dp * tp or a.batch % dp:
+        raise SystemExit(f"world size {world} must be --pp {a.pp} x replicas x --tp {tp}, and --batch "
+                         f"{a.batch} a multiple of the replicas")
+    device = "cuda" if cuda else "cpu"
+    mesh = (init_device_mesh(device, (a.pp, dp, tp), mesh_dim_names=("pp", "dp", "tp")) if a.pp > 1 else
+            init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp")))
+    dp_rank = mesh.get_local_rank("dp")
     here = torch.device("cuda") if cuda else torch.device("cpu")
 
     model, _, kwargs = hf_models.gpt2(seed=0)  # same init on every rank (seeded)
@@ -86,18 +100,26 @@ def main() -> int:
     if a.check and not a.weights:
         import copy
         reference = copy.deepcopy(model)
+    pipelined = {"microbatches": a.microbatches} if a.pp > 1 else {}
     tpm = autotp.parallelize(model, (), {"input_ids": local(data[0]), "use_cache": False},
-                             mesh=mesh, weights=a.weights, objective=a.objective, dp_mode=a.dp_mode)
+                             mesh=mesh, weights=a.weights, objective=a.objective,
+                             dp_mode="ddp" if a.pp > 1 and a.dp_mode == "auto" else a.dp_mode, **pipelined)
     if rank == 0:
         p = tpm.plan
-        print(f"plan: tp {tp} x dp {dp} ({p.dp_mode}), {p.param_bytes_per_rank / 2**20:.1f} MiB of "
+        stages = (f"pp {a.pp} ({', '.join(str(len(st.layers)) for st in p.pipeline.stages)} layers) x "
+                  if p.pipeline else "")
+        print(f"plan: {stages}tp {tp} x dp {dp} ({p.dp_mode}), {p.param_bytes_per_rank / 2**20:.1f} MiB of "
               f"{p.param_bytes_total / 2**20:.1f} MiB parameters per tensor-parallel rank, "
               f"{len(p.collectives)} collectives per step", flush=True)
     opt = torch.optim.AdamW(tpm.parameters(), lr=1e-3)
     for step, ids in enumerate(data):
         opt.zero_grad()
-        loss = loss_fn(tpm, local(ids))
-        loss.backward()
+        if a.pp > 1:  # every stage gets the batch; the last computes the loss per microbatch
+            loss = tpm.step((), {"input_ids": local(ids), "use_cache": False}, target=local(ids),
+                            loss_fn=lambda out, t: shifted_ce(out.logits, t))
+        else:
+            loss = loss_fn(tpm, local(ids))
+            loss.backward()
         opt.step()
         if rank == 0:
             print(f"step {step}: loss {loss.item():.4f}", flush=True)
