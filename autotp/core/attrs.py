@@ -28,3 +28,19 @@ def has_attr(gm: torch.nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def attach(root: torch.nn.Module, target: str, value: Any) -> None:
+    """Set ``value`` at the dotted path ``target`` under ``root``, creating empty modules for
+    missing parents; a tensor that is not a Parameter becomes a buffer (``set_attr`` needs the
+    parents to exist and registers nothing)."""
+    *path, name = target.split(".")
+    obj: Any = root
+    for p in path:
+        if not hasattr(obj, p):
+            obj.add_module(p, torch.nn.Module())
+        obj = getattr(obj, p)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        obj.register_buffer(name, value)
+    else:
+        setattr(obj, name, value)

@@ -150,6 +150,16 @@ def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
                        name in c.needs_grad, c.optimizer_bytes)
 
 
+def memory_floor(c: Candidates, mode: str) -> tuple[float, float]:
+    """Bytes per rank no plan of ``c`` goes below: (every parameter's state split as far as it
+    goes, every activation the backward keeps split ``world_size`` ways; 0 in inference)."""
+    state = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
+                for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
+    kept = (sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, mode)) / c.world_size
+            if mode == "training" else 0.0)
+    return state, kept
+
+
 def memory_bytes(c: Candidates, choice: Choice, mode: str) -> tuple[float, float]:
     """(activation bytes, total memory bytes) per rank of a full assignment."""
     state = sum(_footprint(c, v, s, mode) for v, s in choice.items())

@@ -37,6 +37,7 @@ from autotp.cost.devices import DeviceSpec
 from autotp.cost.evaluate import breakdown
 from autotp.cost.model import _inter_link, local_bytes
 
+
 def bubble_fraction(pp: int, microbatches: int) -> float:
     """The idle fraction of a GPipe or 1F1B step: ``(pp - 1) / (M + pp - 1)``."""
     return (pp - 1) / (microbatches + pp - 1)
@@ -61,26 +62,22 @@ def segment_of(order: Sequence[str], layers: Sequence[set[str]], users: Callable
                is_attr: Callable[[str], bool]) -> dict[str, int]:
     """Each node's segment (module docstring): -1 pre, 0..L-1 a layer, L post. ``order``: the
     node names in graph order; ``layers``: each layer's own node names (its ops and its
-    parameters); ``users``: a node's users; ``is_attr``: whether a node is a parameter, buffer
-    or input (placed by its first user, not by its position)."""
+    parameters); ``users``: a node's users; ``is_attr``: whether a node is a parameter or
+    buffer (placed by its first user, not by its position; inputs come first: pre)."""
     where = {n: i for i, names in enumerate(layers) for n in names}
-    starts = {}
-    for i, names in enumerate(layers):
-        first = next((n for n in order if n in names and not is_attr(n)), None)
-        if first is not None:
-            starts[first] = i
-    last_of_last = next((n for n in reversed(order) if n in layers[-1] and not is_attr(n)), None) if layers else None
+    last = next((n for n in reversed(order) if n in layers[-1] and not is_attr(n)), None) if layers else None
     seg: dict[str, int] = {}
     cur, done = -1, False
     for n in order:
-        if n in starts:
-            cur = starts[n]
-        if is_attr(n) and n not in where:
+        if is_attr(n):
+            if n in where:
+                seg[n] = where[n]
             continue
+        if where.get(n, -1) > cur:  # the first node of a later layer: that layer starts
+            cur = where[n]
         seg[n] = where.get(n, len(layers) if done else cur)
-        if n == last_of_last:
-            done = True
-    for n in order:  # parameters, buffers and inputs: with their first user
+        done = done or n == last
+    for n in order:  # parameters and buffers: with their first user
         if n not in seg:
             firsts = [seg[u] for u in users(n) if u in seg]
             seg[n] = min(firsts) if firsts else -1
@@ -202,7 +199,9 @@ def program_segments(c: Candidates) -> tuple[list[str], dict[str, int]]:
     users: dict[str, list[str]] = {}
     for (v, _), cons in c.consumers.items():
         users.setdefault(v, []).extend(n for n, _ in cons)
-    attr = {n for n, nc in c.nodes.items() if nc.kind is not NodeKind.OP}
+    # what the rewritten graph reads with get_attr: inputs and outputs are placed by position,
+    # as rewrite/stages.py places placeholders and the output
+    attr = {n for n, nc in c.nodes.items() if nc.kind in (NodeKind.PARAM, NodeKind.BUFFER, NodeKind.STATE)}
     return paths, segment_of(list(c.nodes), sets, lambda n: users.get(n, ()), attr.__contains__)
 
 

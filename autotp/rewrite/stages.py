@@ -93,8 +93,7 @@ def cut(gm: fx.GraphModule, layers: list[tuple[str, frozenset[str] | set[str]]],
         into.append(tuple(crossing))
     for n in nodes:  # the cut follows graph order: no value flows to an earlier stage
         for u in n.users:
-            if n.op != "get_attr" and u.op != "output" and stage[u.name] < stage[n.name] \
-                    and u.name not in copies[stage[n.name]]:
+            if n.op != "get_attr" and u.op != "output" and stage[u.name] < stage[n.name]:
                 raise AutoTPInternalError(f"pipeline cut: {n.format_node()} (stage {stage[n.name]}) "
                                           f"feeds {u.format_node()} (stage {stage[u.name]})")
     bad = [v for s in range(1, pp) for v in into[s] if _is_scalar(by_name[v])]
@@ -110,10 +109,10 @@ def stage_module(gm: fx.GraphModule, sc: StageCut, s: int) -> fx.GraphModule:
     pp = len(sc.into)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
     if s == 0:
         call_codegen(g, gm.graph)  # the model's call, flattened as the original program does
     else:
-        by_name = {n.name: n for n in gm.graph.nodes}
         for v in sc.into[s]:
             env[by_name[v]] = g.placeholder(v)
             env[by_name[v]].meta = dict(by_name[v].meta)
@@ -133,7 +132,6 @@ def stage_module(gm: fx.GraphModule, sc: StageCut, s: int) -> fx.GraphModule:
     if s == pp - 1:
         g.output(torch.fx.node.map_arg(out.args[0], lambda x: env[x]))
     else:
-        by_name = {n.name: n for n in gm.graph.nodes}
         g.output(tuple(env[by_name[v]] for v in sc.into[s + 1]))
     g.lint()
     return fx.GraphModule(gm, g)

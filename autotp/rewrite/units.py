@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
+from autotp.core.attrs import attach
 from autotp.errors import AutoTPInternalError
 
 METHOD = "autotp_forward"
@@ -103,13 +104,7 @@ def _outline(gm: fx.GraphModule, layer: nn.Module, path: str, region: list[fx.No
     unit = fx.GraphModule(nn.Module(), fx.Graph())
     unit.add_module("layer", layer)
     for target, mod in modules.items():  # collectives and random draws: the program's own
-        parent = unit
-        *prefix, last = target.split(".")
-        for item in prefix:
-            if not hasattr(parent, item):
-                parent.add_module(item, nn.Module())
-            parent = getattr(parent, item)
-        parent.add_module(last, mod)
+        attach(unit, target, mod)
     unit.graph = g  # recompiles
     # the unit is held by a closure, outside every module tree: the layer stays the one owner
     # of its parameters (FSDP and the model's state_dict see them there only)

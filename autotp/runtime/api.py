@@ -206,24 +206,29 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     return pm
 
 
+def _check_mesh(mesh: DeviceMesh, group: dist.ProcessGroup | None) -> None:
+    """What every mesh must be, read from the mesh alone (every rank raises alike)."""
+    if group is not None:
+        raise AutoTPError("pass either group= or mesh=, not both")
+    if mesh.size() != dist.get_world_size():
+        raise AutoTPError(
+            f"the mesh holds {mesh.size()} ranks (shape {tuple(mesh.shape)}) but the process "
+            f"group has {dist.get_world_size()}: give init_device_mesh a shape whose product is "
+            "the world size")
+
+
 def _mesh_groups(mesh: DeviceMesh, group: dist.ProcessGroup | None
                  ) -> tuple[dist.ProcessGroup, DeviceMesh | None]:
     """The tensor-parallel group and the data-parallel 1-D mesh (None without a second dim).
     Every check here reads only the mesh, which every rank holds alike, so every rank raises
     the same error before any collective."""
     names = mesh.mesh_dim_names or ()
-    if group is not None:
-        raise AutoTPError("pass either group= or mesh=, not both")
+    _check_mesh(mesh, group)
     if "tp" not in names or mesh.ndim > 2:
         raise AutoTPError(
             f"mesh must have 1 or 2 named dims, one of them 'tp' (got {mesh.ndim} dims named "
             f"{names}): e.g. init_device_mesh('cuda', (nodes, gpus_per_node), "
             f"mesh_dim_names=('dp', 'tp'))")
-    if mesh.size() != dist.get_world_size():
-        raise AutoTPError(
-            f"the mesh holds {mesh.size()} ranks (shape {tuple(mesh.shape)}) but the process "
-            f"group has {dist.get_world_size()}: give init_device_mesh a shape whose product is "
-            "the world size")
     dp = [n for n in names if n != "tp"]
     return mesh.get_group("tp"), (mesh[dp[0]] if dp else None)
 
@@ -235,15 +240,11 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh, *,
     """``parallelize`` on a mesh with a "pp" dim (runtime/stages.py). Every check before the
     plan's broadcast reads only the arguments and the mesh, alike on every rank."""
     names = tuple(mesh.mesh_dim_names or ())
-    if group is not None:
-        raise AutoTPError("pass either group= or mesh=, not both")
+    _check_mesh(mesh, group)
     if set(names) - {"pp", "dp", "tp"} or "tp" not in names or len(set(names)) != len(names):
         raise AutoTPError(f"a pipelined mesh has dims named 'pp', 'tp' and optionally 'dp' (any of "
                           f"size 1), got {names}: e.g. init_device_mesh('cuda', (stages, replicas, "
                           "gpus_per_stage), mesh_dim_names=('pp', 'dp', 'tp'))")
-    if mesh.size() != dist.get_world_size():
-        raise AutoTPError(f"the mesh holds {mesh.size()} ranks (shape {tuple(mesh.shape)}) but the "
-                          f"process group has {dist.get_world_size()}")
     if mode != "training":
         raise AutoTPError("pipeline stages run training steps (tp.step); for inference "
                           "parallelize without a 'pp' dim")

@@ -53,6 +53,15 @@ def _check(tp: Any) -> ParallelModule:
     return tp
 
 
+def _check_sharded(tp: Any) -> None:
+    """``_check``, and a pipelined module refused (the same error on every rank)."""
+    _check(tp)
+    if getattr(tp, "pp_group", None) is not None:
+        raise AutoTPError("sharded (DCP) checkpoints of a pipelined module are not supported yet: "
+                          "use autotp.save_pretrained(tp, path) (a full checkpoint, loadable with "
+                          "parallelize(..., weights=path) at any layout)")
+
+
 def unique_state(tp: ParallelModule) -> list[tuple[list[str], torch.Tensor, Placement]]:
     """(every key naming it, local tensor, placement) per distinct state tensor, in
     ``state_dict()`` order; tied weights once, under all their keys."""
@@ -232,11 +241,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write this rank's shards of the model (and of ``optimizer``'s state) to the folder
     ``path`` with torch.distributed.checkpoint. Collective: call on every rank."""
-    _check(tp)
-    if getattr(tp, "pp_group", None) is not None:
-        raise AutoTPError("sharded (DCP) checkpoints of a pipelined module are not supported yet: "
-                          "use autotp.save_pretrained(tp, path) (a full checkpoint, loadable with "
-                          "parallelize(..., weights=path) at any layout)")
+    _check_sharded(tp)
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     state: dict[str, Any] = {}
@@ -281,11 +286,7 @@ def load_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a ``save_checkpoint`` folder into ``tp`` (and ``optimizer``), whatever world size
     and plan wrote it. Collective: call on every rank."""
-    _check(tp)
-    if getattr(tp, "pp_group", None) is not None:
-        raise AutoTPError("sharded (DCP) checkpoints of a pipelined module are not supported yet: "
-                          "use autotp.save_pretrained(tp, path) (a full checkpoint, loadable with "
-                          "parallelize(..., weights=path) at any layout)")
+    _check_sharded(tp)
     folder = Path(path)
     if not (folder / LAYOUT).exists():
         raise AutoTPError(f"{folder} is not an autotp checkpoint (no {LAYOUT}); "

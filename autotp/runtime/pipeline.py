@@ -38,7 +38,7 @@ from autotp.core.placements import Placement, Replicate, parse, parse_out, shard
 from autotp.cost.pipeline import in_flight
 from autotp.plans import Plan, make_plan, size_text, with_pipeline
 from autotp.rewrite.rewrite import rewrite
-from autotp.cost.evaluate import Choice, _footprint as footprint, evaluate, keepers, time_lower_bound
+from autotp.cost.evaluate import Choice, evaluate, memory_floor, time_lower_bound
 from autotp.solve.solve import solve
 from autotp.candidates import Candidates, NodeKind, build
 from autotp.runtime.weights import WeightSource
@@ -231,12 +231,10 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     When none fits, the InfeasiblePlanError with the least largest stage is raised."""
     budget = options.memory_budget or spec.memory_bytes
     pp = options.pp_size
-    # no plan and no cut beats this: the state split as far as it goes and every activation the
-    # backward keeps split n ways, spread evenly over the stages, one microbatch in flight each
-    floor = (sum(min(footprint(c, v, s, options.mode) for s in range(len(nc.strategies)))
-                 for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
-             + (sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, options.mode)) / c.world_size
-                if options.mode == "training" else 0.0)) / pp
+    state_floor, kept_floor = memory_floor(c, options.mode)
+    # no plan and no cut beats this: the floors spread evenly over the stages, one microbatch in
+    # flight on each
+    floor = (state_floor + kept_floor) / pp
     if floor > budget:
         raise InfeasiblePlanError(
             f"no plan cut into {pp} stages fits {size_text(budget)} per rank at world size "
@@ -246,26 +244,24 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     # replicas across stages are DDP's (runtime/stages.py): FSDP with stages is not run yet
     free = dataclasses.replace(options, memory_budget=math.inf, dp_mode="ddp")
     errors: list[InfeasiblePlanError] = []
-    least_state = None
-    for objective in (*dict.fromkeys((options.objective, "memory")), "fewer activations"):
-        if objective == "fewer activations":
-            flight = in_flight(0, pp, options.microbatches, options.schedule)
-            if least_state is None or flight <= 1 or pp * budget <= least_state:
-                break
-            # activations kept for the backward split as far as they go: no plan keeps fewer
-            kept = sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, options.mode)) / c.world_size
-            if least_state + flight * kept > pp * budget:
-                break
-            bound = least_state + (pp * budget - least_state) / flight
-            try:
-                cs, p, choice = solve_dp(c, dataclasses.replace(free, memory_budget=bound, objective="time"), spec)
-            except InfeasiblePlanError as e:
-                errors.append(e)
-                break
-        else:
-            cs, p, choice = solve_dp(c, dataclasses.replace(free, objective=objective), spec)
+
+    def plans() -> Iterator[tuple[Candidates, Plan, Choice]]:
+        least_state = math.inf
+        for objective in dict.fromkeys((options.objective, "memory")):  # 1 and 2
+            found = solve_dp(c, dataclasses.replace(free, objective=objective), spec)
             if objective == "memory":
-                least_state = p.memory_bytes_per_rank - p.activation_bytes_per_rank
+                least_state = found[1].memory_bytes_per_rank - found[1].activation_bytes_per_rank
+            yield found
+        flight = in_flight(0, pp, options.microbatches, options.schedule)
+        if flight <= 1 or least_state + flight * kept_floor > pp * budget:
+            return  # 3 cannot help: one microbatch in flight, or no plan keeps few enough
+        bound = least_state + (pp * budget - least_state) / flight
+        try:
+            yield solve_dp(c, dataclasses.replace(free, memory_budget=bound, objective="time"), spec)
+        except InfeasiblePlanError as e:
+            errors.append(e)
+
+    for cs, p, choice in plans():
         try:
             return cs, dataclasses.replace(with_pipeline(p, cs, choice, spec, pp, options.microbatches,
                                                          options.schedule, budget),

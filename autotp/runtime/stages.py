@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autotp._compat import out_spec, pytree
-from autotp.core.attrs import fetch_attr, has_attr
+from autotp.core.attrs import attach, fetch_attr, has_attr
 from autotp.errors import AutoTPError
 from autotp.rewrite.stages import cut, stage_module
 from autotp.runtime.pipeline import ParallelModule, call_structure, check_args, describe_call
@@ -208,8 +208,9 @@ def _example_io(sgm: torch.fx.GraphModule, stage: int, pp: int, group: dist.Proc
                                   group=group, group_dst=stage + 1)
             for t in outs:
                 dist.send(t.detach().contiguous(), group=group, group_dst=stage + 1)
-    for n, b in sgm.named_buffers():
-        b.data.copy_(saved[n]) if n in saved else None
+    with torch.no_grad():
+        for n, b in sgm.named_buffers():
+            b.copy_(saved[n])
     return tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs), \
         tuple(t.detach().requires_grad_(t.requires_grad) for t in outs)
 
@@ -242,22 +243,9 @@ def _stage_keys(gm: torch.fx.GraphModule, sgm: torch.fx.GraphModule, sc: Any, st
         holders = read_by.get(id(t))
         if (holders and stage in holders) or (not holders and stage == 0):
             if not has_attr(sgm, k):
-                _attach(sgm, k, t)
+                attach(sgm, k, t)
             mine.append(k)
     return tuple(mine)
-
-
-def _attach(root: nn.Module, path: str, t: torch.Tensor) -> None:
-    *parents, name = path.split(".")
-    mod = root
-    for p in parents:
-        if not hasattr(mod, p):
-            mod.add_module(p, nn.Module())
-        mod = getattr(mod, p)
-    if isinstance(t, nn.Parameter):
-        mod.register_parameter(name, t)
-    else:
-        mod.register_buffer(name, t)
 
 
 def _tied_groups(gm: torch.fx.GraphModule, sc: Any, pp_group: dist.ProcessGroup, pp: int

@@ -18,7 +18,7 @@ from autotp.cost.devices import DeviceSpec
 from autotp.errors import AutoTPError, AutoTPInternalError, InfeasiblePlanError
 from autotp.candidates import Candidates, NodeKind
 from autotp.solve.runs import find_runs, solve_runs, solve_runs_mixed
-from autotp.cost.evaluate import Choice, Evaluation, _footprint, keepers, evaluate, held_bytes, memory_bytes
+from autotp.cost.evaluate import Choice, Evaluation, evaluate, held_bytes, memory_bytes, memory_floor
 from autotp.solve.program import SCALE_M, SCALE_MB, SCALE_T, Program, bytes_bound
 
 
@@ -86,14 +86,13 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
     p = _Problem(c, spec, mode, pinned, find_runs(c, set(pinned)) if layers else [], time_limit,
                  budget)
     # a quick bound first: every parameter split as far as it goes, no activations
-    floor = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
-                for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
+    floor, kept = memory_floor(c, mode)
     if floor > budget:
         raise _infeasible_error(p, floor, floor_only=True)
     if mode == "training" and len(c.nodes) > WHOLE_GRAPH_NODES:
         # a large graph: its exact least memory is a whole-graph solve (minutes at 405B); first
         # the state and every activation the backward keeps, split as far as n ranks can
-        low = floor + sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, mode)) / c.world_size
+        low = floor + kept
         if low > budget:
             raise _infeasible_error(p, low, floor_only=False, lower=True)
     if objective == "memory":
