@@ -11,8 +11,9 @@ alternative processes the same samples per step and their predicted step times c
 directly. A layout that fits nothing records the least memory it would need
 (``InfeasiblePlanError.least_bytes``). ``best``: the fastest that fits.
 
-The model is captured once per distinct replica batch and its candidates built once per TP
-degree; each data-parallel kind is one solve (runtime/pipeline.py's stages, called directly).
+The model is captured once per distinct replica (or microbatch) batch and its candidates
+built once per TP degree and batch, pipelined layouts included; each data-parallel kind is one
+solve (runtime/pipeline.py's stages, called directly).
 Data-parallel traffic is priced on the inter-node link even when some replicas share a node.
 
 Pipeline stages (``pipeline=True``, training): every stage count ``pp`` dividing ``nodes``
@@ -134,7 +135,8 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
     total = nodes * gpus_per_node
     note = progress or (lambda _s: None)
     found: list[Layout] = []
-    captured_at: dict[int, Any] = {}
+    captured_at: dict[int, Any] = {}  # rows -> capture
+    built: dict[tuple[int, int], Any] = {}  # (tp, rows) -> candidates (DDP-priced, training)
     with gc_paused():
         for tp in tp_degrees(gpus_per_node):
             dp = total // tp
@@ -143,12 +145,14 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
                 continue
             rows = batch // dp
             if rows not in captured_at:
-                note(f"capturing at {rows} rows per replica")
+                note(f"capturing at {rows} rows")
                 captured_at[rows] = capture_model(model, *_rebatch(args, kwargs, b, rows))[0]
             base = PlanOptions(world_size=tp, device=spec, mode=mode, optimizer_bytes=optimizer_bytes,
                                memory_budget=memory_budget, dp_size=dp)
             note(f"planning tp {tp} x dp {dp}")
             c = candidates(captured_at[rows], base)
+            if mode == "training":
+                built[(tp, rows)] = c
             kinds = ("ddp", "fsdp") if dp > 1 and mode == "training" else ("ddp",)
             for kind in kinds:
                 ck = c.with_dp_mode(kind)
@@ -164,7 +168,7 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
                                     True, plan, batch_per_replica=rows))
         if pipeline and mode == "training":
             found += _pipelined(model, args, kwargs, b, batch, nodes, gpus_per_node, spec,
-                                optimizer_bytes, memory_budget, microbatches, note)
+                                optimizer_bytes, memory_budget, microbatches, note, captured_at, built)
     found.sort(key=lambda x: (not x.fits, x.predicted_time_s, x.memory_bytes_per_rank))
     fits = [x for x in found if x.fits]
     if not captured_at:  # the batch divides into no replica count: nothing was planned
@@ -198,14 +202,14 @@ def _undivided(tp: int, dp: int, batch: int, pp: int = 1) -> Layout:
 
 def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, nodes: int,
                gpus_per_node: int, spec: DeviceSpec, optimizer_bytes: float,
-               memory_budget: float | None, microbatches: int | None, note: Callable[[str], Any]
-               ) -> list[Layout]:
-    """The pipelined layouts (module docstring): one capture per microbatch size, one
-    candidate build per TP degree, one solve and stage cut per (tp, pp)."""
+               memory_budget: float | None, microbatches: int | None, note: Callable[[str], Any],
+               captured_at: dict[int, Any], built: dict[tuple[int, int], Any]) -> list[Layout]:
+    """The pipelined layouts (module docstring): one capture per microbatch size and one
+    candidate build per (TP degree, microbatch size), both shared with the unpipelined
+    layouts (``captured_at``: rows -> capture; ``built``: (tp, rows) -> candidates, which
+    the data-parallel degree only prices); one solve and stage cut per (tp, pp)."""
     from autotp.runtime.pipeline import solve_stages
     out: list[Layout] = []
-    captured_at: dict[int, Any] = {}
-    built: dict[tuple[int, int], Any] = {}
     for tp in tp_degrees(gpus_per_node):
         for pp in [p for p in range(2, nodes + 1) if nodes % p == 0]:
             dp = nodes * gpus_per_node // (tp * pp)
@@ -220,7 +224,7 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, b: int, batch: int, 
                 continue
             mb = rows // m
             if mb not in captured_at:
-                note(f"capturing at {mb} rows per microbatch")
+                note(f"capturing at {mb} rows")
                 captured_at[mb] = capture_model(model, *_rebatch(args, kwargs, b, mb))[0]
             options = PlanOptions(world_size=tp, device=spec, mode="training", optimizer_bytes=optimizer_bytes,
                                   memory_budget=memory_budget, dp_size=dp, dp_mode="ddp", pp_size=pp,

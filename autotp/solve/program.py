@@ -28,7 +28,7 @@ Runs of identical layers (solve/runs.py) are solved once per boundary state and 
 min-plus product; ``solve`` uses that when the memory bound does not bind and solves the
 whole program when it does, so the result is the optimum either way.
 ``objective="memory"`` is lexicographic: first least parameter (and KV cache) bytes, then least time among
-plans within MEMORY_SLACK (0.1%) of the total parameter bytes of that least; both under the
+plans within MEMORY_SLACK (0.1%) of a rank's even share (total / world size) above that least; both under the
 budget. Activations enter only through the budget: when it binds, the solver keeps fewer of
 them (a sequence-split norm region keeps 1/n of its outputs), never to save time. ``evaluate`` is
 the one definition of a plan's cost; the program is its linearization, and ``brute_force``

@@ -59,6 +59,10 @@ from autotp.solve.program import SCALE_M, Program, bytes_bound
 log = logging.getLogger(__name__)
 Weight = Callable[[float, float], float]  # (seconds, parameter bytes) -> objective units
 
+# a mixed run takes k of its L layers from the lean table for k on a grid of at most this
+# many steps (solve_runs' lean, solve_runs_mixed): one outer-program entry per k and (a, b)
+LEAN_STEPS = 32
+
 
 @dataclass(frozen=True)
 class Run:
@@ -302,10 +306,11 @@ def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = 
     more: the first k layers from ``lean``, the others from ``table`` (so that a budget can be
     met by some layers). Entries are kept only when no entry with a subset of their reads
     costs as little (a read costs the outer program something or nothing, never less)."""
-    ks = range(len(run.units) + 1) if lean is not None else (0,)
+    length = len(run.units)
+    ks = _lean_counts(length) if lean is not None else (0,)
     by, lean_by = _by_reads(table), (_by_reads(lean) if lean is not None else {})
     seen: set[tuple] = set()
-    best: dict[tuple, list[Entry]] = {}
+    best: dict[tuple, list[_Path]] = {}
     for avail in by:
         sig = (frozenset((a, b, id(cl)) for a, row in by[avail].items() for b, cl in row.items()),
                frozenset((a, b, id(cl)) for a, row in lean_by.get(avail, {}).items()
@@ -313,14 +318,25 @@ def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = 
         if sig in seen:  # the same cells as a larger set of reads: the same entries
             continue
         seen.add(sig)
-        for k in ks:
-            for e in _chain_k(run, by[avail], lean_by.get(avail, {}), k):
-                group = best.setdefault((e.a, e.b), [])
-                if any(_dominates(o, e) for o in group):
-                    continue
-                group[:] = [o for o in group if not _dominates(e, o)]
-                group.append(e)
-    return Block(run.ins, run.shared, run.outs, [e for g in best.values() for e in g])
+        for e in _chain_all(by[avail], lean_by.get(avail, {}), length, ks):
+            group = best.setdefault((e.a, e.b), [])
+            if any(_dominates(o, e) for o in group):
+                continue
+            group[:] = [o for o in group if not _dominates(e, o)]
+            group.append(e)
+    entries = [Entry(e.reads, e.a, e.b, e.cost, e.time, e.mem, e.cells(), e.foot)
+               for g in best.values() for e in g]
+    return Block(run.ins, run.shared, run.outs, entries)
+
+
+def _lean_counts(length: int) -> list[int]:
+    """The numbers k of lean layers a mixed run may take: every k up to LEAN_STEPS layers,
+    else LEAN_STEPS + 1 evenly spaced ones (0 and all included): the budget is then met to
+    within length / LEAN_STEPS layers' difference, and the outer program keeps one entry per
+    k instead of one per layer count."""
+    if length <= LEAN_STEPS:
+        return list(range(length + 1))
+    return sorted({round(i * length / LEAN_STEPS) for i in range(LEAN_STEPS + 1)})
 
 
 def _by_reads(table: dict[tuple, Cell]) -> dict[frozenset, dict[tuple, dict[tuple, Cell]]]:
@@ -331,31 +347,94 @@ def _by_reads(table: dict[tuple, Cell]) -> dict[frozenset, dict[tuple, dict[tupl
     return out
 
 
-def _dominates(o: Entry, e: Entry) -> bool:
+def _dominates(o, e) -> bool:
     """``o`` is as good as ``e`` for any outer program: no more reads to pay, no more cost,
     time, parameter memory or footprint."""
     return (o.reads <= e.reads and o.cost <= e.cost and o.time <= e.time and o.mem <= e.mem
             and o.foot <= e.foot)
 
 
-def _chain_k(run: Run, by_a: dict[tuple, dict[tuple, Cell]], lean_a: dict[tuple, dict[tuple, Cell]],
-             k: int) -> list[Entry]:
-    entries = []
-    for a0, first in (lean_a if k > 0 else by_a).items():
-        best = {b: (cell.cost, (cell,)) for b, cell in first.items()}  # over the layers so far
-        for layer in range(1, len(run.units)):
-            nxt: dict = {}
-            src = lean_a if layer < k else by_a
-            for b, (cost, cells) in best.items():
-                for b2, cell in src.get(b, {}).items():
-                    total = cost + cell.cost
-                    if b2 not in nxt or total < nxt[b2][0]:
-                        nxt[b2] = (total, cells + (cell,))
-            best = nxt
-        for b, (cost, cells) in best.items():
-            entries.append(Entry(frozenset().union(*(x.reads for x in cells)), a0, b, cost,
-                                 sum(x.time for x in cells), sum(x.mem for x in cells), cells,
-                                 sum(x.foot for x in cells)))
+@dataclass(frozen=True)
+class _Path:
+    """A least-cost sequence of layer cells between two boundary states, its sums, and its
+    cells as a tree of (left, right) pairs, flattened (``cells``) only for the entries kept."""
+    a: tuple
+    b: tuple
+    cost: float
+    time: float
+    mem: float
+    foot: float
+    reads: frozenset
+    tree: object  # a Cell, or a (left, right) pair of trees, or () for no layers
+
+    def cells(self) -> tuple[Cell, ...]:
+        out, stack = [], [self.tree]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, Cell):
+                out.append(t)
+            elif t:
+                stack.extend((t[1], t[0]))
+        return tuple(out)
+
+
+def _join(p: _Path | None, q: _Path) -> _Path:
+    """``p`` then ``q`` (``q.a`` is ``p.b``); ``q`` alone when ``p`` is None."""
+    if p is None:
+        return q
+    return _Path(p.a, q.b, p.cost + q.cost, p.time + q.time, p.mem + q.mem, p.foot + q.foot,
+                 p.reads | q.reads, (p.tree, q.tree))
+
+
+def _one(a: tuple, b: tuple, cell: Cell) -> _Path:
+    return _Path(a, b, cell.cost, cell.time, cell.mem, cell.foot, cell.reads, cell)
+
+
+def _powers(step: dict[tuple, dict[tuple, Cell]], starts, length: int) -> list[dict]:
+    """``out[m][a][b]``: the least-cost path of m layers of ``step`` from a to b, for every a
+    in ``starts`` (the layer tables are the same for every layer of a run, so the m-layer
+    paths extend the (m - 1)-layer ones by one cell: O(length x states^2) per start)."""
+    out: list[dict] = [{a: {a: _Path(a, a, 0.0, 0.0, 0.0, 0.0, frozenset(), ())} for a in starts}]
+    for _ in range(length):
+        nxt: dict = {}
+        for a, row in out[-1].items():
+            reach: dict = {}
+            for b, path in row.items():
+                for b2, cell in step.get(b, {}).items():
+                    cand = path.cost + cell.cost
+                    if b2 not in reach or cand < reach[b2][0]:
+                        reach[b2] = (cand, path, b, cell)
+            nxt[a] = {b2: _join(path, _one(b, b2, cell)) if path.tree != () else _one(a, b2, cell)
+                      for b2, (_, path, b, cell) in reach.items()}
+        out.append(nxt)
+    return out
+
+
+def _chain_all(by_a: dict[tuple, dict[tuple, Cell]], lean_a: dict[tuple, dict[tuple, Cell]],
+               length: int, ks) -> list[_Path]:
+    """The least-cost path from each a to each b over ``length`` layers, the first k from
+    ``lean_a`` and the rest from ``by_a``, for every k in ``ks``: the k-layer lean prefixes
+    and the (length - k)-layer suffixes are each computed once (a min-plus power), and joined
+    at the boundary state of least total cost."""
+    states = set(by_a) | {b for row in by_a.values() for b in row} | set(lean_a) | \
+        {b for row in lean_a.values() for b in row}
+    suffix = _powers(by_a, states, length)  # suffix[m][s][b]
+    prefix = _powers(lean_a, set(lean_a), max(ks)) if max(ks) > 0 else None
+    entries: list[_Path] = []
+    for k in ks:
+        if k == 0:
+            entries.extend(p for a in by_a for p in suffix[length][a].values())
+            continue
+        rest = suffix[length - k]
+        for a0, row in prefix[k].items():
+            ends: dict = {}
+            for s, pre in row.items():
+                for b, post in rest.get(s, {}).items():
+                    cand = pre.cost + post.cost
+                    if b not in ends or cand < ends[b][0]:
+                        ends[b] = (cand, pre, post)
+            entries.extend(_join(pre, post) if post.tree != () else pre
+                           for _, pre, post in ends.values())
     return entries
 
 

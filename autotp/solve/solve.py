@@ -25,8 +25,10 @@ from autotp.solve.program import SCALE_M, SCALE_MB, SCALE_T, Program, bytes_boun
 log = logging.getLogger(__name__)
 
 
-# objective="memory" accepts plans within this fraction of the total parameter bytes of the
-# least-memory plan: it keeps a norm's few weights whole rather than gather activations for them
+# objective="memory" accepts plans within this fraction of a rank's even share of the
+# parameters (total / world size) above the least-memory plan: it keeps a norm's few weights
+# whole rather than gather activations for them. (It was a fraction of the total, which let a
+# plan at world 16 hold 1.6% more than its share for a little time.)
 MEMORY_SLACK = 1e-3
 TIE_BREAK_US_PER_MB = 1e-4
 
@@ -37,6 +39,12 @@ TIE_BREAK_US_PER_MB = 1e-4
 WHOLE_GRAPH_NODES = 1500
 LAGRANGE_STEPS = 16
 LEAN_FACTOR = 4.0
+# the Lagrangian searches (_priced_search, _priced_bound) stop bisecting their price when the
+# two corners are this close, and a mixed program between them (some layers priced as at
+# either corner) does the rest: at 1.3 the frontier shapes get the plans of a 1.02-1.05
+# bracket (Llama-405B pp 16 x tp 8 4.181 s; DeepSeek-V3 equal; Qwen3-235B 41.66 against
+# 41.63 ms) in 2-4 fewer table solves (benchmarks/frontier.py, benchmarks/pipeline.py)
+PRICE_RATIO = 1.3
 
 
 def _weight(kind: str) -> Callable[[float, float], float]:
@@ -100,7 +108,8 @@ def solve(c: Candidates, spec: DeviceSpec, mode: str = "training", objective: st
         if choice is not None:
             total = sum(max(held_bytes(c, v, s) for s in range(len(nc.strategies)))
                         for v, nc in c.nodes.items())
-            choice = _best(p, "time", _mem(c, choice) + MEMORY_SLACK * total + 1, budget)
+            share = total / c.world_size
+            choice = _best(p, "time", _mem(c, choice) + MEMORY_SLACK * share + 1, budget)
             if choice is None:
                 raise AutoTPInternalError("no plan within the least-memory plan's own memory "
                                           "bound (the least-memory plan itself should be one)")
@@ -205,7 +214,7 @@ def _priced_search(p: _Problem, limit: float) -> Choice | None:
     def by_layers(lam: float, lean: tuple[float, float] | None = None) -> Choice | None:
         return solve_runs(c, p.spec, p.mode, p.runs, "time", w, p.pinned, p.time_limit, lam, lean)
 
-    lo, hi = _bracket(lambda lam: fit(by_layers(lam)), 1.02)
+    lo, hi = _bracket(lambda lam: fit(by_layers(lam)), PRICE_RATIO)
     if not fits:
         return _whole(p, "time", None, limit)
     if lo:  # mix: some layers as priced at the last lam that fit, the rest at the one before
@@ -240,7 +249,7 @@ def _priced_bound(p: _Problem, bound: float, limit: float | None) -> Choice | No
         return True
 
     lo, hi = _bracket(lambda mu: keep(solve_runs(c, p.spec, p.mode, p.runs, *priced(mu), p.pinned,
-                                                 p.time_limit)), 1.05)
+                                                 p.time_limit)), PRICE_RATIO)
     if not fits:
         return None
     if lo:  # between the corners: some layers as priced at the first mu that kept the bound,
@@ -299,5 +308,6 @@ def brute_force(c: Candidates, spec: DeviceSpec, mode: str = "training", objecti
     if objective == "memory" and feasible:
         least = min(ev.param_bytes for _, ev in feasible)
         total = sum(c.nodes[v].metas[0].nbytes for v in names if c.nodes[v].kind is NodeKind.PARAM)
-        feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes <= least + MEMORY_SLACK * total + 1]
+        share = total / c.world_size
+        feasible = [(ch, ev) for ch, ev in feasible if ev.param_bytes <= least + MEMORY_SLACK * share + 1]
     return min(feasible, key=lambda f: f[1].time_s) if feasible else None

@@ -256,7 +256,7 @@ def why_whole(pd, modules: Sequence[str] = (), resolve_limit: int = 20) -> list[
             rows.append((str(nc.target), size, "consumers: the ops that read it take it only whole"))
         elif pd.plan.objective == "memory":
             rows.append((str(nc.target), size, "memory: kept whole within the memory objective's "
-                         "slack (0.1% of the parameters), which spares gathering activations for it"))
+                         "slack (0.1% of a rank's even share of the parameters), which spares gathering activations for it"))
         else:
             why = "cost: the plan is faster with it whole"
             if resolved < resolve_limit and base is not None:
