@@ -237,12 +237,30 @@ def test_impossible_cuts_say_why() -> None:
     with pytest.raises(AutoTPError, match="does not split into 3 equal microbatches"):
         autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=3)
     with pytest.raises(PlanError, match=r"no plan cut into 2 stages fits 0.01 MB per rank at world size 1: "
-                                        r"a stage holds more than [0-9.]+ MB"):
+                                        r"the largest stage of any cut holds more than [0-9.]+ MB"):
         autotp.plan(model, (), kw, world_size=1, pipeline_parallel=2, microbatches=4, memory_budget=1e4)
     planned = plan_details(model, (), kw, world_size=1, device="h100")
     with pytest.raises(PlanError, match=r"no cut of 4 layers into 2 stages fits 0.01 MB .* the best cut needs "
                                         r"[0-9.]+ MB on its largest stage"):
         with_pipeline(planned.plan, planned.candidates, planned.choice, planned.spec, 2, 4, "gpipe", 1e4)
+
+
+def test_stage_floor_bounds_every_plan() -> None:
+    """floor_segments (what solve_stages refuses a stage count with) is below every plan's
+    segments, segment by segment, so its least cut bounds every plan's from below."""
+    from autotp.cost.pipeline import floor_segments, least_memory, segment_costs
+    model, _, kw = hf_models.llama(n_layer=4, hidden=64, heads=4, kv_heads=2, batch=8, seq=16)
+    for objective in ("time", "memory"):
+        pd = plan_details(model, (), kw, world_size=2, device="h100", objective=objective)
+        _, segs = segment_costs(pd.candidates, pd.choice, pd.spec, "training")
+        floor = floor_segments(pd.candidates, "training")
+        assert len(floor) == len(segs) == 6
+        for f, x in zip(floor, segs):
+            assert f.state_bytes <= x.state_bytes * (1 + 1e-9) and f.activation_bytes <= x.activation_bytes * (1 + 1e-9)
+        assert all(f.state_bytes > 0 and f.activation_bytes > 0 for f in floor[1:-1])  # the layers
+        for pp, m in ((2, 4), (4, 8)):
+            low = least_memory(floor, pp, m, "1f1b", "training", pd.spec)
+            assert 0 < low <= least_memory(segs, pp, m, "1f1b", "training", pd.spec)
 
 
 def test_layout_with_pipeline_stages() -> None:

@@ -35,7 +35,7 @@ from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out, shard_tensor
-from autotp.cost.pipeline import in_flight
+from autotp.cost.pipeline import floor_segments, in_flight, least_memory
 from autotp.plans import Plan, make_plan, size_text, with_pipeline
 from autotp.rewrite.rewrite import rewrite
 from autotp.cost.evaluate import Choice, evaluate, memory_floor, time_lower_bound
@@ -232,15 +232,18 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     budget = options.memory_budget or spec.memory_bytes
     pp = options.pp_size
     state_floor, kept_floor = memory_floor(c, options.mode)
-    # no plan and no cut beats this: the floors spread evenly over the stages, one microbatch in
-    # flight on each
-    floor = (state_floor + kept_floor) / pp
-    if floor > budget:
+    # no plan and no cut beats this: the best cut of every segment's floor (its state and kept
+    # activations split as far as they go), with the schedule's microbatches in flight (inf
+    # when there is no cut at all: too few layers, or none; with_pipeline says which)
+    floor = least_memory(floor_segments(c, options.mode), pp, options.microbatches,
+                         options.schedule, options.mode, spec)
+    if math.isfinite(floor) and floor > budget:
         raise InfeasiblePlanError(
             f"no plan cut into {pp} stages fits {size_text(budget)} per rank at world size "
-            f"{c.world_size}: a stage holds more than {size_text(floor)} (the state and the kept "
-            "activations split as far as they go, over the stages); use more stages or "
-            "tensor-parallel ranks", floor)
+            f"{c.world_size}: the largest stage of any cut holds more than {size_text(floor)} "
+            f"(the state and the kept activations split as far as they go, "
+            f"{options.schedule}'s microbatches in flight counted); use more stages or "
+            "tensor-parallel ranks, or a smaller batch", floor)
     # replicas across stages are DDP's (runtime/stages.py): FSDP with stages is not run yet
     free = dataclasses.replace(options, memory_budget=math.inf, dp_mode="ddp")
     errors: list[InfeasiblePlanError] = []
