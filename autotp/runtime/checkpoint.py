@@ -53,15 +53,6 @@ def _check(tp: Any) -> ParallelModule:
     return tp
 
 
-def _check_sharded(tp: Any) -> None:
-    """``_check``, and a pipelined module refused (the same error on every rank)."""
-    _check(tp)
-    if getattr(tp, "pp_group", None) is not None:
-        raise AutoTPError("sharded (DCP) checkpoints of a pipelined module are not supported yet: "
-                          "use autotp.save_pretrained(tp, path) (a full checkpoint, loadable with "
-                          "parallelize(..., weights=path) at any layout)")
-
-
 def unique_state(tp: ParallelModule) -> list[tuple[list[str], torch.Tensor, Placement]]:
     """(every key naming it, local tensor, placement) per distinct state tensor, in
     ``state_dict()`` order; tied weights once, under all their keys."""
@@ -241,7 +232,7 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write this rank's shards of the model (and of ``optimizer``'s state) to the folder
     ``path`` with torch.distributed.checkpoint. Collective: call on every rank."""
-    _check_sharded(tp)
+    _check(tp)
     mesh = _mesh(tp)
     n, rank = tp.comm.world_size, tp.comm.rank
     state: dict[str, Any] = {}
@@ -277,16 +268,24 @@ def save_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                         state[f"optim/{key}/{name}"] = torch.tensor(float(v))
                 layout["optim"][key] = names
     dcp.save(state, checkpoint_id=str(path))
+    # pipeline stages hold different layers: rank 0 writes every stage's blocks and optimizer
+    # state names (a tensor two stages hold, a tied embedding, has one placement: one plan)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, layout)
+    for part in parts:
+        layout["blocks"].update(part["blocks"])
+        layout["optim"].update(part["optim"])
     if dist.get_rank() == 0:
         (Path(path) / LAYOUT).write_text(json.dumps(layout, indent=2))
-    _barrier(tp)
+    dist.barrier()  # every rank (dcp.save's group): the layout is written when any returns
 
 
 def load_checkpoint(tp: ParallelModule, path: str | os.PathLike,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a ``save_checkpoint`` folder into ``tp`` (and ``optimizer``), whatever world size
-    and plan wrote it. Collective: call on every rank."""
-    _check_sharded(tp)
+    and plan wrote it, pipelined or not (each stage reads its own layers). Collective: call on
+    every rank."""
+    _check(tp)
     folder = Path(path)
     if not (folder / LAYOUT).exists():
         raise AutoTPError(f"{folder} is not an autotp checkpoint (no {LAYOUT}); "
