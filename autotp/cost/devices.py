@@ -44,6 +44,10 @@ class DeviceSpec:
     # ``link_model`` and docs/cost_model.md)
     collectives: dict[str, tuple[float, ...]] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+    # elementwise and normalization ops fused into their producers (torch.compile, fused GPU
+    # kernels): they cost nothing. False: each runs as its own pass over memory (eager CPU),
+    # priced at memory_bandwidth (cost/model.py compute_time)
+    fused_elementwise: bool = True
 
     def link(self, kind: str) -> tuple[float, float]:
         """(latency, bandwidth) of one collective kind (below its knee, if it has one)."""
@@ -83,7 +87,7 @@ PRESETS: dict[str, DeviceSpec] = {
     "a100-40gb": DeviceSpec("a100-40gb", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
                             40 * GB, 1.56e12, 300 * GB, 10e-6, 25 * GB, 20e-6),
     "cpu-gloo": DeviceSpec("cpu-gloo", {"float32": 30e9, "bfloat16": 10e9, "float16": 5e9},
-                           16 * GB, 10 * GB, 1 * GB, 250e-6),
+                           16 * GB, 10 * GB, 1 * GB, 250e-6, fused_elementwise=False),
 }
 
 

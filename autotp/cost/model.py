@@ -181,21 +181,26 @@ def op_flops(target: object, ins: tuple, outs: tuple) -> float:
 
 def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n: int,
                  spec: DeviceSpec, mode: str, flops: float | None = None) -> float:
-    """Roofline time of one op on one rank. Elementwise, view and normalization ops are taken
-    as fused into their producer (as torch.compile does), so they cost nothing here: a plan
-    never pays a collective to save an elementwise pass. Compute ops are those registered
-    with a ``flops`` fact (rules/: matmuls, attention, embedding), or whose FLOPs the node
-    knows (``flops``: an einsum's, from its equation)."""
-    flops_of = op_info(target).flops
-    if not outs or (flops_of is None and flops is None):
+    """Roofline time of one op on one rank. Compute ops are those registered with a ``flops``
+    fact (rules/: matmuls, attention, embedding), or whose FLOPs the node knows (``flops``:
+    an einsum's, from its equation). Elementwise and normalization ops (no FLOPs fact, not a
+    view) are taken as fused into their producer on a device with ``fused_elementwise`` (as
+    torch.compile does), so they cost nothing there and a plan never pays a collective to save
+    an elementwise pass; without it (eager CPU: cpu-gloo, a calibrated spec) each is one pass
+    over its inputs and output at ``memory_bandwidth`` (one more in the backward), so a
+    value every rank holds whole costs every rank its whole pass. Views cost nothing."""
+    info = op_info(target)
+    if not outs or (info.flops is None and flops is None and (spec.fused_elementwise or info.view)):
         return 0.0
     # the slowest rank sets the time: the largest local share of any split tensor
     fracs = [shard_fraction(p, m.shape, n)
              for p, m in zip((*strategy.inputs, *strategy.outputs()), (*ins, *outs))
              if m is not None and isinstance(p, Shard)]
     frac = max(fracs) if fracs else 1.0
-    flops = (flops if flops is not None else flops_of(ins, outs)) * frac
     nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) * frac
+    if info.flops is None and flops is None:  # an unfused elementwise pass
+        return nbytes / spec.memory_bandwidth * (2.0 if mode == "training" else 1.0)
+    flops = (flops if flops is not None else info.flops(ins, outs)) * frac
     dtype = outs[0].dtype if outs[0] is not None else torch.float32
     t = max(flops / spec.peak_flops(dtype), nbytes / spec.memory_bandwidth)
     return t * (1 + BACKWARD_COMPUTE_FACTOR if mode == "training" else 1.0)

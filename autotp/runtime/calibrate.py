@@ -235,7 +235,8 @@ def calibrate(group: dist.ProcessGroup | None = None, *, sizes=DEFAULT_SIZES,
         import os
         capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / comm.world_size
     spec = DeviceSpec(name or f"calibrated-{backend}-{n}", flops, capacity,
-                      _memory_bandwidth(device), beta, alpha, collectives=per_kind)
+                      _memory_bandwidth(device), beta, alpha, collectives=per_kind,
+                      fused_elementwise=False)  # measured eager: each op its own pass
     errs = [abs(predicted(p, comm.world_size, spec) - p.seconds) / p.seconds for p in points]
     extra = {"fit_error_median": f"{statistics.median(errs):.3f}", "fit_error_max": f"{max(errs):.3f}",
              "world_size": str(comm.world_size), "backend": backend,
