@@ -210,7 +210,7 @@ def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n:
 DDP_BUCKET_BYTES = 25 * 2 ** 20
 
 
-def _inter_link(spec: DeviceSpec) -> tuple[float, float]:
+def inter_link(spec: DeviceSpec) -> tuple[float, float]:
     """(latency, bandwidth) across nodes; the intra-node link's when the spec gives none."""
     return spec.inter_latency or spec.latency, spec.inter_link_bandwidth or spec.link_bandwidth
 
@@ -223,7 +223,7 @@ def dp_grad_sync_time(local_bytes: float, dp: int, spec: DeviceSpec) -> float:
     replicated one does."""
     if dp <= 1:
         return 0.0
-    alpha, beta = _inter_link(spec)
+    alpha, beta = inter_link(spec)
     return alpha * local_bytes / DDP_BUCKET_BYTES + 2.0 * (dp - 1) / dp * local_bytes / beta
 
 
@@ -238,7 +238,7 @@ def fsdp_sync_time(local_bytes: float, dp: int, spec: DeviceSpec, trained: bool,
     bandwidth). The units' latencies are ``dp_step_latency``'s. Not overlapped with compute."""
     if dp <= 1:
         return 0.0
-    _, beta = _inter_link(spec)
+    _, beta = inter_link(spec)
     one = (dp - 1) / dp * local_bytes / beta + 2.0 * local_bytes / spec.memory_bandwidth
     return one * (1.0 + (1.0 if regather else 0.0) + (1.0 if trained else 0.0))
 
@@ -249,7 +249,7 @@ def dp_step_latency(dp_mode: str, dp: int, spec: DeviceSpec, layer_units: int = 
     all-gathers and reduce-scatter."""
     if dp <= 1:
         return 0.0
-    alpha = _inter_link(spec)[0]
+    alpha = inter_link(spec)[0]
     return alpha * (2.0 + 3.0 * layer_units) if dp_mode == "fsdp" else alpha
 
 

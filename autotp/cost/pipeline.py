@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 from autotp.candidates import Candidates, NodeKind
 from autotp.cost.devices import DeviceSpec
 from autotp.cost.evaluate import _footprint, breakdown, keepers
-from autotp.cost.model import _inter_link, local_bytes
+from autotp.cost.model import inter_link, local_bytes
 
 
 def bubble_fraction(pp: int, microbatches: int) -> float:
@@ -54,7 +54,7 @@ def send_time(nbytes: float, spec: DeviceSpec, mode: str) -> float:
     """A boundary's point-to-point activations (and in training their gradients back)."""
     if nbytes <= 0:
         return 0.0
-    alpha, beta = _inter_link(spec)
+    alpha, beta = inter_link(spec)
     return (alpha + nbytes / beta) * (2.0 if mode == "training" else 1.0)
 
 

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from autotp._compat import call_codegen
 from autotp.cost.pipeline import segment_of, stage_of_segment
-from autotp.errors import AutoTPInternalError
+from autotp.errors import AutoTPError, AutoTPInternalError
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,9 @@ def cut(gm: fx.GraphModule, layers: list[tuple[str, frozenset[str] | set[str]]],
                                           f"feeds {u.format_node()} (stage {stage[u.name]})")
     bad = [v for s in range(1, pp) for v in into[s] if _is_scalar(by_name[v])]
     if bad:
-        raise AutoTPInternalError(f"pipeline stages would send non-tensor inputs {bad[:3]}: pass "
-                                  "tensors (or drop the argument) to a pipelined model")
+        raise AutoTPError(f"pipeline stages would send the non-tensor model inputs {bad[:3]} to a "
+                          "later stage, which only tensors can cross: pass them as tensors, or "
+                          "drop the argument, to a pipelined model")
     return StageCut(stage, tuple(into), tuple(frozenset(c) for c in copies), attrs)
 
 
