@@ -336,3 +336,34 @@ def test_activation_memory_model_matches_autograd(name: str) -> None:
     measured = saved_activation_bytes(model, args, kwargs)
     print(name, "predicted", predicted, "measured", measured, f"{predicted / measured:.2f}x")
     assert 0.8 * measured <= predicted <= 1.3 * measured
+
+
+def test_elementwise_passes_cost_memory_bandwidth_unless_fused() -> None:
+    """An elementwise op costs a pass over its inputs and output at memory bandwidth on a
+    device that runs it unfused (cpu-gloo, calibrated specs): whole on every rank when
+    replicated, 1/n when split, twice in training; nothing where elementwise ops are fused
+    (the GPU presets); a view costs nothing either way."""
+    import dataclasses
+    from autotp.core.meta import TensorMeta
+    from autotp.core.placements import Replicate, Shard
+    from autotp.cost.model import compute_time
+    from autotp.rules import Strategy
+    aten = torch.ops.aten
+    m = TensorMeta((64, 32), (False, False), torch.float32)  # 8 KiB
+    eager = PRESETS["cpu-gloo"]
+    assert not eager.fused_elementwise and PRESETS["h100"].fused_elementwise
+    whole = Strategy((Replicate(), Replicate()), Replicate())
+    split = Strategy((Shard(0), Shard(0)), Shard(0))
+    t = compute_time(aten.add.Tensor, (m, m), (m,), whole, 2, eager, "inference")
+    assert t == pytest.approx(3 * m.nbytes / eager.memory_bandwidth)
+    assert compute_time(aten.add.Tensor, (m, m), (m,), split, 2, eager, "inference") == pytest.approx(t / 2)
+    assert compute_time(aten.add.Tensor, (m, m), (m,), whole, 2, eager, "training") == pytest.approx(2 * t)
+    fused = dataclasses.replace(eager, fused_elementwise=True)
+    assert compute_time(aten.add.Tensor, (m, m), (m,), whole, 2, fused, "training") == 0.0
+    view = Strategy((Replicate(),), Replicate())
+    assert compute_time(aten.view.default, (m,), (m,), view, 2, eager, "training") == 0.0
+    # a whole plan: the unfused device prices the same plan's elementwise work on top
+    model = MLP()
+    x = torch.randn(4, 16)
+    plans = [autotp.plan(model, (x,), world_size=2, device=d) for d in (fused, eager)]
+    assert plans[1].compute_time_s > plans[0].compute_time_s
