@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Iterator
 
 
 from autotp.cost.model import (Transition, compute_time, dp_grad_sync_time, dp_step_latency, fsdp_state_bytes, fsdp_sync_time, local_bytes, pad_factor, param_bytes, saves_inputs, transition, transition_time, state_bytes, working_bytes)
@@ -150,13 +151,24 @@ def _footprint(c: Candidates, name: str, s: int, mode: str) -> float:
                        name in c.needs_grad, c.optimizer_bytes)
 
 
+def floor_items(c: Candidates, mode: str) -> Iterator[tuple[str, float, float]]:
+    """(node, state bytes, kept activation bytes) per rank that no plan of ``c`` goes below,
+    charged where ``breakdown`` charges them: a parameter's state split as far as it goes, at
+    the parameter; in training each activation the backward keeps split ``world_size`` ways,
+    at its first keeper (``breakdown`` charges at least that much there)."""
+    for v, nc in c.nodes.items():
+        if nc.kind is NodeKind.PARAM:
+            yield v, min(_footprint(c, v, s, mode) for s in range(len(nc.strategies))), 0.0
+    for (v, i), keep in keepers(c, mode).items():
+        yield keep[0][0], 0.0, c.nodes[v].metas[i].nbytes / c.world_size
+
+
 def memory_floor(c: Candidates, mode: str) -> tuple[float, float]:
     """Bytes per rank no plan of ``c`` goes below: (every parameter's state split as far as it
     goes, every activation the backward keeps split ``world_size`` ways; 0 in inference)."""
-    state = sum(min(_footprint(c, v, s, mode) for s in range(len(nc.strategies)))
-                for v, nc in c.nodes.items() if nc.kind is NodeKind.PARAM)
-    kept = (sum(c.nodes[v].metas[i].nbytes for v, i in keepers(c, mode)) / c.world_size
-            if mode == "training" else 0.0)
+    state = kept = 0.0
+    for _, s, k in floor_items(c, mode):
+        state, kept = state + s, kept + k
     return state, kept
 
 

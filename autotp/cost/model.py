@@ -190,7 +190,8 @@ def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n:
     over its inputs and output at ``memory_bandwidth`` (one more in the backward), so a
     value every rank holds whole costs every rank its whole pass. Views cost nothing."""
     info = op_info(target)
-    if not outs or (info.flops is None and flops is None and (spec.fused_elementwise or info.view)):
+    elementwise = info.flops is None and flops is None
+    if not outs or (elementwise and (spec.fused_elementwise or info.view)):
         return 0.0
     # the slowest rank sets the time: the largest local share of any split tensor
     fracs = [shard_fraction(p, m.shape, n)
@@ -198,7 +199,7 @@ def compute_time(target: object, ins: tuple, outs: tuple, strategy: Strategy, n:
              if m is not None and isinstance(p, Shard)]
     frac = max(fracs) if fracs else 1.0
     nbytes = (sum(m.nbytes for m in ins) + sum(m.nbytes for m in outs if m is not None)) * frac
-    if info.flops is None and flops is None:  # an unfused elementwise pass
+    if elementwise:  # an unfused pass over memory
         return nbytes / spec.memory_bandwidth * (2.0 if mode == "training" else 1.0)
     flops = (flops if flops is not None else info.flops(ins, outs)) * frac
     dtype = outs[0].dtype if outs[0] is not None else torch.float32

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 from autotp.candidates import Candidates, NodeKind
 from autotp.cost.devices import DeviceSpec
-from autotp.cost.evaluate import _footprint, breakdown, keepers
+from autotp.cost.evaluate import breakdown, floor_items
 from autotp.cost.model import inter_link, local_bytes
 
 
@@ -206,19 +206,16 @@ def program_segments(c: Candidates) -> tuple[list[str], dict[str, int]]:
 
 
 def floor_segments(c: Candidates, mode: str) -> list[SegmentCost]:
-    """Per segment, what no plan's ``segment_costs`` goes below: each parameter's state split
-    as far as it goes, in its segment, and each kept activation split ``world_size`` ways, in
-    the segment of its first keeper (``breakdown`` charges at least that much there). Every
+    """Per segment, what no plan's ``segment_costs`` goes below: ``evaluate.floor_items``
+    summed by the segment of the node each is charged at. Every
     stage's memory grows with its segments', so ``least_memory`` of these bounds every plan's
     cut from below (``solve_stages`` refuses a stage count with it before solving)."""
     paths, seg = program_segments(c)
     n = len(paths) + 2
     state, act = [0.0] * n, [0.0] * n
-    for name, nc in c.nodes.items():
-        if nc.kind is NodeKind.PARAM:
-            state[seg[name] + 1] += min(_footprint(c, name, s, mode) for s in range(len(nc.strategies)))
-    for (v, oi), keep in keepers(c, mode).items():
-        act[seg[keep[0][0]] + 1] += c.nodes[v].metas[oi].nbytes / c.world_size
+    for name, s, k in floor_items(c, mode):
+        state[seg[name] + 1] += s
+        act[seg[name] + 1] += k
     return [SegmentCost(0.0, state[i], act[i]) for i in range(n)]
 
 

@@ -231,7 +231,7 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     When none fits, the InfeasiblePlanError with the least largest stage is raised."""
     budget = options.memory_budget or spec.memory_bytes
     pp = options.pp_size
-    state_floor, kept_floor = memory_floor(c, options.mode)
+    _, kept_floor = memory_floor(c, options.mode)
     # no plan and no cut beats this: the best cut of every segment's floor (its state and kept
     # activations split as far as they go), with the schedule's microbatches in flight (inf
     # when there is no cut at all: too few layers, or none; with_pipeline says which)

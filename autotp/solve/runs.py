@@ -365,7 +365,7 @@ class _Path:
     mem: float
     foot: float
     reads: frozenset
-    tree: object  # a Cell, or a (left, right) pair of trees, or () for no layers
+    tree: object  # a Cell, a (left, right) pair of trees, or () for no layers (skipped)
 
     def cells(self) -> tuple[Cell, ...]:
         out, stack = [], [self.tree]
@@ -378,10 +378,8 @@ class _Path:
         return tuple(out)
 
 
-def _join(p: _Path | None, q: _Path) -> _Path:
-    """``p`` then ``q`` (``q.a`` is ``p.b``); ``q`` alone when ``p`` is None."""
-    if p is None:
-        return q
+def _join(p: _Path, q: _Path) -> _Path:
+    """``p`` then ``q`` (``q.a`` is ``p.b``; either may be the empty path)."""
     return _Path(p.a, q.b, p.cost + q.cost, p.time + q.time, p.mem + q.mem, p.foot + q.foot,
                  p.reads | q.reads, (p.tree, q.tree))
 
@@ -404,8 +402,7 @@ def _powers(step: dict[tuple, dict[tuple, Cell]], starts, length: int) -> list[d
                     cand = path.cost + cell.cost
                     if b2 not in reach or cand < reach[b2][0]:
                         reach[b2] = (cand, path, b, cell)
-            nxt[a] = {b2: _join(path, _one(b, b2, cell)) if path.tree != () else _one(a, b2, cell)
-                      for b2, (_, path, b, cell) in reach.items()}
+            nxt[a] = {b2: _join(path, _one(b, b2, cell)) for b2, (_, path, b, cell) in reach.items()}
         out.append(nxt)
     return out
 
@@ -433,8 +430,7 @@ def _chain_all(by_a: dict[tuple, dict[tuple, Cell]], lean_a: dict[tuple, dict[tu
                     cand = pre.cost + post.cost
                     if b not in ends or cand < ends[b][0]:
                         ends[b] = (cand, pre, post)
-            entries.extend(_join(pre, post) if post.tree != () else pre
-                           for _, pre, post in ends.values())
+            entries.extend(_join(pre, post) for _, pre, post in ends.values())
     return entries
 
 
