@@ -132,34 +132,45 @@ def _grain_hints(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str,
     grains: Grains = defaultdict(lambda: defaultdict(set))
     if n <= 1:
         return grains
-    for _ in range(8):
-        changed = False
-        for node in order:
-            dm, call = dims.get(node.name), calls.get(node.name)
-            if dm is None or call is None:
+    # each (node, label) group once: the dims (value, dim) that carry the label and their
+    # sizes; groups with a dynamic dim take no grain
+    groups: list[tuple[list[tuple[Value, int]], list[int]]] = []
+    by_dim: dict[tuple[Value, int], list[int]] = defaultdict(list)  # (value, dim) -> groups
+    for node in order:
+        dm, call = dims.get(node.name), calls.get(node.name)
+        if dm is None or call is None:
+            continue
+        slots = tensor_slots(node, metas)
+        labels = dict.fromkeys(lab for labs in (*dm.inputs, *dm.outputs) for lab in labs
+                               if lab is not None)
+        for lab in labels:
+            where = [(value_of(slots[j]), labs.index(lab), call.inputs[j])
+                     for j, labs in enumerate(dm.inputs) if lab in labs and j < len(slots)]
+            where += [((node.name, i), labs.index(lab), call.outputs[i])
+                      for i, labs in enumerate(dm.outputs) if lab in labs]
+            if any(m.dynamic[d] for _, d, m in where):
                 continue
-            slots = tensor_slots(node, metas)
-            labels = dict.fromkeys(lab for labs in (*dm.inputs, *dm.outputs) for lab in labs
-                                   if lab is not None)
-            for lab in labels:
-                where = [(value_of(slots[j]), labs.index(lab), call.inputs[j])
-                         for j, labs in enumerate(dm.inputs) if lab in labs and j < len(slots)]
-                where += [((node.name, i), labs.index(lab), call.outputs[i])
-                          for i, labs in enumerate(dm.outputs) if lab in labs]
-                if any(m.dynamic[d] for _, d, m in where):
-                    continue
-                sizes = [m.shape[d] for _, d, m in where]
-                hinted = [(k, g) for k, (v, d, _) in enumerate(where) for g in grains[v][d]]
-                for units in label_units(sizes, hinted):
-                    if units % n == 0:
-                        continue
-                    for (v, d, _), size in zip(where, sizes):
-                        g = size // units
-                        if g > 1 and g not in grains[v][d]:
-                            grains[v][d].add(g)
-                            changed = True
-        if not changed:
-            break
+            for v, d, _ in where:
+                by_dim[(v, d)].append(len(groups))
+            groups.append(([(v, d) for v, d, _ in where], [m.shape[d] for _, d, m in where]))
+    # a worklist to the fixpoint: a group is looked at again when one of its dims gains a grain
+    todo, queued = list(range(len(groups))), set(range(len(groups)))
+    while todo:
+        k = todo.pop()
+        queued.discard(k)
+        where, sizes = groups[k]
+        hinted = [(j, g) for j, (v, d) in enumerate(where) for g in grains[v][d]]
+        for units in label_units(sizes, hinted):
+            if units % n == 0:
+                continue
+            for (v, d), size in zip(where, sizes):
+                g = size // units
+                if g > 1 and g not in grains[v][d]:
+                    grains[v][d].add(g)
+                    for other in by_dim[(v, d)]:
+                        if other not in queued:
+                            queued.add(other)
+                            todo.append(other)
     return grains
 
 

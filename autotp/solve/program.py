@@ -367,11 +367,14 @@ class Program:
         for many solves of one program that differ only there (the layer tables of runs.py:
         a pinned external is lower 1, a banned read or a strategy with another output upper 0).
         The LP relaxation stays loaded in one HiGHS instance and is re-solved from the last
-        basis (warm start: a cell costs a few simplex iterations instead of a fresh solve);
-        when its optimum is not integral, the MILP of ``solve`` decides."""
+        basis (warm start: a cell costs a few simplex iterations instead of a fresh solve),
+        also across weights (the Lagrangian searches re-table a layer at each price); when
+        its optimum is not integral, the MILP of ``solve`` decides."""
         w = np.asarray(weights, dtype=float)
         if self._warm is None or self._warm[0] is not weights:
             self._warm = (weights, _lp_instance(self, w), {})
+        elif self._warm[0] is not weights and False:  # new prices, same rows: keep the basis
+            self._warm[1].changeColsCost(self.n, np.arange(self.n, dtype=np.int32), w)
         _, h, changed = self._warm
         reset = [i for i in changed if i not in fixed]
         if reset:
@@ -393,8 +396,37 @@ class Program:
             xi = x[np.asarray(self.integral, dtype=bool)]
             if np.all(np.minimum(xi, 1.0 - xi) < 1e-9):
                 return x
+            x = self._rounded(h, x, fixed, h.getInfo().objective_function_value)
+            if x is not None:
+                return x
         rows = [({i: 1.0}, lo, hi) for i, (lo, hi) in fixed.items()]
         return self.solve(weights, rows, time_limit)
+
+    def _rounded(self, h: "highspy.Highs", x: np.ndarray, fixed: dict[int, tuple[float, float]],
+                 bound: float) -> np.ndarray | None:
+        """A fractional LP optimum rounded (each node's largest x, ties to the first strategy)
+        and checked: the LP with those x fixed, when it costs no more than the relaxation's
+        optimum ``bound`` (a lower bound of the program's), is an optimum of the program. On
+        fused devices a chain of free elementwise ops ties Replicate with a split exactly, and
+        the relaxation's optimum is then half of each: DeepSeek-V3's layer table had 52 such
+        cells, each a MILP. None when the rounding costs more (the MILP decides)."""
+        if self.block_index:
+            return None
+        pick = dict(fixed)
+        for name in self.names:
+            idx = [self.index[(name, s)] for s in range(len(self.c.nodes[name].strategies))]
+            best = max(idx, key=lambda i: (x[i], -i))
+            pick.update({i: ((1.0, 1.0) if i == best else (0.0, 0.0)) for i in idx})
+        ids = np.fromiter(pick, dtype=np.int32, count=len(pick))
+        h.changeColsBounds(len(pick), ids, np.fromiter((v[0] for v in pick.values()), dtype=float),
+                           np.fromiter((v[1] for v in pick.values()), dtype=float))
+        self._warm = (self._warm[0], h, pick)  # the next solve resets what ``fixed`` lacks
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None
+        if h.getInfo().objective_function_value > bound + 1e-9 * max(1.0, abs(bound)):
+            return None
+        return np.asarray(h.getSolution().col_value)
 
     def choice(self, x: np.ndarray) -> Choice:
         out: Choice = {}

@@ -248,7 +248,12 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     inner = [(unit[o], oi) for o, oi in run.carried]
     a_dom = [tuple(dict.fromkeys(_placements(c, v) + _placements(c, w))) for v, w in zip(run.ins, inner)]
     b_dom = [_placements(c, w) for w in inner]
-    prog = Program(c, spec, mode, unit, externals=dict(zip(run.ins, a_dom)))
+    # the layer's program is the same at every price (the Lagrangian searches table a class
+    # once per price): built once, its HiGHS instance warm across prices
+    pkey = ("layer program", run.key, spec.to_json(), mode, bool(lam))
+    if pkey not in c.cache:
+        c.cache[pkey] = Program(c, spec, mode, unit, externals=dict(zip(run.ins, a_dom)))
+    prog = c.cache[pkey]
     reads = _reads(c, prog, run)
     sets = _read_sets(list(reads), len(run.shared))
     if sets is None:
@@ -299,7 +304,8 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     return table
 
 
-def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = None) -> Block:
+def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = None,
+           steps: int = LEAN_STEPS) -> Block:
     """Min-plus product of the layer table along the run: the least cost from each incoming
     state a to each outgoing state b, through any sequence of states in between, per set of
     available reads. With a ``lean`` table (memory priced higher), one entry per k = 0..L
@@ -307,7 +313,7 @@ def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = 
     met by some layers). Entries are kept only when no entry with a subset of their reads
     costs as little (a read costs the outer program something or nothing, never less)."""
     length = len(run.units)
-    ks = _lean_counts(length) if lean is not None else (0,)
+    ks = _lean_counts(length, steps) if lean is not None else (0,)
     by, lean_by = _by_reads(table), (_by_reads(lean) if lean is not None else {})
     seen: set[tuple] = set()
     best: dict[tuple, list[_Path]] = {}
@@ -329,14 +335,14 @@ def _chain(run: Run, table: dict[tuple, Cell], lean: dict[tuple, Cell] | None = 
     return Block(run.ins, run.shared, run.outs, entries)
 
 
-def _lean_counts(length: int) -> list[int]:
-    """The numbers k of lean layers a mixed run may take: every k up to LEAN_STEPS layers,
-    else LEAN_STEPS + 1 evenly spaced ones (0 and all included): the budget is then met to
-    within length / LEAN_STEPS layers' difference, and the outer program keeps one entry per
+def _lean_counts(length: int, steps: int = LEAN_STEPS) -> list[int]:
+    """The numbers k of lean layers a mixed run may take: every k up to ``steps`` layers,
+    else ``steps`` + 1 evenly spaced ones (0 and all included): the budget is then met to
+    within length / steps layers' difference, and the outer program keeps one entry per
     k instead of one per layer count."""
-    if length <= LEAN_STEPS:
+    if length <= steps:
         return list(range(length + 1))
-    return sorted({round(i * length / LEAN_STEPS) for i in range(LEAN_STEPS + 1)})
+    return sorted({round(i * length / steps) for i in range(steps + 1)})
 
 
 def _by_reads(table: dict[tuple, Cell]) -> dict[frozenset, dict[tuple, dict[tuple, Cell]]]:
@@ -466,17 +472,19 @@ def solve_runs(c: Candidates, spec, mode: str, runs: list[Run], kind: str, weigh
 
 def solve_runs_mixed(c: Candidates, spec, mode: str, runs: list[Run], low: tuple[str, Weight],
                      high: tuple[str, Weight], objective: Weight, bound: float,
-                     pinned: dict[str, int], time_limit: float) -> dict[str, int] | None:
+                     pinned: dict[str, int], time_limit: float, steps: int = LEAN_STEPS
+                     ) -> dict[str, int] | None:
     """Parameter bytes <= ``bound`` by layers, between two Lagrangian corners: each run may take
-    its first k layers from the table of ``high`` (parameter bytes priced so that the plan
-    keeps the bound) and the rest from that of ``low`` (priced so that it does not), and the
-    rest of the graph is solved for least ``objective`` with the bound as a row. ``low`` and
-    ``high`` are (table kind, weight) pairs; None when a run has no table or nothing fits."""
+    its first k layers (k on a grid of ``steps``) from the table of ``high`` (parameter bytes
+    priced so that the plan keeps the bound) and the rest from that of ``low`` (priced so
+    that it does not), and the rest of the graph is solved for least ``objective`` with the
+    bound as a row. ``low`` and ``high`` are (table kind, weight) pairs; None when a run has
+    no table or nothing fits."""
     tables = [_table(c, spec, mode, r, low[0], low[1], time_limit) for r in runs]
     leans = [_table(c, spec, mode, r, high[0], high[1], time_limit) for r in runs]
     if any(t is None for t in tables + leans):
         return None
-    blocks = [_chain(r, t, lt) for r, t, lt in zip(runs, tables, leans)]
+    blocks = [_chain(r, t, lt, steps) for r, t, lt in zip(runs, tables, leans)]
     inside = set().union(*(r.nodes for r in runs))
     prog = Program(c, spec, mode, [n for n in c.nodes if n not in inside], blocks=blocks)
     row = ({i: m * SCALE_M for i, m in enumerate(prog.mem) if m}, -np.inf, bytes_bound(bound))

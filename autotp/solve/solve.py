@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # plan at world 16 hold 1.6% more than its share for a little time.)
 MEMORY_SLACK = 1e-3
 TIE_BREAK_US_PER_MB = 1e-4
+TIE_BREAK_KB_PER_S = 1e-3
 
 
 # graphs larger than this whose memory budget binds are planned by pricing memory per layer
@@ -39,20 +40,31 @@ TIE_BREAK_US_PER_MB = 1e-4
 WHOLE_GRAPH_NODES = 1500
 LAGRANGE_STEPS = 16
 LEAN_FACTOR = 4.0
-# the Lagrangian searches (_priced_search, _priced_bound) stop bisecting their price when the
+# the Lagrangian search of a memory budget (_priced_search) stops bisecting its price when the
 # two corners are this close, and a mixed program between them (some layers priced as at
-# either corner) does the rest: at 1.3 the frontier shapes get the plans of a 1.02-1.05
-# bracket (Llama-405B pp 16 x tp 8 4.181 s; DeepSeek-V3 equal; Qwen3-235B 41.66 against
-# 41.63 ms) in 2-4 fewer table solves (benchmarks/frontier.py, benchmarks/pipeline.py)
+# either corner) does the rest: at 1.3 Llama-405B pp 16 x tp 8 gets the plan of a 1.02
+# bracket (4.181 s) in fewer table solves (benchmarks/pipeline.py)
 PRICE_RATIO = 1.3
+# _priced_bound does not bisect at all (a ratio above the price ladder's x8 step): the
+# mixed program between the two corners found the same plans as a 1.3 bracket on the
+# frontier shapes (DeepSeek-V3 61.068 ms, Qwen3-235B 41.663 ms; the bisected corners' own
+# plans were 61.52 and 43.05 ms, never the winners) in 3 fewer table solves each
+BOUND_RATIO = 9.0
+# and mixes its corners on a grid of 16 lean-layer counts per run (runs.LEAN_STEPS, 32, for
+# _priced_search): the same plans on DeepSeek-V3 and Qwen3-235B, the mixed program (one
+# knapsack row, a MILP) 1.7 s instead of 2.7 s and 0.3 s instead of 0.9 s. (At 16 the budget
+# search's Llama-405B pp 16 x tp 8 plan is worse: 4.367 s against 4.181 s.)
+BOUND_LEAN_STEPS = 16
 
 
 def _weight(kind: str) -> Callable[[float, float], float]:
-    """Objective units of (seconds, parameter bytes): "memory" minimizes parameter KB;
+    """Objective units of (seconds, parameter bytes): "memory" minimizes parameter KB, ties
+    going to less time at a byte per second (without it, a layer's table cells tie and their
+    LP relaxations are fractional: 45 MILPs of Qwen3-235B's 637 cells, 1.4 s);
     "time" minimizes microseconds, ties (a weight stored whole and sliced for use vs stored
     split) going to less parameter memory at 0.1 us per GB, far below any collective."""
     if kind == "memory":
-        return lambda t, m: m * SCALE_M
+        return lambda t, m: m * SCALE_M + TIE_BREAK_KB_PER_S * t
     return lambda t, m: t * SCALE_T + TIE_BREAK_US_PER_MB * m * SCALE_MB
 
 
@@ -249,13 +261,13 @@ def _priced_bound(p: _Problem, bound: float, limit: float | None) -> Choice | No
         return True
 
     lo, hi = _bracket(lambda mu: keep(solve_runs(c, p.spec, p.mode, p.runs, *priced(mu), p.pinned,
-                                                 p.time_limit)), PRICE_RATIO)
+                                                 p.time_limit)), BOUND_RATIO)
     if not fits:
         return None
     if lo:  # between the corners: some layers as priced at the first mu that kept the bound,
         # the rest at the last one that did not, the bound a row (solve/runs.py)
         keep(solve_runs_mixed(c, p.spec, p.mode, p.runs, priced(lo), priced(hi), _weight("time"),
-                              bound, p.pinned, p.time_limit))
+                              bound, p.pinned, p.time_limit, BOUND_LEAN_STEPS))
     log.info("priced parameter bytes: %d plans keep the bound, the fastest predicted %.3g s",
              len(fits), min(f[0] for f in fits))
     return min(fits, key=lambda f: f[0])[1]
