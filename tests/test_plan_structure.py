@@ -79,3 +79,71 @@ def test_llama_plan_uses_the_layer_decomposition(old_rotary: bool, monkeypatch) 
     # ... and the largest one (the graph outside the runs, one block per run) barely does
     assert max(sizes8) <= 1.1 * max(sizes4)
     assert max(sizes8) < 0.5 * nodes8 * 20  # far below a whole-graph program
+
+
+def _grains_by_passes(order, calls, dims, metas, value_of, n, passes=None):
+    """The grain hints by whole passes over the graph until nothing changes (``passes``: at
+    most that many), the definition ``candidates._grain_hints`` computes by a worklist."""
+    from collections import defaultdict
+    from autotp.candidates import tensor_slots
+    from autotp.rules.enumerate import label_units
+    grains = defaultdict(lambda: defaultdict(set))
+    k = 0
+    while passes is None or k < passes:
+        k += 1
+        changed = False
+        for node in order:
+            dm, call = dims.get(node.name), calls.get(node.name)
+            if dm is None or call is None:
+                continue
+            slots = tensor_slots(node, metas)
+            for lab in dict.fromkeys(x for labs in (*dm.inputs, *dm.outputs) for x in labs if x is not None):
+                where = [(value_of(slots[j]), labs.index(lab), call.inputs[j])
+                         for j, labs in enumerate(dm.inputs) if lab in labs and j < len(slots)]
+                where += [((node.name, i), labs.index(lab), call.outputs[i])
+                          for i, labs in enumerate(dm.outputs) if lab in labs]
+                if any(m.dynamic[d] for _, d, m in where):
+                    continue
+                sizes = [m.shape[d] for _, d, m in where]
+                hinted = [(j, g) for j, (v, d, _) in enumerate(where) for g in grains[v][d]]
+                for units in label_units(sizes, hinted):
+                    if units % n:
+                        for (v, d, _), size in zip(where, sizes):
+                            if size // units > 1 and size // units not in grains[v][d]:
+                                grains[v][d].add(size // units)
+                                changed = True
+        if not changed:
+            break
+    return {(v, d): s for v, dd in grains.items() for d, s in dd.items() if s}
+
+
+def test_grain_hints_reach_their_fixpoint(monkeypatch) -> None:
+    """Grain hints (whole heads, whole kv groups, for splits the world size doesn't divide)
+    are the fixpoint of their propagation, however many steps it takes. On a small Qwen3-MoE
+    (16 heads, 4 kv heads, world 8) a cap of 8 passes over the graph (the propagation until
+    this change) stopped short of it, as it did on Qwen3-235B, whose q projections then
+    missed the kv-group grain."""
+    import autotp.candidates as C
+    seen = {}
+    real = C._grain_hints
+
+    def recorded(*a):
+        out = real(*a)
+        seen["args"], seen["grains"] = a, {(v, d): s for v, dd in out.items() for d, s in dd.items() if s}
+        return out
+
+    monkeypatch.setattr(C, "_grain_hints", recorded)
+    import transformers as T
+    cfg = T.Qwen3MoeConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                           moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                           num_attention_heads=16, num_key_value_heads=4, head_dim=16, vocab_size=128)
+    with torch.device("meta"):
+        model = T.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.zeros(1, 64, dtype=torch.long, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build(capture(model, (), {"input_ids": ids, "use_cache": False}), 8)
+    full = _grains_by_passes(*seen["args"])
+    assert seen["grains"] == full
+    capped = _grains_by_passes(*seen["args"], passes=8)
+    assert capped != full, "the 8-pass cap reaches the fixpoint here: the test no longer shows it"
