@@ -67,7 +67,7 @@ def run_part(name: str, quick: bool, peer: bool) -> dict:
         print(scale_out.report_recipe(res["recipe"]))
     elif name == "compile":  # issue 17 (imported here: it turns inductor's caches off for the process)
         from benchmarks import compile as compile_bench
-        res = compile_bench.run(iters=4 if quick else 10)
+        res = compile_bench.run(iters=4 if quick else 20)
         print(compile_bench.report(res))
     elif name == "pipeline":  # issue 18: 3-D layout of the 405B shape, bubble on gloo pp 2
         from benchmarks import pipeline as pipeline_bench

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -470,7 +472,30 @@ def _lp_instance(prog: Program, w: np.ndarray) -> "highspy.Highs":
     lp.row_lower_, lp.row_upper_ = np.asarray(lb, dtype=float), np.asarray(ub, dtype=float)
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
-    h = highspy.Highs()
+    h = _highs()
     h.setOptionValue("output_flag", False)
     h.passModel(lp)
+    return h
+
+
+_BANNER_SHOWN = False
+
+
+def _highs() -> "highspy.Highs":
+    """A HiGHS instance. The first one a process makes prints HiGHS' banner to the C-level
+    stdout before any option can turn output off: that one is made with file descriptor 1
+    pointed at /dev/null, so that every rank of a job does not print two lines of licence text."""
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN:
+        return highspy.Highs()
+    _BANNER_SHOWN = True
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
     return h
