@@ -200,10 +200,29 @@ def _redistribute_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _redistribute_backward(ctx, g: torch.Tensor):
-    return torch.ops.autotp.redistribute(g, ctx.key, not ctx.backward), None, None
+    mod, back = _LIVE[ctx.key], not ctx.backward
+    if (mod.grad_src == mod.grad_dst) if back else (mod.src == mod.dst):
+        return g, None, None  # an identity conversion: no op, no copy
+    return torch.ops.autotp.redistribute(g, ctx.key, back), None, None
 
 
 redistribute_op.register_autograd(_redistribute_backward, setup_context=_redistribute_setup)
+
+
+class _GradOnly(torch.autograd.Function):
+    """A transition whose forward is the identity (Megatron's f: Replicate in, Replicate out,
+    the gradient all-reduced): the value passes as a view, and only the backward is the
+    custom op. Through the op both ways it cost a copy per call (an op's output may not alias
+    its input) and an opaque call in the compiled forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: int) -> torch.Tensor:
+        ctx.key = key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return torch.ops.autotp.redistribute(g, ctx.key, True), None
 
 
 class Redistribute(nn.Module):
@@ -274,6 +293,10 @@ class Redistribute(nn.Module):
                 f"with pieces shared by several ranks ({self.src} -> {self.dst}: key/value heads "
                 f"fewer than ranks), which has no exact gradient. Run it under torch.no_grad(), "
                 f"or parallelize with mode='training' to train.")
+        if self.src == self.dst:
+            if self.grad_src == self.grad_dst or not (torch.is_grad_enabled() and x.requires_grad):
+                return x
+            return _GradOnly.apply(x, self.key)
         return torch.ops.autotp.redistribute(x, self.key, False)
 
     def extra_repr(self) -> str:
