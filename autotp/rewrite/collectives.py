@@ -237,6 +237,9 @@ class Redistribute(nn.Module):
         self.src, self.dst, self.grad_src, self.grad_dst = src, dst, grad_src, dual(src)
         self.shape = tuple(shape) if shape is not None else None
         self.where = where  # the value and module, for error messages
+        # a fresh output even when the forward is the identity: a consumer writes it in place
+        # (relu_, index_copy_), which a view made inside _GradOnly may not be (rewrite.py sets it)
+        self.fresh = False
         self.key = self._register()
 
     def _register(self) -> int:
@@ -293,7 +296,7 @@ class Redistribute(nn.Module):
                 f"with pieces shared by several ranks ({self.src} -> {self.dst}: key/value heads "
                 f"fewer than ranks), which has no exact gradient. Run it under torch.no_grad(), "
                 f"or parallelize with mode='training' to train.")
-        if self.src == self.dst:
+        if self.src == self.dst and not self.fresh:
             if self.grad_src == self.grad_dst or not (torch.is_grad_enabled() and x.requires_grad):
                 return x
             return _GradOnly.apply(x, self.key)

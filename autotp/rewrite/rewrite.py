@@ -30,7 +30,7 @@ from autotp.errors import AutoTPInternalError
 from autotp.core.placements import Placement, Replicate, Shard, local_size, shard_tensor
 from autotp.rules import SplitDraw, op_info, random_op, rule_for
 from autotp.cost.evaluate import Choice
-from autotp.candidates import Candidates, NodeKind
+from autotp.candidates import Candidates, NodeKind, writes_first_arg
 
 
 def value_placement(c: Candidates, choice: Choice, name: str) -> Placement:
@@ -167,6 +167,10 @@ def _transitions(c: Candidates, choice: Choice, comm: Comm) -> None:
         rule = rule_for(node)  # a fallback node runs replicated: its global sizes are local
         if rule is not None and rule.localize is not None and not nc.fallback:
             rule.localize(node, st, n, rank)
+    for rn in made.values():  # an in-place consumer gets a fresh tensor, never a view
+        if any(u.op == "call_function" and writes_first_arg(u.target) and u.args and u.args[0] is rn
+               for u in rn.users):
+            gm.get_submodule(rn.target).fresh = True
 
 
 class SplitRandom(nn.Module):

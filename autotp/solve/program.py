@@ -27,7 +27,8 @@ same (Q, G): the rewrite issues one collective for all of them, and the model ch
 Runs of identical layers (solve/runs.py) are solved once per boundary state and joined by a
 min-plus product; ``solve`` uses that when the memory bound does not bind and solves the
 whole program when it does, so the result is the optimum either way.
-``objective="memory"`` is lexicographic: first least parameter (and KV cache) bytes, then least time among
+``objective="memory"`` is lexicographic: first least parameter (and KV cache) bytes (ties broken
+by time at a byte per second, to within the solvers' tolerances), then least time among
 plans within MEMORY_SLACK (0.1%) of a rank's even share (total / world size) above that least; both under the
 budget. Activations enter only through the budget: when it binds, the solver keeps fewer of
 them (a sequence-split norm region keeps 1/n of its outputs), never to save time. ``evaluate`` is
@@ -369,14 +370,12 @@ class Program:
         for many solves of one program that differ only there (the layer tables of runs.py:
         a pinned external is lower 1, a banned read or a strategy with another output upper 0).
         The LP relaxation stays loaded in one HiGHS instance and is re-solved from the last
-        basis (warm start: a cell costs a few simplex iterations instead of a fresh solve),
-        also across weights (the Lagrangian searches re-table a layer at each price); when
-        its optimum is not integral, the MILP of ``solve`` decides."""
+        basis (warm start: a cell costs a few simplex iterations instead of a fresh solve);
+        when its optimum is not integral, ``_rounded`` or else the MILP of ``solve`` decides.
+        New weights load a new instance (keeping the basis across prices measured no faster)."""
         w = np.asarray(weights, dtype=float)
         if self._warm is None or self._warm[0] is not weights:
             self._warm = (weights, _lp_instance(self, w), {})
-        elif self._warm[0] is not weights and False:  # new prices, same rows: keep the basis
-            self._warm[1].changeColsCost(self.n, np.arange(self.n, dtype=np.int32), w)
         _, h, changed = self._warm
         reset = [i for i in changed if i not in fixed]
         if reset:
@@ -428,7 +427,9 @@ class Program:
             return None
         if h.getInfo().objective_function_value > bound + 1e-9 * max(1.0, abs(bound)):
             return None
-        return np.asarray(h.getSolution().col_value)
+        x = np.asarray(h.getSolution().col_value)
+        xi = x[np.asarray(self.integral, dtype=bool)]
+        return x if np.all(np.minimum(xi, 1.0 - xi) < 1e-9) else None
 
     def choice(self, x: np.ndarray) -> Choice:
         out: Choice = {}
@@ -489,8 +490,12 @@ def _highs() -> "highspy.Highs":
     if _BANNER_SHOWN:
         return highspy.Highs()
     _BANNER_SHOWN = True
-    sys.stdout.flush()
-    saved = os.dup(1)
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        saved = os.dup(1)
+    except OSError:  # no fd 1 to point elsewhere: the banner cannot reach anyone either
+        return highspy.Highs()
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)

@@ -249,8 +249,9 @@ def _table(c: Candidates, spec, mode: str, run: Run, kind: str, weight: Weight,
     a_dom = [tuple(dict.fromkeys(_placements(c, v) + _placements(c, w))) for v, w in zip(run.ins, inner)]
     b_dom = [_placements(c, w) for w in inner]
     # the layer's program is the same at every price (the Lagrangian searches table a class
-    # once per price): built once, its HiGHS instance warm across prices
-    pkey = ("layer program", run.key, spec.to_json(), mode, bool(lam))
+    # once per price): built once per run (its variables are named by the run's own nodes:
+    # another run of the class, e.g. after a pin, gets its own)
+    pkey = ("layer program", unit, run.ins, spec.to_json(), mode, bool(lam))
     if pkey not in c.cache:
         c.cache[pkey] = Program(c, spec, mode, unit, externals=dict(zip(run.ins, a_dom)))
     prog = c.cache[pkey]

@@ -241,9 +241,10 @@ def _priced_search(p: _Problem, limit: float) -> Choice | None:
 def _priced_bound(p: _Problem, bound: float, limit: float | None) -> Choice | None:
     """objective="memory"'s second step on deep models: the least time with parameter bytes
     <= ``bound``, by layers, as a Lagrangian search: minimize time + mu * parameter bytes
-    (solve/runs.py tables for each mu, mu in microseconds per KB), mu raised until the plan
-    keeps the bound, then bisected (geometrically) between the last mu that did not and the
-    first that did; the fastest plan that keeps the bound (and fits ``limit``) wins. None
+    (solve/runs.py tables for each mu, mu in microseconds per KB), mu raised x8 until the
+    plan keeps the bound (not bisected further: BOUND_RATIO), then the mixed program between
+    the last mu that did not and the first that did (some layers priced as at either, the
+    bound a row); the fastest plan that keeps the bound (and fits ``limit``) wins. None
     when no mu keeps it (the caller solves the whole graph). Keeps the bound; not proven
     optimal (a plan between two Lagrangian corners can be missed)."""
     c = p.c
