@@ -132,10 +132,32 @@ def _grain_hints(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str,
     grains: Grains = defaultdict(lambda: defaultdict(set))
     if n <= 1:
         return grains
-    # each (node, label) group once: the dims (value, dim) that carry the label and their
-    # sizes; groups with a dynamic dim take no grain
-    groups: list[tuple[list[tuple[Value, int]], list[int]]] = []
+    groups = grain_groups(order, calls, dims, metas, value_of)
     by_dim: dict[tuple[Value, int], list[int]] = defaultdict(list)  # (value, dim) -> groups
+    for k, (where, _) in enumerate(groups):
+        for vd in where:
+            by_dim[vd].append(k)
+    # a worklist to the fixpoint: a group is looked at again when one of its dims gains a grain
+    todo, queued = list(range(len(groups))), set(range(len(groups)))
+    while todo:
+        k = todo.pop()
+        queued.discard(k)
+        for vd in grain_step(*groups[k], grains, n):
+            for other in by_dim[vd]:
+                if other not in queued:
+                    queued.add(other)
+                    todo.append(other)
+    return grains
+
+
+GrainGroup = tuple[list[tuple[Value, int]], list[int]]  # the (value, dim)s of one label, their sizes
+
+
+def grain_groups(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str, DimMap | None],
+                 metas: dict, value_of) -> list[GrainGroup]:
+    """Each (node, label) of the graph once: the dims (value, dim) that carry the label and
+    their sizes; a label with a dynamic dim takes no grain and is left out."""
+    groups: list[GrainGroup] = []
     for node in order:
         dm, call = dims.get(node.name), calls.get(node.name)
         if dm is None or call is None:
@@ -148,30 +170,27 @@ def _grain_hints(order: list[fx.Node], calls: dict[str, OpCall], dims: dict[str,
                      for j, labs in enumerate(dm.inputs) if lab in labs and j < len(slots)]
             where += [((node.name, i), labs.index(lab), call.outputs[i])
                       for i, labs in enumerate(dm.outputs) if lab in labs]
-            if any(m.dynamic[d] for _, d, m in where):
-                continue
-            for v, d, _ in where:
-                by_dim[(v, d)].append(len(groups))
-            groups.append(([(v, d) for v, d, _ in where], [m.shape[d] for _, d, m in where]))
-    # a worklist to the fixpoint: a group is looked at again when one of its dims gains a grain
-    todo, queued = list(range(len(groups))), set(range(len(groups)))
-    while todo:
-        k = todo.pop()
-        queued.discard(k)
-        where, sizes = groups[k]
-        hinted = [(j, g) for j, (v, d) in enumerate(where) for g in grains[v][d]]
-        for units in label_units(sizes, hinted):
-            if units % n == 0:
-                continue
-            for (v, d), size in zip(where, sizes):
-                g = size // units
-                if g > 1 and g not in grains[v][d]:
-                    grains[v][d].add(g)
-                    for other in by_dim[(v, d)]:
-                        if other not in queued:
-                            queued.add(other)
-                            todo.append(other)
-    return grains
+            if not any(m.dynamic[d] for _, d, m in where):
+                groups.append(([(v, d) for v, d, _ in where], [m.shape[d] for _, d, m in where]))
+    return groups
+
+
+def grain_step(where: list[tuple[Value, int]], sizes: list[int], grains: Grains, n: int
+               ) -> list[tuple[Value, int]]:
+    """One group's propagation: every unit count of its label that ``n`` does not divide
+    (``label_units``, given the grains its dims have) adds the grain size // units to each dim.
+    Returns the dims that gained one."""
+    gained = []
+    hinted = [(j, g) for j, (v, d) in enumerate(where) for g in grains[v][d]]
+    for units in label_units(sizes, hinted):
+        if units % n == 0:
+            continue
+        for (v, d), size in zip(where, sizes):
+            g = size // units
+            if g > 1 and g not in grains[v][d]:
+                grains[v][d].add(g)
+                gained.append((v, d))
+    return gained
 
 
 def _static_shard(nc: NodeCands, oi: int) -> bool:

@@ -82,36 +82,19 @@ def test_llama_plan_uses_the_layer_decomposition(old_rotary: bool, monkeypatch) 
 
 
 def _grains_by_passes(order, calls, dims, metas, value_of, n, passes=None):
-    """The grain hints by whole passes over the graph until nothing changes (``passes``: at
-    most that many), the definition ``candidates._grain_hints`` computes by a worklist."""
+    """The grain hints by whole passes over the graph's label groups until nothing changes
+    (``passes``: at most that many), the definition ``candidates._grain_hints`` computes by a
+    worklist."""
     from collections import defaultdict
-    from autotp.candidates import tensor_slots
-    from autotp.rules.enumerate import label_units
+    from autotp.candidates import grain_groups, grain_step
+    groups = grain_groups(order, calls, dims, metas, value_of)
     grains = defaultdict(lambda: defaultdict(set))
     k = 0
     while passes is None or k < passes:
         k += 1
         changed = False
-        for node in order:
-            dm, call = dims.get(node.name), calls.get(node.name)
-            if dm is None or call is None:
-                continue
-            slots = tensor_slots(node, metas)
-            for lab in dict.fromkeys(x for labs in (*dm.inputs, *dm.outputs) for x in labs if x is not None):
-                where = [(value_of(slots[j]), labs.index(lab), call.inputs[j])
-                         for j, labs in enumerate(dm.inputs) if lab in labs and j < len(slots)]
-                where += [((node.name, i), labs.index(lab), call.outputs[i])
-                          for i, labs in enumerate(dm.outputs) if lab in labs]
-                if any(m.dynamic[d] for _, d, m in where):
-                    continue
-                sizes = [m.shape[d] for _, d, m in where]
-                hinted = [(j, g) for j, (v, d, _) in enumerate(where) for g in grains[v][d]]
-                for units in label_units(sizes, hinted):
-                    if units % n:
-                        for (v, d, _), size in zip(where, sizes):
-                            if size // units > 1 and size // units not in grains[v][d]:
-                                grains[v][d].add(size // units)
-                                changed = True
+        for where, sizes in groups:
+            changed = bool(grain_step(where, sizes, grains, n)) or changed
         if not changed:
             break
     return {(v, d): s for v, dd in grains.items() for d, s in dd.items() if s}

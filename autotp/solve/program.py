@@ -349,10 +349,8 @@ class Program:
         lp = milp(w, constraints=cons, bounds=Bounds(0, 1), options={"time_limit": time_limit})
         if lp.status == 2:
             return None
-        if lp.x is not None and lp.status == 0:
-            xi = lp.x[np.asarray(self.integral, dtype=bool)]
-            if np.all(np.minimum(xi, 1.0 - xi) < 1e-9):
-                return lp.x
+        if lp.x is not None and lp.status == 0 and self._integral(lp.x):
+            return lp.x
         res = milp(w, constraints=cons, integrality=np.asarray(self.integral), bounds=Bounds(0, 1),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-7})
         if res.x is None:
@@ -394,8 +392,7 @@ class Program:
             return None
         if status == highspy.HighsModelStatus.kOptimal:
             x = np.asarray(h.getSolution().col_value)
-            xi = x[np.asarray(self.integral, dtype=bool)]
-            if np.all(np.minimum(xi, 1.0 - xi) < 1e-9):
+            if self._integral(x):
                 return x
             x = self._rounded(h, x, fixed, h.getInfo().objective_function_value)
             if x is not None:
@@ -428,8 +425,12 @@ class Program:
         if h.getInfo().objective_function_value > bound + 1e-9 * max(1.0, abs(bound)):
             return None
         x = np.asarray(h.getSolution().col_value)
+        return x if self._integral(x) else None
+
+    def _integral(self, x: np.ndarray) -> bool:
+        """Whether every binary of ``x`` is 0 or 1 (within 1e-9)."""
         xi = x[np.asarray(self.integral, dtype=bool)]
-        return x if np.all(np.minimum(xi, 1.0 - xi) < 1e-9) else None
+        return bool(np.all(np.minimum(xi, 1.0 - xi) < 1e-9))
 
     def choice(self, x: np.ndarray) -> Choice:
         out: Choice = {}
