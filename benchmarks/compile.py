@@ -10,7 +10,8 @@ thread per process (``TORCHINDUCTOR_COMPILE_THREADS=1``):
 - step time (forward + backward), interleaved, the Llama-style model of runtime.py (hidden
   512, 2 layers): autotp eager, autotp compiled (``fullgraph=True``), and the hand-written
   Megatron model of runtime.py eager and compiled (its collectives are in-place
-  ``dist.all_reduce`` calls: Dynamo breaks the graph there, so not fullgraph). Targets: autotp
+  ``dist.all_reduce`` calls, which Dynamo rewrites into functional collectives: one graph,
+  ``torch._dynamo.explain`` counts no break). Targets: autotp
   compiled / Megatron compiled <= 1.00; autotp compiled against autotp eager reported.
 
     python benchmarks/compile.py [--iters 10]

@@ -1,11 +1,12 @@
-"""torch.compile of the parallel module (issue 17): the collectives are one custom op
-(``autotp::redistribute``, rewrite/collectives.py) with its backward registered, so
-``torch.compile(tp, fullgraph=True)`` traces the whole per-rank program. On real gloo processes
+"""torch.compile of the parallel module (issue 17): each transition is one autograd Function
+over torch.distributed calls Dynamo rewrites into functional collectives, counted in a tensor
+(rewrite/collectives.py), so ``torch.compile(tp, fullgraph=True)`` traces the whole per-rank
+program. On real gloo processes
 at world 2, compiled forward, gradients and an AdamW step equal one device within 1e-5 for
 Llama (grouped-query attention), GPT-2 and BERT; the collectives the compiled module issues are
 the plan's; new batch sizes and sequence lengths don't recompile once the shapes went dynamic
 (checked with the public ``torch.compiler.set_stance("fail_on_recompile")``). aot_eager runs
-Dynamo and AOTAutograd (the op's registered backward) without code generation; inductor, the
+Dynamo and AOTAutograd (the Function's backward) without code generation; inductor, the
 default backend, compiles Llama too."""
 from __future__ import annotations
 

@@ -32,8 +32,6 @@ dim that the world size divides it (else the pieces would be uneven and the gath
 """
 from __future__ import annotations
 
-import itertools
-import weakref
 from collections import Counter
 from typing import Sequence
 
@@ -47,14 +45,60 @@ from autotp.core.placements import (Placement, Shard, local_size, local_sizes, l
                                     shard_tensor, unshard)
 
 
+# the counted (kind, phase) pairs: one cell each of ``Comm.tally`` (see Comm)
+KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+PHASES = ("forward", "backward")
+_CELL = {(k, p): i for i, (k, p) in enumerate((k, p) for k in KINDS for p in PHASES)}
+
+
+@torch.library.custom_op("autotp::tally", mutates_args=("tally",))
+def _tally(tally: torch.Tensor, cell: int) -> None:
+    """``tally[cell] += 1``, as one opaque call: compiled, inductor calls it where the graph
+    does, instead of generating (and building) a kernel for each count, which took a 2-layer
+    Llama's first compile from about 20 to 55 s."""
+    tally[cell] += 1
+
+
+@_tally.register_fake
+def _tally_fake(tally: torch.Tensor, cell: int) -> None:
+    return None
+
+
 class Comm:
-    """Transport for the collectives of one tensor-parallel group."""
+    """Transport for the collectives of one tensor-parallel group.
+
+    Counts: each collective adds one to its (kind, phase) cell of ``tally``, an int64 tensor,
+    in place. A tensor, not a Python counter, so that a compiled program counts too: under
+    torch.compile the increment is an op of the graph and runs each time the graph runs,
+    where a Python-side count would run once, at trace time (and an autograd Function that
+    mutates Python state is an "unsafe side effect" that breaks ``fullgraph=True``).
+    Phases other than forward/backward (``calibrate``) are counted in ``other``."""
 
     rank: int
     world_size: int
 
     def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
+        self.tally = torch.zeros(len(_CELL), dtype=torch.int64)
+        self.other: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def counts(self) -> Counter[tuple[str, str]]:
+        """Collectives run so far, by (kind, phase): a snapshot."""
+        out = Counter({key: int(v) for key, v in zip(_CELL, self.tally.tolist()) if v})
+        out.update(self.other)
+        return out
+
+    def count(self, kind: str, phase: str) -> None:
+        cell = _CELL.get((kind, phase))
+        if cell is None:
+            self.other[(kind, phase)] += 1
+        else:
+            _tally(self.tally, cell)
+
+    def clear_counts(self) -> None:
+        with torch.no_grad():
+            self.tally.zero_()
+        self.other.clear()
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,8 +109,22 @@ class Comm:
     def reduce_scatter(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (equal shapes) concatenated along dim 0."""
+        return torch.cat(self.all_gather(t))
+
+    def scatter_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's n-th of the sum over ranks of ``t``, along dim 0 (which n divides)."""
+        return self.reduce_scatter(list(t.chunk(self.world_size)))
+
 
 class DistComm(Comm):
+    """torch.distributed's collectives, called as Dynamo traces them: under torch.compile each
+    becomes a functional collective in the graph (issued, then waited for where its result is
+    first read), in eager a blocking call. The gather and scatter run on dim 0 of one
+    contiguous tensor (``all_gather_single`` / ``reduce_scatter_single``), the forms both
+    gloo and NCCL take and Dynamo rewrites."""
+
     def __init__(self, group: dist.ProcessGroup | None = None):
         super().__init__()
         self.group = group
@@ -79,15 +137,21 @@ class DistComm(Comm):
         return out
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        t = t.contiguous()
-        outs = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(outs, t, group=self.group)
-        return outs
+        return list(self.gather_rows(t).chunk(self.world_size))
 
     def reduce_scatter(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
-        chunks = [c.contiguous() for c in chunks]
-        out = torch.empty_like(chunks[self.rank])
-        dist.reduce_scatter(out, chunks, group=self.group)
+        return self.scatter_rows(torch.cat([c.unsqueeze(0) for c in chunks]))[0]
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        out = t.new_empty((self.world_size * t.shape[0], *t.shape[1:]))
+        dist.all_gather_single(out, t, group=self.group)
+        return out
+
+    def scatter_rows(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        out = t.new_empty((t.shape[0] // self.world_size, *t.shape[1:]))
+        dist.reduce_scatter_single(out, t, group=self.group)
         return out
 
 
@@ -108,6 +172,8 @@ def gather_shards(comm: Comm, x: torch.Tensor, p: Shard, size: int | None = None
         size = x.shape[d] * n // (p.rep or 1) if p.blocks is None else sum(p.blocks)
     sizes = local_sizes(p, size, n)
     m = max(sizes)
+    if d == 0 and p.blocks is None and p.rep is None and min(sizes) == m:
+        return comm.gather_rows(x)  # rank order along dim 0 is the full tensor: no cat
     parts = comm.all_gather(_pad_to(x, d, m))
     return unshard([t.narrow(d, 0, k) for t, k in zip(parts, sizes)], p)
 
@@ -118,6 +184,8 @@ def scatter_reduce(comm: Comm, x: torch.Tensor, p: Shard) -> torch.Tensor:
     d = p.dim % x.dim()
     sizes = local_sizes(p, x.shape[d], n)
     m = max(sizes)
+    if d == 0 and p.blocks is None and p.rep is None and min(sizes) == m:
+        return comm.scatter_rows(x)  # x's rows are already rank-major: no copy
     chunks = [_pad_to(c, d, m) for c in rank_major(x, p, n).split(sizes, dim=d)]
     return comm.reduce_scatter(chunks).narrow(d, 0, sizes[comm.rank])
 
@@ -160,69 +228,34 @@ def convert(x: torch.Tensor, src: Placement, dst: Placement, comm: Comm, phase: 
                 raise AutoTPInternalError(f"reduce_scatter to {dst}: only to a Shard")
             x = scatter_reduce(comm, x, dst)
         if op != "slice":
-            comm.counts[(op, phase)] += 1
+            comm.count(op, phase)
     return x if ops else x.view_as(x)
 
 
-# ---- the transition as a torch.library custom op ---------------------------------------------
-# ``autotp::redistribute(x, key, backward)`` runs one Redistribute's forward conversion (or, with
-# ``backward``, its gradient's), and its registered autograd formula is the other one. An op is
-# opaque to torch.compile: Dynamo and AOTAutograd trace through the program and keep each
-# transition as one call with the right backward, its fake implementation gives the output's
-# shape, and the collective (and its count in ``Comm.counts``) runs when the compiled code runs,
-# not when it is traced. Custom ops take numbers, not modules: ``key`` names the Redistribute in
-# ``_LIVE``, a weak table (a module that is gone leaves it).
-_LIVE: "weakref.WeakValueDictionary[int, Redistribute]" = weakref.WeakValueDictionary()
-_KEYS = itertools.count()
-
-
-@torch.library.custom_op("autotp::redistribute", mutates_args=())
-def redistribute_op(x: torch.Tensor, key: int, backward: bool) -> torch.Tensor:
-    mod = _LIVE[key]
-    if backward:
-        out = convert(x, mod.grad_src, mod.grad_dst, mod.comm, "backward", mod.size_of(mod.grad_src))
-    else:
+# ---- the transition as an autograd Function ----------------------------------------------------
+# ``_Transition`` runs one Redistribute's forward conversion, and its backward the gradient's.
+# Everything in it traces: torch.compile (Dynamo, then AOTAutograd for the backward) follows the
+# placement logic at trace time on static shard sizes, records the collectives as functional
+# collectives (DistComm), and the counts as in-place adds to ``Comm.tally``; so
+# ``torch.compile(tp, fullgraph=True)`` takes the whole per-rank program, and inductor may run
+# compute while a collective is in flight (it waits where the result is first read). An
+# identity forward (Megatron's f) returns a view of its input: no copy, only the backward's
+# collective.
+class _Transition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mod: "Redistribute") -> torch.Tensor:
+        ctx.mod = mod
         mod.check_even(x)
         out = convert(x, mod.src, mod.dst, mod.comm, "forward", mod.size_of(mod.src))
-    # an op's output may not alias its input (an identity conversion returns a view)
-    return out.clone() if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else out
-
-
-@redistribute_op.register_fake
-def _redistribute_fake(x: torch.Tensor, key: int, backward: bool) -> torch.Tensor:
-    mod = _LIVE[key]
-    src, dst = (mod.grad_src, mod.grad_dst) if backward else (mod.src, mod.dst)
-    return x.new_empty(mod.local_shape(tuple(x.shape), src, dst))
-
-
-def _redistribute_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    ctx.key, ctx.backward = inputs[1], inputs[2]
-
-
-def _redistribute_backward(ctx, g: torch.Tensor):
-    mod, back = _LIVE[ctx.key], not ctx.backward
-    if (mod.grad_src == mod.grad_dst) if back else (mod.src == mod.dst):
-        return g, None, None  # an identity conversion: no op, no copy
-    return torch.ops.autotp.redistribute(g, ctx.key, back), None, None
-
-
-redistribute_op.register_autograd(_redistribute_backward, setup_context=_redistribute_setup)
-
-
-class _GradOnly(torch.autograd.Function):
-    """A transition whose forward is the identity (Megatron's f: Replicate in, Replicate out,
-    the gradient all-reduced): the value passes as a view, and only the backward is the
-    custom op. Through the op both ways it cost a copy per call (an op's output may not alias
-    its input) and an opaque call in the compiled forward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, key: int) -> torch.Tensor:
-        ctx.key = key
-        return x.view_as(x)
+        # a consumer that writes its input in place (relu_) may not write a view made here
+        return out.clone() if mod.fresh and mod.src == mod.dst else out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return torch.ops.autotp.redistribute(g, ctx.key, True), None
+        mod = ctx.mod
+        if mod.grad_src == mod.grad_dst:
+            return g, None  # an identity conversion: no op, no copy
+        return convert(g, mod.grad_src, mod.grad_dst, mod.comm, "backward", mod.size_of(mod.grad_src)), None
 
 
 class Redistribute(nn.Module):
@@ -238,18 +271,8 @@ class Redistribute(nn.Module):
         self.shape = tuple(shape) if shape is not None else None
         self.where = where  # the value and module, for error messages
         # a fresh output even when the forward is the identity: a consumer writes it in place
-        # (relu_, index_copy_), which a view made inside _GradOnly may not be (rewrite.py sets it)
+        # (relu_, index_copy_), which a view made inside _Transition may not be (rewrite.py sets it)
         self.fresh = False
-        self.key = self._register()
-
-    def _register(self) -> int:
-        key = next(_KEYS)
-        _LIVE[key] = self
-        return key
-
-    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) is a module of its own
-        super().__setstate__(state)
-        self.key = self._register()
 
     def local_shape(self, shape: tuple, src: Placement, dst: Placement) -> tuple:
         """The local shape of ``src -> dst``'s output given its input's (``convert``'s sizes: a
@@ -296,11 +319,10 @@ class Redistribute(nn.Module):
                 f"with pieces shared by several ranks ({self.src} -> {self.dst}: key/value heads "
                 f"fewer than ranks), which has no exact gradient. Run it under torch.no_grad(), "
                 f"or parallelize with mode='training' to train.")
-        if self.src == self.dst and not self.fresh:
-            if self.grad_src == self.grad_dst or not (torch.is_grad_enabled() and x.requires_grad):
-                return x
-            return _GradOnly.apply(x, self.key)
-        return torch.ops.autotp.redistribute(x, self.key, False)
+        if self.src == self.dst and not self.fresh and \
+                (self.grad_src == self.grad_dst or not (torch.is_grad_enabled() and x.requires_grad)):
+            return x
+        return _Transition.apply(x, self)
 
     def extra_repr(self) -> str:
         n = self.comm.world_size

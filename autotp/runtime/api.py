@@ -130,7 +130,7 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     ``compile``: True compiles the module in place with ``torch.compile(fullgraph=True)``
     (``nn.Module.compile``: it stays a ParallelModule); a dict gives ``torch.compile``'s
     keywords instead (e.g. ``{"backend": "aot_eager"}``). Every program runs compiled, the
-    collectives as one custom op each (rewrite/collectives.py), ``generate``'s prefill and
+    collectives as functional collectives in the graph (rewrite/collectives.py), ``generate``'s prefill and
     decode programs included (compiled as they are made); a program needed by a later
     call (another mode, other keywords) must be made by one call without compiling first
     (``with torch.compiler.set_stance("force_eager"): tp(...)``). Not on a mesh yet.
