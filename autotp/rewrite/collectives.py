@@ -92,8 +92,11 @@ class Comm:
         cell = _CELL.get((kind, phase))
         if cell is None:
             self.other[(kind, phase)] += 1
-        else:
+        elif torch.compiler.is_compiling():
             _tally(self.tally, cell)
+        else:  # eager: the same add, without a custom op's dispatch
+            with torch.no_grad():
+                self.tally[cell] += 1
 
     def clear_counts(self) -> None:
         with torch.no_grad():
