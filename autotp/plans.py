@@ -60,18 +60,32 @@ class PipelineStage:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """Pipeline parallelism over the plan (cost/pipeline.py): ``stages`` groups of
-    ``world_size`` ranks, ``microbatches`` per step run by ``schedule``; ``step_time_s`` =
-    (microbatches + stages - 1) x the slowest stage's time; ``bubble`` the idle fraction."""
+    """Pipeline parallelism over the plan (cost/pipeline.py): ``stages`` run by ``ranks``
+    groups of ``world_size`` ranks, ``microbatches`` per step run by ``schedule``;
+    ``step_time_s`` = (microbatches + stages - 1) x the slowest stage's time; ``bubble`` the
+    idle fraction. Interleaved, each group runs ``stages_per_rank`` stages (stage s on group
+    s mod ranks) and the step is (microbatches + (ranks - 1) / stages_per_rank) x the slowest
+    group's time (the sum of its stages')."""
     schedule: str
     microbatches: int
     step_time_s: float
     bubble: float
     stages: tuple[PipelineStage, ...]
+    stages_per_rank: int = 1
 
     @property
     def size(self) -> int:
+        """The number of stages the program is cut into."""
         return len(self.stages)
+
+    @property
+    def ranks(self) -> int:
+        """The pipeline's size in rank groups (the mesh's "pp" dim)."""
+        return len(self.stages) // self.stages_per_rank
+
+    def on_rank(self, r: int) -> tuple[int, ...]:
+        """The stages pipeline rank ``r`` runs, in order."""
+        return tuple(range(r, self.size, self.ranks))
 
     def first_layers(self) -> tuple[str, ...]:
         """The first layer of every stage after the first: where the program is cut."""
@@ -207,10 +221,10 @@ def size_text(n: float) -> str:
 
 
 def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp: int, microbatches: int,
-                  schedule: str, budget: float) -> Plan:
-    """``p`` with its layers cut into ``pp`` balanced stages (cost/pipeline.py's ``balance``)
-    that each fit ``budget`` bytes per rank; PlanError when the program has fewer layers than
-    stages or no cut fits."""
+                  schedule: str, budget: float, v: int = 1) -> Plan:
+    """``p`` with its layers cut into ``pp`` balanced stages (cost/pipeline.py's ``balance``;
+    ``v pp`` stages, ``v`` per rank, interleaved) that each fit ``budget`` bytes per rank;
+    PlanError when the program has fewer layers than stages or no cut fits."""
     paths, segs = segment_costs(c, choice, spec, p.mode)
     if not paths:
         raise PlanError(
@@ -218,14 +232,16 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
             "layers (an nn.ModuleList or nn.Sequential of structurally equal blocks, children "
             "named 0, 1, ...): autotp cuts stages only between such layers. "
             + _cut_hint(c.captured.gm) + "; or use tensor and data parallelism without a 'pp' dim")
-    if len(paths) < pp:
-        raise PlanError(f"{pp} pipeline stages need at least {pp} layers to cut at, and the model "
-                        f"has {len(paths)} ({paths[0]} .. {paths[-1]}): use at most {len(paths)} stages")
-    found = balance(segs, pp, microbatches, schedule, p.mode, spec, budget)
+    if len(paths) < pp * v:
+        per = f" ({pp} ranks x {v} stages each, interleaved)" if v > 1 else ""
+        raise PlanError(f"{pp * v} pipeline stages{per} need at least {pp * v} layers to cut at, and the "
+                        f"model has {len(paths)} ({paths[0]} .. {paths[-1]}): use at most {len(paths)} stages"
+                        + (" in all (fewer ranks or stages_per_rank)" if v > 1 else ""))
+    found = balance(segs, pp, microbatches, schedule, p.mode, spec, budget, v=v)
     if found is None:
-        least = least_memory(segs, pp, microbatches, schedule, p.mode, spec)
+        least = least_memory(segs, pp, microbatches, schedule, p.mode, spec, v=v)
         raise InfeasiblePlanError(
-            f"no cut of {len(paths)} layers into {pp} stages fits {size_text(budget)} per rank "
+            f"no cut of {len(paths)} layers into {pp * v} stages fits {size_text(budget)} per rank "
             f"under {schedule} with {microbatches} microbatches: the best cut needs "
             f"{size_text(least)} on its largest stage; use more stages or tensor-parallel ranks, "
             "a smaller microbatch" + (" or schedule='1f1b' (fewer microbatches in flight)"
@@ -234,6 +250,6 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
     stages = tuple(PipelineStage(tuple(paths[lo:hi]), t, int(round(m)), int(round(x)))
                    for lo, hi, t, m, x in zip(found.bounds, ends, found.time_s, found.memory_bytes,
                                               found.send_bytes))
-    pipe = Pipeline(schedule, microbatches, found.step_time_s, found.bubble, stages)
+    pipe = Pipeline(schedule, microbatches, found.step_time_s, found.bubble, stages, v)
     return replace(p, pipeline=pipe, predicted_time_s=found.step_time_s,
                    memory_bytes_per_rank=max(st.memory_bytes for st in stages))

@@ -1,11 +1,11 @@
 """Pipeline stages (a mesh with a "pp" dim): the layers cut into stages balanced by the cost
 model, each stage tensor-parallel inside its "tp" dim, run over microbatches by
-torch.distributed.pipelining's 1F1B and GPipe schedules. Real gloo processes train 3 AdamW
+torch.distributed.pipelining's 1F1B, GPipe and interleaved 1F1B schedules. Real gloo processes train 3 AdamW
 steps and must end with the weights of one process training on the global batch (within
 1e-5), the loss returned on every rank equal to one process's:
 
 - 4 processes (one spawned group): a 4-layer Llama with grouped-query attention at pp 2 x tp 2
-  under 1F1B and under GPipe; GPT-2, whose input and output embeddings are one tensor held by
+  under 1F1B, under GPipe and interleaved (4 stages, 2 on each pipeline rank); GPT-2, whose input and output embeddings are one tensor held by
   the first and the last stage, its DCP checkpoint after the first step resumed at pp 2 x tp 2
   and at tp 4; a 5-layer Llama at pp 2 x dp 2 (uneven stages, replicas averaging their
   gradients); the errors a user meets, the same on every rank;
@@ -19,7 +19,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
-from autotp.cost.pipeline import bubble_fraction, in_flight
+from autotp.cost.pipeline import bubble_fraction, in_flight, interleaved_warmup
 from autotp.errors import AutoTPError, PlanError
 from autotp.plans import with_pipeline
 from autotp.runtime.api import plan_details
@@ -87,6 +87,7 @@ def _train(mesh, name: str, layers: int, schedule: str, target: bool = False, ro
     if root is not None:  # collective: every rank gathers, global rank 0 writes
         saved = autotp.save_pretrained(tp, f"{root}/{name}", config=model.config)
     return {"state": autotp.gather_state_dict(tp), "losses": losses, "stage": tp.stage, "saved": saved,
+            "local": list(tp.local_stages),
             "layers": [st.layers for st in tp.plan.pipeline.stages],
             "params": sorted(n for n, _ in tp.named_parameters()),
             "forward": raised(lambda: tp(**_call(ids))),
@@ -95,6 +96,7 @@ def _train(mesh, name: str, layers: int, schedule: str, target: bool = False, ro
 
 CASES4 = {"llama_1f1b": ("llama", 4, "1f1b", (2, 2), ("pp", "tp"), False),
           "llama_gpipe": ("llama", 4, "gpipe", (2, 2), ("pp", "tp"), False),
+          "llama_interleaved": ("llama", 4, "interleaved", (2, 2), ("pp", "tp"), False),
           "gpt2_tied": ("gpt2", 4, "1f1b", (2, 2), ("pp", "tp"), True),
           "llama5_dp": ("llama", 5, "1f1b", (2, 2, 1), ("pp", "dp", "tp"), False)}
 
@@ -190,11 +192,14 @@ def test_pipeline_trains_like_one_process(four, key: str) -> None:
         assert got["forward"].startswith("a pipelined module")
         assert "differs from the example inputs'" in got["other_call"]
     stages = four[0][key]["layers"]
-    assert len(stages) == 2 and sum(map(len, stages)) == layers
-    # a stage holds only its layers
+    per_rank = 2 if CASES4[key][2] == "interleaved" else 1
+    assert len(stages) == 2 * per_rank and sum(map(len, stages)) == layers
+    # a rank holds only its stages' layers (interleaved: stages s and s + 2 on pipeline rank s)
     for r, res in enumerate(four):
-        held = {n.split(".")[2] for n in res[key]["params"] if ".h." in n or ".layers." in n}
-        assert held == {p.split(".")[-1] for p in stages[res[key]["stage"]]}
+        got = res[key]
+        assert got["local"] == list(range(got["stage"], 2 * per_rank, 2))
+        held = {n.split(".")[2] for n in got["params"] if ".h." in n or ".layers." in n}
+        assert held == {p.split(".")[-1] for s in got["local"] for p in stages[s]}
 
 
 def test_tied_embedding_is_held_by_first_and_last_stage(four) -> None:
@@ -326,3 +331,32 @@ def test_layout_with_pipeline_stages() -> None:
     assert tight.best.fits and all(x.memory_bytes_per_rank <= budget for x in fitting)
     assert tight.best.predicted_time_s == min(x.predicted_time_s for x in fitting)
     assert any(x.pp > 1 for x in fitting) and len(fitting) < len([x for x in lay.alternatives if x.fits])
+
+
+def test_interleaved_plan_cuts_stages_per_rank() -> None:
+    """Interleaved 1F1B: v x pp stages, stage s on pipeline rank s mod pp, the bubble
+    (pp - 1) / (v M + pp - 1), the step (M + (pp - 1) / v) x the slowest rank's stages, and
+    each rank's memory its stages' state plus its in-flight bound (cost/pipeline.py)."""
+    model, _, kw = hf_models.llama(n_layer=8, hidden=64, heads=4, kv_heads=2, batch=8, seq=16)
+    common = dict(world_size=2, device="h100", pipeline_parallel=2, microbatches=4)
+    p = autotp.plan(model, (), kw, schedule="interleaved", **common)
+    pipe = p.pipeline
+    assert (pipe.size, pipe.ranks, pipe.stages_per_rank) == (4, 2, 2)
+    assert pipe.on_rank(0) == (0, 2) and pipe.on_rank(1) == (1, 3)
+    assert sum(len(s.layers) for s in pipe.stages) == 8
+    assert pipe.bubble == pytest.approx(bubble_fraction(2, 4, 2)) == pytest.approx(1 / 9)
+    slowest = max(sum(pipe.stages[s].time_s for s in pipe.on_rank(r)) for r in range(2))
+    assert pipe.step_time_s == pytest.approx((4 + 1 / 2) * slowest)
+    assert p.memory_bytes_per_rank == max(s.memory_bytes for s in pipe.stages)
+    # rank 0 runs (v - 1) rounds of 2 microbatches plus 2 per hop before its first backward
+    assert interleaved_warmup(0, 2, 2, 4) == 4 and interleaved_warmup(1, 2, 2, 4) == 2
+    assert interleaved_warmup(0, 4, 2, 2) == 4  # capped at all v M of its forwards
+    assert autotp.Plan.from_json(p.to_json()) == p
+    v4 = autotp.plan(model, (), kw, schedule="interleaved", stages_per_rank=4, **common).pipeline
+    assert (v4.size, v4.ranks) == (8, 2) and v4.bubble == pytest.approx(1 / 17)
+    with pytest.raises(PlanError, match="16 pipeline stages .2 ranks x 8 stages each.*at most 8"):
+        autotp.plan(model, (), kw, schedule="interleaved", stages_per_rank=8, **common)
+    with pytest.raises(AutoTPError, match="stages_per_rank=2 needs schedule='interleaved'"):
+        autotp.plan(model, (), kw, schedule="1f1b", stages_per_rank=2, **common)
+    with pytest.raises(AutoTPError, match="not a multiple of"):
+        autotp.plan(model, (), kw, schedule="interleaved", **(common | {"microbatches": 7, "pipeline_parallel": 3}))

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 Mode = Literal["training", "inference"]
 Objective = Literal["time", "memory"]
 DpMode = Literal["auto", "ddp", "fsdp"]
-Schedule = Literal["1f1b", "gpipe"]
+Schedule = Literal["1f1b", "gpipe", "interleaved"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -43,8 +43,11 @@ class PlanOptions:
     divided across the replicas, gathered for the step), "auto" (the faster of the two that
     fits; cost/model.py prices both). ``time_limit``: seconds per MILP solve (None: the solver's default).
     ``pp_size``: pipeline stages (each a tensor-parallel group of ``world_size`` ranks) the
-    layers are cut into, run over ``microbatches`` microbatches by ``schedule`` ("1f1b" or
-    "gpipe"; cost/pipeline.py); the example inputs are then one microbatch.
+    layers are cut into, run over ``microbatches`` microbatches by ``schedule`` ("1f1b",
+    "gpipe", or "interleaved": interleaved 1F1B, each rank holding ``stages_per_rank`` stages
+    of the cut, stage s on pipeline rank s mod pp_size; cost/pipeline.py); the example
+    inputs are then one microbatch. ``stages_per_rank``: None is 2 for "interleaved", 1
+    otherwise.
     """
 
     world_size: int
@@ -59,6 +62,7 @@ class PlanOptions:
     pp_size: int = 1
     microbatches: int = 1
     schedule: Schedule = "1f1b"
+    stages_per_rank: int | None = None
 
     def __post_init__(self) -> None:
         def whole(name: str, v: object) -> None:
@@ -74,7 +78,24 @@ class PlanOptions:
         whole("microbatches", self.microbatches)
         if self.schedule not in SCHEDULES:
             raise AutoTPError(f"schedule must be one of {SCHEDULES} (torch.distributed.pipelining's "
-                              f"Schedule1F1B, ScheduleGPipe), got {self.schedule!r}")
+                              f"Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B), got {self.schedule!r}")
+        if self.stages_per_rank is None:
+            object.__setattr__(self, "stages_per_rank", 2 if self.schedule == "interleaved" else 1)
+        whole("stages_per_rank", self.stages_per_rank)
+        if self.schedule == "interleaved" and self.stages_per_rank < 2:
+            raise AutoTPError(f"schedule='interleaved' runs several stages per rank: stages_per_rank "
+                              f"must be at least 2, got {self.stages_per_rank}")
+        if self.schedule != "interleaved" and self.stages_per_rank != 1:
+            raise AutoTPError(f"stages_per_rank={self.stages_per_rank} needs schedule='interleaved' "
+                              f"({self.schedule!r} runs one stage per rank)")
+        if self.schedule == "interleaved" and self.pp_size > 1:
+            rounds = max(1, self.microbatches // self.pp_size)
+            if self.microbatches % rounds:
+                raise AutoTPError(
+                    f"schedule='interleaved' runs the microbatches in rounds of about pp_size: "
+                    f"{self.microbatches} microbatches at {self.pp_size} stages make "
+                    f"{rounds} rounds, which {self.microbatches} is not a multiple of; use "
+                    f"a multiple of {self.pp_size} (or at most {self.pp_size}) microbatches")
         if self.dp_mode not in DP_MODES:
             raise AutoTPError(f"dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}")
         if self.memory_budget is not None and not self.memory_budget > 0:

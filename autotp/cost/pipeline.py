@@ -24,9 +24,25 @@ Memory. A stage holds its nodes' state (parameters, gradients, optimizer state) 
 activations of the microbatches in flight: GPipe keeps all ``M``; 1F1B keeps ``pp - s`` at
 stage ``s`` (at most ``M``). Inference keeps one microbatch's working set.
 
+Interleaved 1F1B (``v`` stages per rank, Narayanan et al. section 2.2.2). The layers are cut
+into ``v pp`` stages, stage ``s`` on rank ``s mod pp``: each rank runs ``v`` smaller stages
+per microbatch, and the pipeline fills and drains in ``1/v`` of the time:
+
+    step = (M + (pp - 1) / v) * max_r T_r,      bubble = (pp - 1) / (v M + pp - 1)
+
+``T_r`` the sum of rank r's stages' times per microbatch (each with its sends: ``v`` times
+as many). Rank r runs ``w_r = min((v - 1) m + 2 (pp - 1 - r), v M)`` forwards before its
+first backward (``m``: microbatches per round, ``M // max(1, M // pp)``; torch's
+``ScheduleInterleaved1F1B``), then one forward per backward, so it keeps at most ``w_r + 1``
+stage-microbatches of activations: its memory is bounded by its stages' state plus ``(w_r +
+1)`` times its largest stage's activations per microbatch.
+
 Balance. ``balance`` chooses the bounds minimizing the slowest stage's time, among cuts whose
 every stage fits the memory budget (a dynamic program over layer boundaries, exact for the
-time)."""
+time). Interleaved, each stage must fit ``1/v`` of the budget with its even share
+``(w_r + 1) / v`` of the rank's in-flight activations, and the cut is kept only when each
+rank's bound above fits the budget (sufficient, not exact: a cut whose stages share memory
+unevenly may be missed)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,9 +54,17 @@ from autotp.cost.evaluate import breakdown, floor_items
 from autotp.cost.model import inter_link, local_bytes
 
 
-def bubble_fraction(pp: int, microbatches: int) -> float:
-    """The idle fraction of a GPipe or 1F1B step: ``(pp - 1) / (M + pp - 1)``."""
-    return (pp - 1) / (microbatches + pp - 1)
+def bubble_fraction(pp: int, microbatches: int, v: int = 1) -> float:
+    """The idle fraction of a GPipe or 1F1B step, ``(pp - 1) / (M + pp - 1)``; interleaved
+    with ``v`` stages per rank, ``(pp - 1) / (v M + pp - 1)``."""
+    return (pp - 1) / (v * microbatches + pp - 1)
+
+
+def interleaved_warmup(rank: int, pp: int, v: int, microbatches: int) -> int:
+    """Forwards (of one stage and one microbatch each) rank ``rank`` runs before its first
+    backward under interleaved 1F1B with ``v`` stages per rank (module docstring)."""
+    per_round = microbatches // max(1, microbatches // pp)
+    return min((v - 1) * per_round + 2 * (pp - 1 - rank), v * microbatches)
 
 
 def in_flight(stage: int, pp: int, microbatches: int, schedule: str) -> int:
@@ -109,7 +133,8 @@ class SegmentCost:
 @dataclass(frozen=True)
 class Stages:
     """A balanced cut: the first layer of each stage, and per stage its time per microbatch
-    (sends included), memory (state plus activations in flight), and the bytes it sends on."""
+    (sends included), memory (state plus activations in flight; interleaved, the memory of
+    the rank holding it), and the bytes it sends on."""
     bounds: tuple[int, ...]
     time_s: tuple[float, ...]
     memory_bytes: tuple[float, ...]
@@ -130,64 +155,93 @@ class _Sums:
             self.state.append(self.state[-1] + x.state_bytes)
             self.act.append(self.act[-1] + x.activation_bytes)
 
-    def stage(self, lo: int, hi: int, s: int, pp: int, microbatches: int, schedule: str, mode: str,
-              spec: DeviceSpec) -> tuple[float, float, float]:
-        """(time per microbatch, memory, bytes sent) of stage ``s`` holding layers lo..hi-1
-        (the segment list is pre, layers, post: layer i is segs[i + 1])."""
+    def parts(self, lo: int, hi: int, s: int, stages: int, mode: str, spec: DeviceSpec
+              ) -> tuple[float, float, float, float]:
+        """(time per microbatch, state, activations of one microbatch, bytes sent) of stage
+        ``s`` of ``stages`` holding layers lo..hi-1 (the segment list is pre, layers, post:
+        layer i is segs[i + 1]). Activations: training, what one microbatch keeps; inference,
+        the largest working set."""
         a = 0 if s == 0 else lo + 1
-        b = len(self.segs) if s == pp - 1 else hi + 1
-        sent = 0.0 if s == pp - 1 else self.segs[hi].out_bytes  # what crosses after its last layer
+        b = len(self.segs) if s == stages - 1 else hi + 1
+        sent = 0.0 if s == stages - 1 else self.segs[hi].out_bytes  # what crosses after its last layer
         time = self.time[b] - self.time[a] + send_time(sent, spec, mode)
         state = self.state[b] - self.state[a]
         if mode == "training":
-            act = (self.act[b] - self.act[a]) * in_flight(s, pp, microbatches, schedule)
+            act = self.act[b] - self.act[a]
         else:
             act = max(x.activation_bytes for x in self.segs[a:b])
+        return time, state, act, sent
+
+    def stage(self, lo: int, hi: int, s: int, stages: int, microbatches: int, schedule: str, mode: str,
+              spec: DeviceSpec, v: int = 1) -> tuple[float, float, float]:
+        """(time per microbatch, memory, bytes sent) of stage ``s``: with ``v`` > 1 (interleaved)
+        its memory is its share of its rank's (module docstring), for the cut's search."""
+        time, state, act, sent = self.parts(lo, hi, s, stages, mode, spec)
+        if mode == "training":
+            pp = stages // v
+            act *= in_flight(s, pp, microbatches, schedule) if v == 1 else \
+                (interleaved_warmup(s % pp, pp, v, microbatches) + 1) / v
         return time, state + act, sent
 
 
 def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
-            spec: DeviceSpec, budget: float, by: str = "time") -> Stages | None:
+            spec: DeviceSpec, budget: float, by: str = "time", v: int = 1) -> Stages | None:
     """The cut of ``segs`` (pre, L layers, post) into ``pp`` stages of at least one layer
     each minimizing the slowest stage's time per microbatch, every stage within ``budget``
     bytes (among cuts as fast, it prefers the less largest memory); None when no cut fits.
-    ``by="memory"``: the least largest stage memory instead (then the least time)."""
+    ``by="memory"``: the least largest stage memory instead (then the least time). ``v`` >
+    1: interleaved, ``v pp`` stages on ``pp`` ranks (module docstring)."""
     first = 0 if by == "time" else 1
     layers = len(segs) - 2
     sums = _Sums(segs)
+    stages, share = pp * v, budget / v
     # best[s][i]: (slowest time, largest memory, bounds) of stages 0..s-1 covering layers 0..i-1
     best: list[dict[int, tuple[float, float, tuple[int, ...]]]] = [{0: (0.0, 0.0, ())}]
-    for s in range(pp):
+    for s in range(stages):
         row: dict[int, tuple[float, float, tuple[int, ...]]] = {}
         for lo, (t0, m0, bounds) in best[s].items():
-            his = [layers] if s == pp - 1 else range(lo + 1, layers - (pp - s - 1) + 1)
+            his = [layers] if s == stages - 1 else range(lo + 1, layers - (stages - s - 1) + 1)
             for hi in his:
                 if hi <= lo:
                     continue
-                t, m, _ = sums.stage(lo, hi, s, pp, microbatches, schedule, mode, spec)
-                if m > budget:
+                t, m, _ = sums.stage(lo, hi, s, stages, microbatches, schedule, mode, spec, v)
+                if m > share:
                     continue
                 cand = (max(t0, t), max(m0, m), bounds + (lo,))
                 have = row.get(hi)
                 if have is None or (cand[first], cand[1 - first]) < (have[first], have[1 - first]):
                     row[hi] = cand
         best.append(row)
-    if layers not in best[pp]:
+    if layers not in best[stages]:
         return None
-    _, _, bounds = best[pp][layers]
+    _, _, bounds = best[stages][layers]
     ends = bounds[1:] + (layers,)
-    costs = [sums.stage(lo, hi, s, pp, microbatches, schedule, mode, spec)
-             for s, (lo, hi) in enumerate(zip(bounds, ends))]
-    slowest = max(t for t, _, _ in costs)
-    return Stages(bounds, tuple(t for t, _, _ in costs), tuple(m for _, m, _ in costs),
-                  tuple(x for _, _, x in costs), (microbatches + pp - 1) * slowest,
-                  bubble_fraction(pp, microbatches))
+    if v == 1:
+        costs = [sums.stage(lo, hi, s, pp, microbatches, schedule, mode, spec)
+                 for s, (lo, hi) in enumerate(zip(bounds, ends))]
+        slowest = max(t for t, _, _ in costs)
+        return Stages(bounds, tuple(t for t, _, _ in costs), tuple(m for _, m, _ in costs),
+                      tuple(x for _, _, x in costs), (microbatches + pp - 1) * slowest,
+                      bubble_fraction(pp, microbatches))
+    # interleaved: each rank's stages priced together (module docstring)
+    parts = [sums.parts(lo, hi, s, stages, mode, spec) for s, (lo, hi) in enumerate(zip(bounds, ends))]
+    rank_time, rank_mem = [], []
+    for r in range(pp):
+        mine = parts[r::pp]
+        held = interleaved_warmup(r, pp, v, microbatches) + 1 if mode == "training" else 1
+        rank_time.append(sum(x[0] for x in mine))
+        rank_mem.append(sum(x[1] for x in mine) + held * max(x[2] for x in mine))
+    if max(rank_mem) > budget:
+        return None
+    return Stages(bounds, tuple(x[0] for x in parts), tuple(rank_mem[s % pp] for s in range(stages)),
+                  tuple(x[3] for x in parts), (microbatches + (pp - 1) / v) * max(rank_time),
+                  bubble_fraction(pp, microbatches, v))
 
 
 def least_memory(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
-                 spec: DeviceSpec) -> float:
+                 spec: DeviceSpec, v: int = 1) -> float:
     """The least largest stage memory of any cut (for the error when none fits)."""
-    found = balance(segs, pp, microbatches, schedule, mode, spec, float("inf"), by="memory")
+    found = balance(segs, pp, microbatches, schedule, mode, spec, float("inf"), by="memory", v=v)
     return float("inf") if found is None else max(found.memory_bytes)
 
 

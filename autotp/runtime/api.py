@@ -47,14 +47,14 @@ def plan_details(model: nn.Module, example_inputs: Any = None, example_kwargs: d
                  progress: Callable[[str], Any] | None = None, data_parallel: int = 1,
                  optimizer_bytes: float = ADAM_FP32_BYTES, dp_mode: DpMode = "auto",
                  pipeline_parallel: int = 1, microbatches: int = 1,
-                 schedule: Schedule = "1f1b") -> Planned:
+                 schedule: Schedule = "1f1b", stages_per_rank: int | None = None) -> Planned:
     """``plan`` plus the candidates and choice behind it. ``progress(stage)`` is called as
     each stage starts (capture, strategies, solve)."""
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
     options = PlanOptions(world_size=world_size, device=device, mode=mode, objective=objective,
                           memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
                           dp_size=data_parallel, dp_mode=dp_mode, pp_size=pipeline_parallel,
-                          microbatches=microbatches, schedule=schedule)
+                          microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank)
     if pipeline_parallel > 1:
         args, kwargs = microbatch_of(args, kwargs, microbatches)
     return plan_model(model, args, kwargs, options, progress=progress)
@@ -75,7 +75,7 @@ def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | No
          mode: Mode = "training", memory_budget: float | None = None,
          data_parallel: int = 1, optimizer_bytes: float = ADAM_FP32_BYTES,
          dp_mode: DpMode = "auto", pipeline_parallel: int = 1, microbatches: int = 1,
-         schedule: Schedule = "1f1b") -> Plan:
+         schedule: Schedule = "1f1b", stages_per_rank: int | None = None) -> Plan:
     """Plan tensor parallelism for ``model`` at ``world_size`` without a process group.
     The model may live on the meta device (example inputs are moved there too).
     ``data_parallel``: replicas of the tensor-parallel group (a 2-D mesh); their traffic over
@@ -88,13 +88,14 @@ def plan(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | No
     optimizer state and activations per rank (default: the device's memory).
     ``pipeline_parallel``: pipeline stages the layers are cut into (``Plan.pipeline``: each
     stage's layers, time and memory, the step and its bubble), run over ``microbatches``
-    microbatches of the example batch by ``schedule`` ("1f1b" or "gpipe")."""
+    microbatches of the example batch by ``schedule`` ("1f1b", "gpipe", or "interleaved":
+    interleaved 1F1B with ``stages_per_rank`` stages per rank, default 2)."""
     return plan_details(model, example_inputs, example_kwargs, world_size=world_size,
                         device=device, objective=objective, mode=mode,
                         memory_budget=memory_budget, data_parallel=data_parallel,
                         optimizer_bytes=optimizer_bytes, dp_mode=dp_mode,
                         pipeline_parallel=pipeline_parallel, microbatches=microbatches,
-                        schedule=schedule).plan
+                        schedule=schedule, stages_per_rank=stages_per_rank).plan
 
 
 def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
@@ -105,7 +106,8 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
                 memory_budget: float | None = None,
                 optimizer_bytes: float = ADAM_FP32_BYTES,
                 dp_mode: DpMode = "auto", compile: bool | dict = False,
-                microbatches: int = 1, schedule: Schedule = "1f1b") -> ParallelModule:
+                microbatches: int = 1, schedule: Schedule = "1f1b",
+                stages_per_rank: int | None = None) -> ParallelModule:
     """Return this rank's tensor-parallel version of ``model``. Call on every rank of
     ``group`` (default: the default process group) after ``init_process_group``.
 
@@ -143,8 +145,9 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
     A ``mesh`` with a ``"pp"`` dim (``("pp", "tp")`` or ``("pp", "dp", "tp")``, any of them
     of size 1) cuts the layers into that many pipeline stages, balanced by the cost model, and
     returns this rank's stage, a ``PipelinedModule`` trained with ``tp.step(args, kwargs,
-    target=..., loss_fn=...)`` over ``microbatches`` microbatches under ``schedule`` ("1f1b"
-    or "gpipe", ``torch.distributed.pipelining``); ``example_inputs`` is then the batch
+    target=..., loss_fn=...)`` over ``microbatches`` microbatches under ``schedule`` ("1f1b",
+    "gpipe", or "interleaved": ``stages_per_rank`` stages on each rank, default 2;
+    ``torch.distributed.pipelining``); ``example_inputs`` is then the batch
     ``step`` gets (one data-parallel replica's), planned for one microbatch of it
     (runtime/stages.py)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -160,7 +163,7 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
         return _pipelined(model, args, kwargs, mesh, group=group, device=device, objective=objective,
                           plan=plan, mode=mode, weights=weights, memory_budget=memory_budget,
                           optimizer_bytes=optimizer_bytes, dp_mode=dp_mode,
-                          microbatches=microbatches, schedule=schedule)
+                          microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank)
     if microbatches != 1:
         raise AutoTPError("microbatches= applies to pipeline stages: give a mesh with a 'pp' dim, "
                           "e.g. init_device_mesh(..., (2, 2), mesh_dim_names=('pp', 'tp'))")
@@ -236,7 +239,7 @@ def _mesh_groups(mesh: DeviceMesh, group: dist.ProcessGroup | None
 def _pipelined(model: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh, *, group: Any,
                device: Any, objective: Objective, plan: Plan | None, mode: Mode, weights: Any,
                memory_budget: float | None, optimizer_bytes: float, dp_mode: DpMode,
-               microbatches: int, schedule: Schedule) -> PipelinedModule:
+               microbatches: int, schedule: Schedule, stages_per_rank: int | None) -> PipelinedModule:
     """``parallelize`` on a mesh with a "pp" dim (runtime/stages.py). Every check before the
     plan's broadcast reads only the arguments and the mesh, alike on every rank."""
     names = tuple(mesh.mesh_dim_names or ())
@@ -259,7 +262,7 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh, *,
     options = PlanOptions(world_size=tp, device=device, mode=mode, objective=objective,
                           memory_budget=memory_budget, optimizer_bytes=optimizer_bytes,
                           dp_size=dp, dp_mode="ddp", pp_size=pp, microbatches=microbatches,
-                          schedule=schedule)
+                          schedule=schedule, stages_per_rank=stages_per_rank)
     mb_args, mb_kwargs = microbatch_of(args, kwargs, microbatches)
     if on_meta(model) and weights is None:
         raise missing_weights_error()
@@ -271,12 +274,13 @@ def _pipelined(model: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh, *,
     if plan is None:
         planned = rank0_plan(planned, None)  # global rank 0's: every stage cuts alike
     pipe = planned.plan.pipeline
-    if pipe is None or pipe.size != pp:
-        raise AutoTPError(f"the plan has {0 if pipe is None else pipe.size} pipeline stages and the "
-                          f"mesh's 'pp' dim {pp}: plan with pipeline_parallel={pp}")
+    if pipe is None or pipe.ranks != pp:
+        raise AutoTPError(f"the plan runs its pipeline on {0 if pipe is None else pipe.ranks} ranks and "
+                          f"the mesh's 'pp' dim has {pp}: plan with pipeline_parallel={pp}")
     source = open_weights(weights) if weights is not None else None
     stage = mesh.get_local_rank("pp")
-    others = [p for i, st in enumerate(pipe.stages) if i != stage for p in st.layers]
+    mine = pipe.on_rank(stage)
+    others = [p for i, st in enumerate(pipe.stages) if i not in mine for p in st.layers]
 
     def elsewhere(names: list[str]) -> bool:  # every name in another stage's layer: not read
         return all(any(n.startswith(p + ".") for p in others) for n in names)

@@ -35,7 +35,7 @@ from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out, shard_tensor
-from autotp.cost.pipeline import floor_segments, in_flight, least_memory
+from autotp.cost.pipeline import floor_segments, in_flight, interleaved_warmup, least_memory
 from autotp.plans import Plan, make_plan, size_text, with_pipeline
 from autotp.rewrite.rewrite import rewrite
 from autotp.cost.evaluate import Choice, evaluate, memory_floor, time_lower_bound
@@ -235,8 +235,9 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     # no plan and no cut beats this: the best cut of every segment's floor (its state and kept
     # activations split as far as they go), with the schedule's microbatches in flight (inf
     # when there is no cut at all: too few layers, or none; with_pipeline says which)
+    v = options.stages_per_rank
     floor = least_memory(floor_segments(c, options.mode), pp, options.microbatches,
-                         options.schedule, options.mode, spec)
+                         options.schedule, options.mode, spec, v=v)
     if math.isfinite(floor) and floor > budget:
         raise InfeasiblePlanError(
             f"no plan cut into {pp} stages fits {size_text(budget)} per rank at world size "
@@ -255,7 +256,10 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
             if objective == "memory":
                 least_state = found[1].memory_bytes_per_rank - found[1].activation_bytes_per_rank
             yield found
-        flight = in_flight(0, pp, options.microbatches, options.schedule)
+        # microbatches of its layers' activations the first rank keeps (interleaved: its
+        # stage-microbatches in flight, each 1/v of its layers)
+        flight = in_flight(0, pp, options.microbatches, options.schedule) if v == 1 else \
+            (interleaved_warmup(0, pp, v, options.microbatches) + 1) / v
         if flight <= 1 or least_state + flight * kept_floor > pp * budget:
             return  # 3 cannot help: one microbatch in flight, or no plan keeps few enough
         bound = least_state + (pp * budget - least_state) / flight
@@ -267,7 +271,7 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     for cs, p, choice in plans():
         try:
             return cs, dataclasses.replace(with_pipeline(p, cs, choice, spec, pp, options.microbatches,
-                                                         options.schedule, budget),
+                                                         options.schedule, budget, v),
                                            objective=options.objective), choice
         except InfeasiblePlanError as e:
             errors.append(e)

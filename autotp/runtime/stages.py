@@ -71,8 +71,8 @@ def check_batch(args: tuple, kwargs: dict, microbatches: int) -> int:
 
 
 def _schedule(name: str):
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
-    return {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[name]
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    return {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B}[name]
 
 
 class PipelinedModule(ParallelModule):
@@ -86,9 +86,14 @@ class PipelinedModule(ParallelModule):
         pipe = plan.pipeline
         gm = full.module
         sc = cut(gm, [(p, set(n)) for p, n in full._layer_nodes], pipe.first_layers())
-        sgm = stage_module(gm, sc, stage)
-        keys = _stage_keys(gm, sgm, sc, stage, full.state_keys)
-        super().__init__(sgm, plan, full.comm, {k: v for k, v in full.placements.items() if has_attr(sgm, k)},
+        local = pipe.on_rank(stage)  # interleaved: several stages, stage s on rank s mod ranks
+        sgms = [stage_module(gm, sc, s) for s in local]
+        # this module's tree: every local stage's tensors under the model's names. Not a stage's
+        # own module, since a schedule treats a stage module's parameters as that stage's (it
+        # divides their gradients by the microbatch count once per stage)
+        held = nn.Module()
+        keys = _stage_keys(gm, held, sc, local, full.state_keys)
+        super().__init__(held, plan, full.comm, {k: v for k, v in full.placements.items() if has_attr(held, k)},
                          _Cap(full), ())
         self.model_state_keys = full.state_keys
         # parameters of other stages this rank never read from the checkpoint (weights=...)
@@ -99,26 +104,30 @@ class PipelinedModule(ParallelModule):
                 groups.setdefault(id(fetch_attr(gm, k)), []).append(k)
         self.tied_keys = tuple(tuple(g) for g in groups.values())
         self.state_keys = keys
-        self.stage = stage
-        self.stages = pipe.size
+        self.stage = stage  # this rank's place in the pipeline ("pp" dim)
+        self.stages = pipe.ranks  # the pipeline's ranks
+        self.local_stages = local  # the stages of the cut this rank runs
         self.pp_group = pp_group
         self.dp_group = dp_group
         self.microbatches = pipe.microbatches
         self.schedule_name = pipe.schedule
         object.__setattr__(self, "_out_spec", out_spec(gm))
         object.__setattr__(self, "_user_loss", None)
-        object.__setattr__(self, "_tied", _tied_groups(gm, sc, pp_group, self.stages))
+        object.__setattr__(self, "_tied", _tied_groups(gm, sc, pp_group, pipe.ranks))
         from torch.distributed.pipelining import PipelineStage
         object.__setattr__(self, "_structure", call_structure(*example))
         object.__setattr__(self, "_described", describe_call(*example))
-        inputs, outputs = _example_io(sgm, stage, self.stages, pp_group, here, *example)
-        # one example microbatch's stage inputs (and stage 0's keywords): what this stage was
-        # shaped by, and what benchmarks time the stage alone on
-        object.__setattr__(self, "example_stage_call", (inputs, example[1] if stage == 0 else {}))
-        object.__setattr__(self, "_stage", PipelineStage(sgm, stage, self.stages, here, input_args=inputs,
-                                                         output_args=outputs, group=pp_group))
-        object.__setattr__(self, "_sched", _schedule(pipe.schedule)(self._stage, self.microbatches,
-                                                                    loss_fn=self._loss))
+        io = _example_io(dict(zip(local, sgms)), pipe.size, pipe.ranks, pp_group, here, *example)
+        # one example microbatch's inputs of this rank's first stage (and stage 0's keywords):
+        # what it was shaped by, and what benchmarks time the stage alone on
+        object.__setattr__(self, "example_stage_call", (io[local[0]][0], example[1] if stage == 0 else {}))
+        object.__setattr__(self, "_stage_modules", sgms)
+        object.__setattr__(self, "_stage", [PipelineStage(m if s == 0 else _Received(m), s, pipe.size, here,
+                                                          input_args=io[s][0], output_args=io[s][1],
+                                                          group=pp_group)
+                                            for s, m in zip(local, sgms)])
+        run = self._stage if pipe.schedule == "interleaved" else self._stage[0]
+        object.__setattr__(self, "_sched", _schedule(pipe.schedule)(run, self.microbatches, loss_fn=self._loss))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise AutoTPError(
@@ -149,7 +158,7 @@ class PipelinedModule(ParallelModule):
             raise AutoTPError(f"target must be a tensor with the batch ({batch} rows) as dim 0, got "
                               + (str(tuple(target.shape)) if isinstance(target, torch.Tensor) else type(target).__name__))
         object.__setattr__(self, "_user_loss", (loss_fn, target is not None))
-        first, last = self.stage == 0, self.stage == self.stages - 1
+        first, last = 0 in self.local_stages, self.plan.pipeline.size - 1 in self.local_stages
         losses: list[torch.Tensor] = []
         step_kw: dict[str, Any] = {"return_outputs": False}
         if last:
@@ -161,7 +170,7 @@ class PipelinedModule(ParallelModule):
         self._sync_grads()
         loss = torch.stack([x.detach() for x in losses]).mean() if last else torch.zeros(())
         loss = loss.to(torch.float32)
-        dist.broadcast(loss, group_src=self.stages - 1, group=self.pp_group)
+        dist.broadcast(loss, group_src=(self.plan.pipeline.size - 1) % self.stages, group=self.pp_group)
         return loss
 
     def _sync_grads(self) -> None:
@@ -180,39 +189,57 @@ class PipelinedModule(ParallelModule):
                 p.grad.div_(n)
 
 
-def _example_io(sgm: torch.fx.GraphModule, stage: int, pp: int, group: dist.ProcessGroup,
-                here: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
-    """Every stage's inputs and outputs for one example microbatch, run through the pipeline
-    once (each stage receives what the previous one sends): the shapes, dtypes and gradient
-    flags ``PipelineStage`` is given, so that it never runs a stage on uninitialized tensors
-    to infer them (token ids and labels must be real indices). The random generator and
-    the stage's buffers are left as they were."""
-    saved = {n: b.detach().clone() for n, b in sgm.named_buffers()}
+def _example_io(local: dict[int, torch.fx.GraphModule], stages: int, ranks: int, group: dist.ProcessGroup,
+                here: torch.device, args: tuple, kwargs: dict) -> dict[int, tuple[tuple, tuple]]:
+    """Every local stage's inputs and outputs for one example microbatch, run through the
+    pipeline once in stage order (each stage receives what the previous one sends; stage s
+    runs on pipeline rank s mod ``ranks``): the shapes, dtypes and gradient flags
+    ``PipelineStage`` is given, so that it never runs a stage on uninitialized tensors to
+    infer them (token ids and labels must be real indices). The random generator and the
+    stages' buffers are left as they were."""
+    saved = {s: {n: b.detach().clone() for n, b in m.named_buffers()} for s, m in local.items()}
+    io: dict[int, tuple[tuple, tuple]] = {}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        if stage == 0:
-            inputs = tuple(args)
-            outs = sgm(*args, **kwargs)
-        else:
-            box = [None]
-            dist.recv_object_list(box, group=group, group_src=stage - 1)
-            inputs = []
-            for shape, dtype, grad in box[0]:
-                t = torch.empty(shape, dtype=dtype, device=here)
-                dist.recv(t, group=group, group_src=stage - 1)
-                inputs.append(t.requires_grad_(grad))
-            inputs = tuple(inputs)
-            outs = sgm(*inputs)
-        outs = tuple(outs)
-        if stage < pp - 1:
-            dist.send_object_list([[(tuple(t.shape), t.dtype, t.requires_grad) for t in outs]],
-                                  group=group, group_dst=stage + 1)
-            for t in outs:
-                dist.send(t.detach().contiguous(), group=group, group_dst=stage + 1)
+        for s, sgm in sorted(local.items()):
+            if s == 0:
+                inputs = tuple(args)
+                outs = sgm(*args, **kwargs)
+            else:
+                box = [None]
+                dist.recv_object_list(box, group=group, group_src=(s - 1) % ranks)
+                got = []
+                for shape, dtype, grad in box[0]:
+                    t = torch.empty(shape, dtype=dtype, device=here)
+                    dist.recv(t, group=group, group_src=(s - 1) % ranks)
+                    got.append(t.requires_grad_(grad))
+                inputs = tuple(got)
+                outs = sgm(*inputs)
+            outs = tuple(outs)
+            if s < stages - 1:
+                dist.send_object_list([[(tuple(t.shape), t.dtype, t.requires_grad) for t in outs]],
+                                      group=group, group_dst=(s + 1) % ranks)
+                for t in outs:
+                    dist.send(t.detach().contiguous(), group=group, group_dst=(s + 1) % ranks)
+            io[s] = (tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs),
+                     tuple(t.detach().requires_grad_(t.requires_grad) for t in outs))
     with torch.no_grad():
-        for n, b in sgm.named_buffers():
-            b.copy_(saved[n])
-    return tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs), \
-        tuple(t.detach().requires_grad_(t.requires_grad) for t in outs)
+        for s, m in local.items():
+            for n, b in m.named_buffers():
+                b.copy_(saved[s][n])
+    return io
+
+
+class _Received(nn.Module):
+    """A later stage as ``PipelineStage`` runs it: the values received from the stage before,
+    and the step's keyword arguments, which the interleaved schedule passes to every stage a
+    rank runs, not only to the first; only stage 0 reads them."""
+
+    def __init__(self, stage: torch.fx.GraphModule):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *received: torch.Tensor, **_step_kwargs: Any) -> Any:
+        return self.stage(*received)
 
 
 class _Cap:
@@ -226,10 +253,11 @@ class _Cap:
         self.stacks = ()
 
 
-def _stage_keys(gm: torch.fx.GraphModule, sgm: torch.fx.GraphModule, sc: Any, stage: int,
+def _stage_keys(gm: torch.fx.GraphModule, held: nn.Module, sc: Any, local: tuple[int, ...],
                 keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The model's state keys this stage holds, each made an attribute path of ``sgm`` (a
-    tied name of a tensor it reads, and on stage 0 the tensors no stage reads)."""
+    """The model's state keys this rank's stages (``local``) hold, each made an attribute path
+    of ``held`` (the tensors they read under every name the model gives them, and with stage
+    0 the tensors no stage reads)."""
     targets = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
     read_by: dict[int, set[int]] = {}
     for node, stages in sc.attrs.items():
@@ -241,25 +269,26 @@ def _stage_keys(gm: torch.fx.GraphModule, sgm: torch.fx.GraphModule, sc: Any, st
             continue
         t = fetch_attr(gm, k)
         holders = read_by.get(id(t))
-        if (holders and stage in holders) or (not holders and stage == 0):
-            if not has_attr(sgm, k):
-                attach(sgm, k, t)
+        if (holders and holders & set(local)) or (not holders and 0 in local):
+            attach(held, k, t)
             mine.append(k)
     return tuple(mine)
 
 
 def _tied_groups(gm: torch.fx.GraphModule, sc: Any, pp_group: dist.ProcessGroup, pp: int
                  ) -> list[tuple[dist.ProcessGroup, list[str]]]:
-    """Per set of stages reading the same parameter (tied embeddings): a process group of
-    those stages' ranks in this pipeline, and the parameter paths; this rank's sets only.
+    """Per set of pipeline ranks (of ``pp``) whose stages read the same parameter (tied
+    embeddings): a process group of those ranks in this pipeline, and the parameter paths;
+    this rank's sets only (stages on one rank share the tensor, whose gradient sums itself).
     Every rank creates every group (``new_group`` is collective over the world), in one
     order, reading only the plan and the mesh, which every rank holds alike."""
     targets = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
     sets: dict[tuple[int, ...], list[str]] = {}
     for node, stages in sorted(sc.attrs.items()):
-        if len(stages) > 1 and isinstance(fetch_attr(gm, targets[node]), nn.Parameter) \
+        held = tuple(sorted({st % pp for st in stages}))  # the pipeline ranks running them
+        if len(held) > 1 and isinstance(fetch_attr(gm, targets[node]), nn.Parameter) \
                 and fetch_attr(gm, targets[node]).requires_grad:
-            sets.setdefault(stages, []).append(targets[node])
+            sets.setdefault(held, []).append(targets[node])
     if not sets:
         return []
     mine = dist.get_process_group_ranks(pp_group)  # this pipeline's ranks, by stage

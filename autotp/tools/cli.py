@@ -67,6 +67,7 @@ def _planned(target: str, a: argparse.Namespace, world: int | None = None, devic
                             pipeline_parallel=getattr(a, "pipeline_parallel", 1) or 1,
                             microbatches=getattr(a, "microbatches", 1) or 1,
                             schedule=getattr(a, "schedule", "1f1b"),
+                            stages_per_rank=getattr(a, "stages_per_rank", None),
                             optimizer_bytes=getattr(a, "optimizer_bytes", ADAM_FP32_BYTES),
                             progress=lambda stage: status.update(stage + "…"))
 
@@ -356,8 +357,12 @@ def _parser() -> argparse.ArgumentParser:
                             "the example batch is split into --microbatches")
         p.add_argument("--microbatches", type=int, default=1, metavar="M",
                        help="--pipeline-parallel: microbatches per step (must divide the example batch)")
-        p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b",
-                       help="--pipeline-parallel: the pipeline schedule (1f1b keeps fewer microbatches in flight)")
+        p.add_argument("--schedule", choices=["1f1b", "gpipe", "interleaved"], default="1f1b",
+                       help="--pipeline-parallel: the pipeline schedule (1f1b keeps fewer microbatches in "
+                            "flight than gpipe; interleaved runs --stages-per-rank stages on each rank, "
+                            "a smaller bubble for more sends)")
+        p.add_argument("--stages-per-rank", type=int, default=None, metavar="V",
+                       help="--schedule interleaved: stages each pipeline rank runs (default 2)")
 
     p = sub.add_parser("plan", help="show the plan for a model")
     p.add_argument("target")

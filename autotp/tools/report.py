@@ -169,24 +169,34 @@ def print_table(pd, out: Console = out) -> None:
 
 
 def print_stages(p) -> None:
-    """The pipeline's stages: layers, time per microbatch, memory per rank, bytes sent on."""
+    """The pipeline's stages: layers, time per microbatch, memory per rank, bytes sent on
+    (interleaved: the pipeline rank running each stage, and each rank's memory)."""
     pipe = p.pipeline
-    t = Table(title=f"pipeline: {pipe.size} stages x {p.world_size} tensor-parallel ranks, "
-                    f"{pipe.schedule}, {pipe.microbatches} microbatches", box=None)
-    for col in ("stage", "layers", "time / microbatch", "memory / rank", "sends / microbatch"):
+    v = pipe.stages_per_rank
+    t = Table(title=f"pipeline: {pipe.size} stages"
+                    + (f" on {pipe.ranks} ranks ({v} each, interleaved)" if v > 1 else "")
+                    + f" x {p.world_size} tensor-parallel ranks, {pipe.schedule}, "
+                    f"{pipe.microbatches} microbatches", box=None)
+    cols = ("stage",) + (("rank",) if v > 1 else ()) + ("layers", "time / microbatch",
+                                                          "memory / rank", "sends / microbatch")
+    for col in cols:
         t.add_column(col)
-    slowest = max(st.time_s for st in pipe.stages)
+    rank_time = [sum(pipe.stages[s].time_s for s in pipe.on_rank(r)) for r in range(pipe.ranks)]
+    slowest = max(rank_time) if v > 1 else max(st.time_s for st in pipe.stages)
     for i, st in enumerate(pipe.stages):
         first, last = st.layers[0], st.layers[-1]
         extra = " + embeddings" if i == 0 else " + head" if i == pipe.size - 1 else ""
-        t.add_row(str(i), f"{first} .. {last.rsplit('.', 1)[-1]} ({len(st.layers)}){extra}",
-                  _time(st.time_s) + (" *" if st.time_s == slowest else ""),
-                  _bytes(st.memory_bytes), _bytes(st.send_bytes) if st.send_bytes else "-")
+        mark = " *" if (rank_time[i % pipe.ranks] if v > 1 else st.time_s) == slowest else ""
+        t.add_row(str(i), *((str(i % pipe.ranks),) if v > 1 else ()),
+                  f"{first} .. {last.rsplit('.', 1)[-1]} ({len(st.layers)}){extra}",
+                  _time(st.time_s) + mark, _bytes(st.memory_bytes),
+                  _bytes(st.send_bytes) if st.send_bytes else "-")
     out.print(t)
-    out.print(f"predicted step time: {_time(pipe.step_time_s)} = ({pipe.microbatches} + {pipe.size} - 1) "
-              f"x the slowest stage (*); bubble {pipe.bubble:.1%} of the step; largest memory "
-              f"{_bytes(max(st.memory_bytes for st in pipe.stages))} per rank (state and the "
-              f"activations in flight)")
+    how = (f"({pipe.microbatches} + ({pipe.ranks} - 1) / {v}) x the slowest rank's stages (*)" if v > 1
+           else f"({pipe.microbatches} + {pipe.size} - 1) x the slowest stage (*)")
+    out.print(f"predicted step time: {_time(pipe.step_time_s)} = {how}; bubble {pipe.bubble:.1%} of the "
+              f"step; largest memory {_bytes(max(st.memory_bytes for st in pipe.stages))} per rank "
+              f"(state and the activations in flight)")
 
 
 def to_dot(pd) -> str:
