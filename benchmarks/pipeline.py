@@ -5,13 +5,14 @@
   dp), whether it fits 80 GB, its predicted step time, the best 2-D and the best 3-D layout,
   and the wall time from model to choice (target <= 30 s).
 - ``bubble``: on this machine's gloo, pp 2 x tp 1 (2 processes, one core each), a 4-layer
-  Llama (hidden 256) training on a global batch of 16 x 64 tokens under 1F1B with 2, 4 and 8
-  microbatches: the measured idle fraction, 1 - M * t / T, where T is the step's wall time and
-  t the slowest stage's forward and backward of one microbatch timed alone on its rank, against
-  the schedule's bubble (pp - 1) / (M + pp - 1) and against the cost model's idle fraction with
-  the sends, 1 - M t / ((M + pp - 1)(t + send)) (cost/pipeline.py's step: every slot is the
-  slowest stage plus its send); the noise floor is the measured fraction's spread between the
-  two halves of the samples.
+  Llama (hidden 256) training on a global batch of 16 x 64 tokens under 1F1B and interleaved
+  1F1B (2 stages per rank) with 2, 4 and 8 microbatches: the measured idle fraction, 1 - M *
+  t / T, where T is the step's wall time and t the slowest rank's forward and backward of one
+  microbatch (through each of its stages) timed alone, against the schedule's bubble (pp - 1)
+  / (v M + pp - 1) and against the cost model's idle fraction with the sends, 1 - M t / ((M +
+  (pp - 1) / v)(t + v send)) (cost/pipeline.py's step: every slot is the slowest rank's
+  stages plus their sends); the noise floor is the measured fraction's spread between the two
+  halves of the samples.
 
     python benchmarks/pipeline.py [--parts layout bubble] [--nodes 16] [--global-batch 64] [--iters 10]
 """
@@ -40,17 +41,19 @@ def _bubble_rank(rank: int, world: int, iters: int) -> dict:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "tp"))
     out = {}
-    for m in (2, 4, 8):
+    for schedule, m in [(s, m) for s in ("1f1b", "interleaved") for m in (2, 4, 8)]:
         model, _, kw = hf_models.llama(n_layer=4, hidden=256, heads=8, kv_heads=4, intermediate=768,
                                        batch=16, seq=64, seed=0)
         call = {**kw, "labels": kw["input_ids"]}
-        tp = autotp.parallelize(model, (), call, mesh=mesh, microbatches=m, device="cpu-gloo")
-        inputs, kwargs = tp.example_stage_call
+        tp = autotp.parallelize(model, (), call, mesh=mesh, microbatches=m, device="cpu-gloo",
+                                schedule=schedule)
+        v = tp.plan.pipeline.stages_per_rank
 
-        def alone() -> float:  # this stage's forward and backward of one microbatch, no sends
+        def alone() -> float:  # this rank's stages' forward and backward of one microbatch, no sends
             t0 = time.perf_counter()
-            outs = [o for o in tp.module(*inputs, **kwargs) if o.requires_grad]
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            for mod, inputs, kwargs in tp.example_stage_calls:
+                outs = [o for o in mod(*inputs, **kwargs) if o.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             return time.perf_counter() - t0
 
         steps, stage = [], []
@@ -69,12 +72,12 @@ def _bubble_rank(rank: int, world: int, iters: int) -> dict:
         def measured(xs: list[float]) -> float:
             return 1.0 - m * t / statistics.median(xs)
 
-        # the schedule's idle fraction with the sends: each of the M + pp - 1 slots is the
-        # slowest stage's microbatch (measured alone) plus its send (the cost model's, cpu-gloo)
-        sends = send_time(tp.plan.pipeline.stages[0].send_bytes, get_device("cpu-gloo"), "training")
-        idle = 1.0 - m * t / ((m + tp.stages - 1) * (t + sends))
+        # the schedule's idle fraction with the sends: each of the M + (pp - 1) / v slots is the
+        # slowest rank's microbatch (measured alone) plus its v sends (the cost model's, cpu-gloo)
+        sends = v * send_time(tp.plan.pipeline.stages[0].send_bytes, get_device("cpu-gloo"), "training")
+        idle = 1.0 - m * t / ((m + (tp.stages - 1) / v) * (t + sends))
         half = len(steps) // 2
-        out[m] = {"predicted": tp.plan.pipeline.bubble, "predicted_idle": idle, "send_s": sends,
+        out[f"{schedule} {m}"] = {"schedule": schedule, "micro": m, "predicted": tp.plan.pipeline.bubble, "predicted_idle": idle, "send_s": sends,
                   "measured": measured(steps),
                   "noise": abs(measured(steps[:half]) - measured(steps[half:])),
                   "step_s": statistics.median(steps), "stage_s": t,
@@ -90,17 +93,19 @@ def bubble(iters: int = 10) -> dict:
 
 
 def report_bubble(res: dict) -> str:
-    lines = [f"{'micro':>5} {'bubble':>6} {'idle pred':>9} {'measured':>8} {'noise':>6} {'|diff|':>6} "
-             f"{'within':>6} {'step ms':>8} {'stage ms':>8} {'send ms':>7}"]
-    for m, r in res.items():
+    lines = [f"{'schedule':>11} {'micro':>5} {'bubble':>6} {'idle pred':>9} {'measured':>8} {'noise':>6} "
+             f"{'|diff|':>6} {'within':>6} {'step ms':>8} {'stage ms':>8} {'send ms':>7}"]
+    for key, r in res.items():
         pred = r.get("predicted_idle", r["predicted"])
         diff = abs(pred - r["measured"])
-        lines.append(f"{m:>5} {r['predicted']:6.3f} {pred:9.3f} {r['measured']:8.3f} {r['noise']:6.3f} "
+        sched, m = r.get("schedule", "1f1b"), r.get("micro", key)
+        lines.append(f"{sched:>11} {m:>5} {r['predicted']:6.3f} {pred:9.3f} {r['measured']:8.3f} {r['noise']:6.3f} "
                      f"{diff:6.3f} {'yes' if diff <= r['noise'] else 'no':>6} {r['step_s'] * 1e3:8.1f} "
                      f"{r['stage_s'] * 1e3:8.1f} {r.get('send_s', 0.0) * 1e3:7.2f}")
-    lines.append("bubble: (pp - 1) / (M + pp - 1); idle pred: 1 - M t / ((M + pp - 1)(t + send)), t the "
-                 "slowest stage's microbatch measured alone, send the cost model's (cpu-gloo); measured: "
-                 "1 - M t / T, T the step's median; noise: measured from each half of the samples")
+    lines.append("bubble: (pp - 1) / (v M + pp - 1), v stages per rank (interleaved 2, else 1); idle pred: "
+                 "1 - M t / ((M + (pp - 1) / v)(t + v send)), t the slowest rank's microbatch through its "
+                 "stages measured alone, send the cost model's (cpu-gloo); measured: 1 - M t / T, T the "
+                 "step's median; noise: measured from each half of the samples")
     return "\n".join(lines)
 
 

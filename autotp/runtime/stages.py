@@ -118,10 +118,11 @@ class PipelinedModule(ParallelModule):
         object.__setattr__(self, "_structure", call_structure(*example))
         object.__setattr__(self, "_described", describe_call(*example))
         io = _example_io(dict(zip(local, sgms)), pipe.size, pipe.ranks, pp_group, here, *example)
-        # one example microbatch's inputs of this rank's first stage (and stage 0's keywords):
-        # what it was shaped by, and what benchmarks time the stage alone on
-        object.__setattr__(self, "example_stage_call", (io[local[0]][0], example[1] if stage == 0 else {}))
-        object.__setattr__(self, "_stage_modules", sgms)
+        # per local stage: its module and one example microbatch's inputs (and stage 0's
+        # keywords), what it was shaped by and what benchmarks time it alone on
+        object.__setattr__(self, "example_stage_calls", tuple(
+            (m, io[s][0], example[1] if s == 0 else {}) for s, m in zip(local, sgms)))
+        object.__setattr__(self, "example_stage_call", self.example_stage_calls[0][1:])
         object.__setattr__(self, "_stage", [PipelineStage(m if s == 0 else _Received(m), s, pipe.size, here,
                                                           input_args=io[s][0], output_args=io[s][1],
                                                           group=pp_group)
