@@ -57,6 +57,25 @@ def test_memory_decides_when_it_binds() -> None:
                              global_batch=4, memory_budget=least / 100)
 
 
+def test_one_node_prices_replicas_on_the_node_link() -> None:
+    """On one node the data-parallel replicas talk over the intra-node link (NVLink), not the
+    inter-node one a 2-D mesh across nodes uses."""
+    import dataclasses
+
+    from autotp.cost.devices import get_device
+    model, args, kwargs = _llama()
+    lay = autotp.choose_layout(model, args, kwargs, nodes=1, gpus_per_node=2, device="h100", global_batch=4)
+    ddp = next(x for x in lay.alternatives if (x.tp, x.dp_mode) == (1, "ddp"))
+    half = tuple(a[:2] for a in args)
+    h100 = get_device("h100")
+    assert h100.inter_link_bandwidth < h100.link_bandwidth
+    node = dataclasses.replace(h100, inter_link_bandwidth=0.0, inter_latency=0.0)
+    want = autotp.plan(model, half, kwargs, world_size=1, device=node, data_parallel=2, dp_mode="ddp")
+    across = autotp.plan(model, half, kwargs, world_size=1, device="h100", data_parallel=2, dp_mode="ddp")
+    assert ddp.plan.dp_time_s == pytest.approx(want.dp_time_s)
+    assert 0 < ddp.plan.dp_time_s < across.dp_time_s
+
+
 def test_a_batch_the_replicas_cannot_share_is_listed_with_why() -> None:
     model, args, kwargs = _llama()
     lay = autotp.choose_layout(model, args, kwargs, nodes=1, gpus_per_node=4, device="h100",

@@ -130,6 +130,10 @@ def choose_layout(model: nn.Module, example_inputs: Any = None, example_kwargs: 
             raise AutoTPError(f"{name} must be a positive int, got {v!r}")
     args, kwargs = resolve_inputs(model, example_inputs, example_kwargs)
     spec = get_device(device)
+    if nodes == 1 and (spec.inter_link_bandwidth or spec.inter_latency):
+        # every replica shares the node: data parallelism runs on the intra-node link (NVLink),
+        # not the inter-node one the cost model prices it on by default
+        spec = dataclasses.replace(spec, inter_link_bandwidth=0.0, inter_latency=0.0)
     b = _batch_of(args, kwargs)
     batch = b if global_batch is None else global_batch
     total = nodes * gpus_per_node
