@@ -242,10 +242,13 @@ def with_pipeline(p: Plan, c: Candidates, choice: Choice, spec: "DeviceSpec", pp
         least = least_memory(segs, pp, microbatches, schedule, p.mode, spec, v=v)
         raise InfeasiblePlanError(
             f"no cut of {len(paths)} layers into {pp * v} stages fits {size_text(budget)} per rank "
-            f"under {schedule} with {microbatches} microbatches: the best cut needs "
-            f"{size_text(least)} on its largest stage; use more stages or tensor-parallel ranks, "
-            "a smaller microbatch" + (" or schedule='1f1b' (fewer microbatches in flight)"
-                                      if schedule == "gpipe" else ""), least)
+            f"under {schedule} with {microbatches} microbatches: the best cut "
+            + (f"found needs {size_text(least)} on its fullest rank" if v > 1 else
+               f"needs {size_text(least)} on its largest stage")
+            + "; use more stages or tensor-parallel ranks, a smaller microbatch"
+            + {"gpipe": " or schedule='1f1b' (fewer microbatches in flight)",
+               "interleaved": " or schedule='1f1b' / fewer stages_per_rank (fewer stage-microbatches "
+                              "in flight)"}.get(schedule, ""), least)
     ends = found.bounds[1:] + (len(paths),)
     stages = tuple(PipelineStage(tuple(paths[lo:hi]), t, int(round(m)), int(round(x)))
                    for lo, hi, t, m, x in zip(found.bounds, ends, found.time_s, found.memory_bytes,

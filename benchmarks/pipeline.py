@@ -10,7 +10,7 @@
   t / T, where T is the step's wall time and t the slowest rank's forward and backward of one
   microbatch (through each of its stages) timed alone, against the schedule's bubble (pp - 1)
   / (v M + pp - 1) and against the cost model's idle fraction with the sends, 1 - M t / ((M +
-  (pp - 1) / v)(t + v send)) (cost/pipeline.py's step: every slot is the slowest rank's
+  (pp - 1) / v)(t + sends)), sends those of the rank's stages (cost/pipeline.py's step: every slot is the slowest rank's
   stages plus their sends); the noise floor is the measured fraction's spread between the two
   halves of the samples.
 
@@ -73,8 +73,10 @@ def _bubble_rank(rank: int, world: int, iters: int) -> dict:
             return 1.0 - m * t / statistics.median(xs)
 
         # the schedule's idle fraction with the sends: each of the M + (pp - 1) / v slots is the
-        # slowest rank's microbatch (measured alone) plus its v sends (the cost model's, cpu-gloo)
-        sends = v * send_time(tp.plan.pipeline.stages[0].send_bytes, get_device("cpu-gloo"), "training")
+        # slowest rank's microbatch (measured alone) plus its stages' sends (the cost model's, cpu-gloo)
+        pipe = tp.plan.pipeline
+        sends = max(sum(send_time(pipe.stages[s].send_bytes, get_device("cpu-gloo"), "training")
+                        for s in pipe.on_rank(r)) for r in range(pipe.ranks))
         idle = 1.0 - m * t / ((m + (tp.stages - 1) / v) * (t + sends))
         half = len(steps) // 2
         out[f"{schedule} {m}"] = {"schedule": schedule, "micro": m, "predicted": tp.plan.pipeline.bubble, "predicted_idle": idle, "send_s": sends,
@@ -103,8 +105,8 @@ def report_bubble(res: dict) -> str:
                      f"{diff:6.3f} {'yes' if diff <= r['noise'] else 'no':>6} {r['step_s'] * 1e3:8.1f} "
                      f"{r['stage_s'] * 1e3:8.1f} {r.get('send_s', 0.0) * 1e3:7.2f}")
     lines.append("bubble: (pp - 1) / (v M + pp - 1), v stages per rank (interleaved 2, else 1); idle pred: "
-                 "1 - M t / ((M + (pp - 1) / v)(t + v send)), t the slowest rank's microbatch through its "
-                 "stages measured alone, send the cost model's (cpu-gloo); measured: 1 - M t / T, T the "
+                 "1 - M t / ((M + (pp - 1) / v)(t + sends)), t the slowest rank's microbatch through its "
+                 "stages measured alone, sends the cost model's for the rank's stages (cpu-gloo); measured: 1 - M t / T, T the "
                  "step's median; noise: measured from each half of the samples")
     return "\n".join(lines)
 

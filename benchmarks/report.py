@@ -668,7 +668,8 @@ def write(results: dict[str, Any], md_path: str, img_dir: str) -> None:
         pl = p["pipeline"]
         md += ["## 11. Pipeline stages: the 3-D layout, and the bubble", ""] + _part_machine(pl)
         md += ["`benchmarks/pipeline.py`. The bubble on gloo at pp 2 x tp 1 (measured 1 - M t / T, "
-               "t the slowest stage's microbatch timed alone, T the step), then `choose_layout(..., "
+               "t the slowest rank's microbatch through its stages timed alone, T the step; 1F1B and interleaved "
+               "1F1B with 2 stages per rank), then `choose_layout(..., "
                "pipeline=True)` for the Llama-3.1-405B shape on 16 x 8 h100, global batch 64 x 2048.", ""]
         for key, fn in (("bubble", pipeline_bench.report_bubble), ("layout", pipeline_bench.report_layout)):
             if pl.get(key):

@@ -104,3 +104,16 @@ def test_compiled_fullgraph_equals_one_device(backend: str, names: tuple[str, ..
 
 def _all(rank: int, world: int, backend: str, names: tuple[str, ...]) -> dict:
     return {name: _compiled(rank, world, name, backend) for name in names}
+
+
+def test_counts_of_a_comm_made_under_inference_mode() -> None:
+    """The counts are a tensor (so compiled graphs count): one made under inference_mode must
+    still count outside it (parallelize called under inference_mode, the module used after)."""
+    from autotp.rewrite.collectives import Comm
+    with torch.inference_mode():
+        comm = Comm()
+    comm.count("all_reduce", "forward")
+    comm.count("all_gather", "calibrate")
+    assert comm.counts == {("all_reduce", "forward"): 1, ("all_gather", "calibrate"): 1}
+    comm.clear_counts()
+    assert comm.counts == {}

@@ -360,3 +360,70 @@ def test_interleaved_plan_cuts_stages_per_rank() -> None:
         autotp.plan(model, (), kw, schedule="1f1b", stages_per_rank=2, **common)
     with pytest.raises(AutoTPError, match="not a multiple of"):
         autotp.plan(model, (), kw, schedule="interleaved", **(common | {"microbatches": 7, "pipeline_parallel": 3}))
+
+
+class _SharedScale(torch.nn.Module):
+    """Four identical blocks and one parameter every block's output is scaled by: under the
+    interleaved schedule on 2 ranks each rank's two stages both read it."""
+
+    def __init__(self, h: int = 16):
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(h, 2 * h), torch.nn.Tanh(),
+                                                              torch.nn.Linear(2 * h, h)) for _ in range(4))
+        self.scale = torch.nn.Parameter(torch.full((h,), 0.9))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x) * self.scale
+        return x
+
+
+def _shared_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(7)
+    return [(torch.randn(8, 16), torch.randn(8, 16)) for _ in range(STEPS)]
+
+
+def _shared_interleaved(rank: int, world: int) -> dict:
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "tp"))
+    x0 = _shared_batches()[0][0]
+    tp = autotp.parallelize(_SharedScale(), (x0,), mesh=mesh, microbatches=4, schedule="interleaved",
+                            device="cpu-gloo")
+    opt = _optimizer(tp.parameters())
+    mse = torch.nn.functional.mse_loss
+    for x, y in _shared_batches():
+        opt.zero_grad()
+        tp.step((x,), target=y, loss_fn=mse)
+        opt.step()
+    return {"state": autotp.gather_state_dict(tp), "local": list(tp.local_stages)}
+
+
+def test_interleaved_parameter_read_by_two_stages_of_one_rank() -> None:
+    """A parameter every stage reads (stages 0 and 2 on rank 0, 1 and 3 on rank 1): its
+    gradient sums every stage's, across ranks and within one, and is divided by the
+    microbatch count once; 3 AdamW steps equal one process on the whole batch."""
+    model = _SharedScale()
+    opt = _optimizer(model.parameters())
+    for x, y in _shared_batches():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    want = {k: v.detach() for k, v in model.state_dict().items()}
+    for r, got in enumerate(run_ranks(_shared_interleaved, 2)):
+        assert got["local"] == [r, r + 2]
+        assert _close(got["state"], want) < 1e-5, r
+
+
+def test_interleaved_cut_is_judged_by_its_ranks() -> None:
+    """Interleaved, a cut fits when each rank's stages do (their state plus the rank's
+    in-flight bound), not when each stage fits an even 1/v of the budget: here the fastest cut
+    puts 4 of state in one stage, more than half the 11 bytes, and its ranks need 9 and 8."""
+    from autotp.cost.devices import get_device
+    from autotp.cost.pipeline import SegmentCost, balance
+    layers = [(3, 0, 1), (1, 1, 1), (2, 4, 1), (1, 0, 1), (1, 1, 1)]  # (ms, state, activations)
+    segs = [SegmentCost(0.0, 0.0, 0.0)] + [SegmentCost(t * 1e-3, s, a) for t, s, a in layers] + \
+        [SegmentCost(0.0, 0.0, 0.0)]
+    got = balance(segs, 2, 2, "interleaved", "training", get_device("h100"), 11.0, v=2)
+    assert got is not None and got.bounds == (0, 1, 2, 3)
+    assert got.memory_bytes == (9.0, 8.0, 9.0, 8.0)  # per stage, its rank's
+    assert balance(segs, 2, 2, "interleaved", "training", get_device("h100"), 8.5, v=2) is None

@@ -42,8 +42,8 @@ class PlanOptions:
     ``fully_shard`` over the data-parallel dim: parameters, gradients and optimizer state
     divided across the replicas, gathered for the step), "auto" (the faster of the two that
     fits; cost/model.py prices both). ``time_limit``: seconds per MILP solve (None: the solver's default).
-    ``pp_size``: pipeline stages (each a tensor-parallel group of ``world_size`` ranks) the
-    layers are cut into, run over ``microbatches`` microbatches by ``schedule`` ("1f1b",
+    ``pp_size``: pipeline ranks (each a tensor-parallel group of ``world_size`` ranks; as many
+    stages as ranks, interleaved ``stages_per_rank`` times as many) the layers are cut into, run over ``microbatches`` microbatches by ``schedule`` ("1f1b",
     "gpipe", or "interleaved": interleaved 1F1B, each rank holding ``stages_per_rank`` stages
     of the cut, stage s on pipeline rank s mod pp_size; cost/pipeline.py); the example
     inputs are then one microbatch. ``stages_per_rank``: None is 2 for "interleaved", 1
@@ -88,12 +88,15 @@ class PlanOptions:
         if self.schedule != "interleaved" and self.stages_per_rank != 1:
             raise AutoTPError(f"stages_per_rank={self.stages_per_rank} needs schedule='interleaved' "
                               f"({self.schedule!r} runs one stage per rank)")
-        if self.schedule == "interleaved" and self.pp_size > 1:
+        if self.schedule == "interleaved" and self.pp_size == 1:
+            raise AutoTPError("schedule='interleaved' runs several pipeline stages per rank: it needs "
+                              "pipeline_parallel (the 'pp' dim) of 2 or more")
+        if self.schedule == "interleaved":
             rounds = max(1, self.microbatches // self.pp_size)
             if self.microbatches % rounds:
                 raise AutoTPError(
-                    f"schedule='interleaved' runs the microbatches in rounds of about pp_size: "
-                    f"{self.microbatches} microbatches at {self.pp_size} stages make "
+                    f"schedule='interleaved' runs the microbatches in rounds of about the pipeline's "
+                    f"ranks: {self.microbatches} microbatches on {self.pp_size} pipeline ranks make "
                     f"{rounds} rounds, which {self.microbatches} is not a multiple of; use "
                     f"a multiple of {self.pp_size} (or at most {self.pp_size}) microbatches")
         if self.dp_mode not in DP_MODES:

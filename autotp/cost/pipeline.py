@@ -39,10 +39,15 @@ stage-microbatches of activations: its memory is bounded by its stages' state pl
 
 Balance. ``balance`` chooses the bounds minimizing the slowest stage's time, among cuts whose
 every stage fits the memory budget (a dynamic program over layer boundaries, exact for the
-time). Interleaved, each stage must fit ``1/v`` of the budget with its even share
-``(w_r + 1) / v`` of the rank's in-flight activations, and the cut is kept only when each
-rank's bound above fits the budget (sufficient, not exact: a cut whose stages share memory
-unevenly may be missed)."""
+time with one stage per rank). Interleaved, a stage's memory in the search is its share: its
+state plus ``(w_r + 1) / v`` of the rank's in-flight activations at its own size. A rank's
+bound above is at least each of its stages' shares, so a stage whose share exceeds the budget
+rules its cut out; the cut found is kept only when each rank's bound fits the budget (else the
+cut of least largest share is tried).
+Both are heuristics there: the search minimizes the slowest stage, not the slowest rank's
+sum, so a cut with a faster step can exist, and a cut whose stages share a rank's memory
+unevenly may be missed. ``least_memory`` interleaved is the memory of the cut of least share,
+not a bound on every cut's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -194,7 +199,7 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
     first = 0 if by == "time" else 1
     layers = len(segs) - 2
     sums = _Sums(segs)
-    stages, share = pp * v, budget / v
+    stages = pp * v  # (interleaved, a stage's memory is its share; each is at most its rank's)
     # best[s][i]: (slowest time, largest memory, bounds) of stages 0..s-1 covering layers 0..i-1
     best: list[dict[int, tuple[float, float, tuple[int, ...]]]] = [{0: (0.0, 0.0, ())}]
     for s in range(stages):
@@ -205,7 +210,7 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
                 if hi <= lo:
                     continue
                 t, m, _ = sums.stage(lo, hi, s, stages, microbatches, schedule, mode, spec, v)
-                if m > share:
+                if m > budget:
                     continue
                 cand = (max(t0, t), max(m0, m), bounds + (lo,))
                 have = row.get(hi)
@@ -232,7 +237,8 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
         rank_time.append(sum(x[0] for x in mine))
         rank_mem.append(sum(x[1] for x in mine) + held * max(x[2] for x in mine))
     if max(rank_mem) > budget:
-        return None
+        # the fastest cut of the stage shares overfills a rank: the cut of least share may not
+        return balance(segs, pp, microbatches, schedule, mode, spec, budget, "memory", v) if by == "time" else None
     return Stages(bounds, tuple(x[0] for x in parts), tuple(rank_mem[s % pp] for s in range(stages)),
                   tuple(x[3] for x in parts), (microbatches + (pp - 1) / v) * max(rank_time),
                   bubble_fraction(pp, microbatches, v))
@@ -240,7 +246,8 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
 
 def least_memory(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
                  spec: DeviceSpec, v: int = 1) -> float:
-    """The least largest stage memory of any cut (for the error when none fits)."""
+    """The least largest stage memory of any cut (for the error when none fits); interleaved
+    (``v`` > 1), the largest rank memory of the cut of least stage share (module docstring)."""
     found = balance(segs, pp, microbatches, schedule, mode, spec, float("inf"), by="memory", v=v)
     return float("inf") if found is None else max(found.memory_bytes)
 

@@ -164,8 +164,10 @@ def parallelize(model: nn.Module, example_inputs: Any = None, example_kwargs: di
                           plan=plan, mode=mode, weights=weights, memory_budget=memory_budget,
                           optimizer_bytes=optimizer_bytes, dp_mode=dp_mode,
                           microbatches=microbatches, schedule=schedule, stages_per_rank=stages_per_rank)
-    if microbatches != 1:
-        raise AutoTPError("microbatches= applies to pipeline stages: give a mesh with a 'pp' dim, "
+    if microbatches != 1 or schedule != "1f1b" or stages_per_rank is not None:
+        given = [f"{k}={v!r}" for k, v, d in (("microbatches", microbatches, 1), ("schedule", schedule, "1f1b"),
+                                               ("stages_per_rank", stages_per_rank, None)) if v != d]
+        raise AutoTPError(f"{', '.join(given)} applies to pipeline stages: give a mesh with a 'pp' dim, "
                           "e.g. init_device_mesh(..., (2, 2), mesh_dim_names=('pp', 'tp'))")
     if compile and mesh is not None:
         raise AutoTPError("compile=True on a data-parallel mesh is not supported yet: compile a "

@@ -236,8 +236,9 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
     # activations split as far as they go), with the schedule's microbatches in flight (inf
     # when there is no cut at all: too few layers, or none; with_pipeline says which)
     v = options.stages_per_rank
+    # interleaved, least_memory is no lower bound (cost/pipeline.py): no early refusal
     floor = least_memory(floor_segments(c, options.mode), pp, options.microbatches,
-                         options.schedule, options.mode, spec, v=v)
+                         options.schedule, options.mode, spec) if v == 1 else -math.inf
     if math.isfinite(floor) and floor > budget:
         raise InfeasiblePlanError(
             f"no plan cut into {pp} stages fits {size_text(budget)} per rank at world size "

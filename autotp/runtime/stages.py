@@ -1,8 +1,9 @@
 """Pipeline parallelism at run time: this rank's stage of the program, run over microbatches by
-``torch.distributed.pipelining`` (``PipelineStage`` and its ``Schedule1F1B`` / ``ScheduleGPipe``).
+``torch.distributed.pipelining`` (``PipelineStage`` and its ``Schedule1F1B`` / ``ScheduleGPipe`` /
+``ScheduleInterleaved1F1B``).
 
 A mesh ``("pp", "dp", "tp")`` (any dim may be 1; "dp" may be absent) puts stage ``s`` on the
-ranks ``mesh[s, :, :]``. Each rank rewrites the program for its tensor-parallel rank as
+ranks ``mesh[s, :, :]``; interleaved, stages ``s``, ``s + pp``, ... (``Pipeline.on_rank``). Each rank rewrites the program for its tensor-parallel rank as
 ``parallelize`` always does, cuts out its stage (rewrite/stages.py) and keeps only what the
 stage reads. ``PipelinedModule.step`` runs one training step's forward and backward:
 
@@ -10,8 +11,8 @@ stage reads. ``PipelinedModule.step`` runs one training step's forward and backw
   runs the model's call on each, every stage sends the values the next one reads, and the
   last stage computes ``loss_fn(output, target)`` per microbatch, where ``output`` is the
   model's own output structure (e.g. a ``CausalLMOutputWithPast``) for that microbatch;
-- gradients accumulate over the microbatches and are divided by their number (the
-  schedule's ``scale_grads``): with a mean loss over equal microbatches this is the gradient
+- gradients accumulate over the microbatches and are divided by their number once, after
+  the schedule (not by the schedule's ``scale_grads``, which divides per stage module): with a mean loss over equal microbatches this is the gradient
   of the mean loss over the batch, what one device computes;
 - a parameter two stages read (tied input and output embeddings) is held by both, and its
   gradient is summed across them (one process group per such set);
@@ -20,8 +21,8 @@ stage reads. ``PipelinedModule.step`` runs one training step's forward and backw
   broadcast over the pipeline).
 
 ``autotp.gather_state_dict`` and ``autotp.save_pretrained`` collect every stage's layers (each
-stage gathers its tensor-parallel pieces, then the stages exchange them); sharded DCP
-checkpoints of a pipelined module are not built yet.
+stage gathers its tensor-parallel pieces, then the stages exchange them); ``save_checkpoint``
+/ ``load_checkpoint`` write and read each rank's stages' shards (DCP).
 """
 from __future__ import annotations
 
@@ -76,9 +77,11 @@ def _schedule(name: str):
 
 
 class PipelinedModule(ParallelModule):
-    """This rank's pipeline stage of the tensor-parallel program (module docstring). Train it
-    with ``step``; ``parameters()`` are this stage's shards (build the optimizer from them),
-    ``gather_state_dict`` collects the whole model."""
+    """This rank's pipeline stage (interleaved: stages, ``local_stages``) of the
+    tensor-parallel program (module docstring). Train it with ``step``; ``parameters()`` are
+    its stages' shards (build the optimizer from them), ``gather_state_dict`` collects the
+    whole model. ``stage``: this rank's place in the pipeline, ``stages``: the pipeline's
+    ranks (the mesh's "pp" size; interleaved, ``plan.pipeline.size`` stages run on them)."""
 
     def __init__(self, full: ParallelModule, *, stage: int, pp_group: dist.ProcessGroup,
                  dp_group: dist.ProcessGroup | None, here: torch.device, example: tuple[tuple, dict]):
@@ -128,7 +131,11 @@ class PipelinedModule(ParallelModule):
                                                           group=pp_group)
                                             for s, m in zip(local, sgms)])
         run = self._stage if pipe.schedule == "interleaved" else self._stage[0]
-        object.__setattr__(self, "_sched", _schedule(pipe.schedule)(run, self.microbatches, loss_fn=self._loss))
+        # scale_grads=False: _sync_grads divides every gradient by the microbatch count once. The
+        # schedule would divide each stage module's parameters once per stage, twice a tensor
+        # two stages of this rank read
+        object.__setattr__(self, "_sched", _schedule(pipe.schedule)(run, self.microbatches, loss_fn=self._loss,
+                                                                    scale_grads=False))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise AutoTPError(
@@ -175,6 +182,9 @@ class PipelinedModule(ParallelModule):
         return loss
 
     def _sync_grads(self) -> None:
+        for p in self.parameters():  # the mean over the microbatches (each loss is a mean)
+            if p.grad is not None:
+                p.grad.div_(self.microbatches)
         for group, names in self._tied:  # tied weights: the sum of every stage's gradient
             for n in names:
                 p = fetch_attr(self.module, n)
@@ -297,9 +307,9 @@ def _tied_groups(gm: torch.fx.GraphModule, sc: Any, pp_group: dist.ProcessGroup,
     dist.all_gather_object(everyone, mine)  # every pipeline's ranks (one per tp, dp index)
     pipelines = sorted({tuple(r) for r in everyone})
     out = []
-    for stages, names in sorted(sets.items()):
+    for held, names in sorted(sets.items()):
         for ranks in pipelines:
-            g = dist.new_group([ranks[s] for s in stages])
+            g = dist.new_group([ranks[s] for s in held])
             if tuple(mine) == ranks:
                 out.append((g, names))
     return out
