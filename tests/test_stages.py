@@ -427,3 +427,15 @@ def test_interleaved_cut_is_judged_by_its_ranks() -> None:
     assert got is not None and got.bounds == (0, 1, 2, 3)
     assert got.memory_bytes == (9.0, 8.0, 9.0, 8.0)  # per stage, its rank's
     assert balance(segs, 2, 2, "interleaved", "training", get_device("h100"), 8.5, v=2) is None
+
+
+def test_interleaved_cut_balances_ranks_not_stages() -> None:
+    """The step is set by the slowest rank's stages together: a slow last layer is balanced
+    by giving the other rank more layers (the least slowest stage alone gives 36 ms here)."""
+    from autotp.cost.devices import get_device
+    from autotp.cost.pipeline import SegmentCost, balance
+    segs = [SegmentCost(0.0, 0.0, 0.0)] + [SegmentCost(t * 1e-3, 1.0, 1.0) for t in (1, 1, 1, 1, 1, 1, 1, 5)] + \
+        [SegmentCost(0.0, 0.0, 0.0)]
+    got = balance(segs, 2, 4, "interleaved", "training", get_device("h100"), 1e9, v=2)
+    assert got.step_time_s == pytest.approx((4 + 1 / 2) * 6e-3)  # each rank 6 ms per microbatch
+    assert sum(got.time_s[0::2]) == pytest.approx(sum(got.time_s[1::2]))

@@ -44,9 +44,10 @@ state plus ``(w_r + 1) / v`` of the rank's in-flight activations at its own size
 bound above is at least each of its stages' shares, so a stage whose share exceeds the budget
 rules its cut out; the cut found is kept only when each rank's bound fits the budget (else the
 cut of least largest share is tried).
-Both are heuristics there: the search minimizes the slowest stage, not the slowest rank's
-sum, so a cut with a faster step can exist, and a cut whose stages share a rank's memory
-unevenly may be missed. ``least_memory`` interleaved is the memory of the cut of least share,
+The search minimizes the slowest stage, not the slowest rank's sum; the cut it finds is then
+improved by moving one boundary by one layer at a time while the step drops and every rank
+fits (a local search: a cut with a faster step can still exist, and a cut whose stages share a
+rank's memory unevenly may be missed). ``least_memory`` interleaved is the memory of the cut of least share,
 not a bound on every cut's."""
 from __future__ import annotations
 
@@ -228,7 +229,36 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
         return Stages(bounds, tuple(t for t, _, _ in costs), tuple(m for _, m, _ in costs),
                       tuple(x for _, _, x in costs), (microbatches + pp - 1) * slowest,
                       bubble_fraction(pp, microbatches))
-    # interleaved: each rank's stages priced together (module docstring)
+    # interleaved: each rank's stages priced together (module docstring), then the cut improved
+    # by moving one boundary a layer at a time while the step (the slowest rank's sum) drops and
+    # every rank fits
+    cut = _ranked(sums, list(bounds), layers, pp, v, microbatches, mode, spec)
+    if by == "time":
+        while True:
+            moves = [_ranked(sums, cut[0][:i] + [cut[0][i] + d] + cut[0][i + 1:], layers, pp, v,
+                             microbatches, mode, spec)
+                     for i in range(1, stages) for d in (-1, 1)
+                     if cut[0][i - 1] < cut[0][i] + d < (cut[0][i + 1] if i + 1 < stages else layers)]
+            better = min((m for m in moves if max(m[2]) <= budget), key=lambda m: (max(m[1]), max(m[2])),
+                         default=None)
+            if better is None or max(better[1]) >= max(cut[1]) * (1 - 1e-12) or max(cut[2]) > budget:
+                break
+            cut = better
+    bounds, rank_time, rank_mem, parts = cut
+    if max(rank_mem) > budget:
+        # the fastest cut of the stage shares overfills a rank: the cut of least share may not
+        return balance(segs, pp, microbatches, schedule, mode, spec, budget, "memory", v) if by == "time" else None
+    return Stages(tuple(bounds), tuple(x[0] for x in parts), tuple(rank_mem[s % pp] for s in range(stages)),
+                  tuple(x[3] for x in parts), (microbatches + (pp - 1) / v) * max(rank_time),
+                  bubble_fraction(pp, microbatches, v))
+
+
+def _ranked(sums: _Sums, bounds: list[int], layers: int, pp: int, v: int, microbatches: int, mode: str,
+            spec: DeviceSpec) -> tuple[list[int], list[float], list[float], list]:
+    """An interleaved cut priced per rank: (bounds, each rank's time per microbatch, each
+    rank's memory bound, each stage's parts)."""
+    stages = pp * v
+    ends = bounds[1:] + [layers]
     parts = [sums.parts(lo, hi, s, stages, mode, spec) for s, (lo, hi) in enumerate(zip(bounds, ends))]
     rank_time, rank_mem = [], []
     for r in range(pp):
@@ -236,12 +266,7 @@ def balance(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: s
         held = interleaved_warmup(r, pp, v, microbatches) + 1 if mode == "training" else 1
         rank_time.append(sum(x[0] for x in mine))
         rank_mem.append(sum(x[1] for x in mine) + held * max(x[2] for x in mine))
-    if max(rank_mem) > budget:
-        # the fastest cut of the stage shares overfills a rank: the cut of least share may not
-        return balance(segs, pp, microbatches, schedule, mode, spec, budget, "memory", v) if by == "time" else None
-    return Stages(bounds, tuple(x[0] for x in parts), tuple(rank_mem[s % pp] for s in range(stages)),
-                  tuple(x[3] for x in parts), (microbatches + (pp - 1) / v) * max(rank_time),
-                  bubble_fraction(pp, microbatches, v))
+    return bounds, rank_time, rank_mem, parts
 
 
 def least_memory(segs: Sequence[SegmentCost], pp: int, microbatches: int, schedule: str, mode: str,
