@@ -73,10 +73,13 @@ def interleaved_warmup(rank: int, pp: int, v: int, microbatches: int) -> int:
     return min((v - 1) * per_round + 2 * (pp - 1 - rank), v * microbatches)
 
 
-def in_flight(stage: int, pp: int, microbatches: int, schedule: str) -> int:
-    """Microbatches whose activations stage ``stage`` keeps at once in training."""
+def in_flight(stage: int, pp: int, microbatches: int, schedule: str, v: int = 1) -> int:
+    """Microbatches whose activations stage ``stage`` keeps at once in training; interleaved
+    (``v`` stages per rank), the stage-microbatches its rank keeps (``w_r + 1``)."""
     if schedule == "gpipe":
         return microbatches
+    if schedule == "interleaved":
+        return interleaved_warmup(stage % pp, pp, v, microbatches) + 1
     return min(pp - stage, microbatches)
 
 
@@ -184,9 +187,7 @@ class _Sums:
         its memory is its share of its rank's (module docstring), for the cut's search."""
         time, state, act, sent = self.parts(lo, hi, s, stages, mode, spec)
         if mode == "training":
-            pp = stages // v
-            act *= in_flight(s, pp, microbatches, schedule) if v == 1 else \
-                (interleaved_warmup(s % pp, pp, v, microbatches) + 1) / v
+            act *= in_flight(s, stages // v, microbatches, schedule, v) / v
         return time, state + act, sent
 
 
@@ -263,7 +264,7 @@ def _ranked(sums: _Sums, bounds: list[int], layers: int, pp: int, v: int, microb
     rank_time, rank_mem = [], []
     for r in range(pp):
         mine = parts[r::pp]
-        held = interleaved_warmup(r, pp, v, microbatches) + 1 if mode == "training" else 1
+        held = in_flight(r, pp, microbatches, "interleaved", v) if mode == "training" else 1
         rank_time.append(sum(x[0] for x in mine))
         rank_mem.append(sum(x[1] for x in mine) + held * max(x[2] for x in mine))
     return bounds, rank_time, rank_mem, parts

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from autotp.cost.model import convert_ops, dual
 from autotp.errors import AutoTPError, AutoTPInternalError
-from autotp.core.placements import (Placement, Shard, local_size, local_sizes, local_slices, rank_major,
+from autotp.core.placements import (Placement, Shard, local_sizes, local_slices, rank_major,
                                     shard_tensor, unshard)
 
 
@@ -151,7 +151,7 @@ class DistComm(Comm):
         return list(self.gather_rows(t).chunk(self.world_size))
 
     def reduce_scatter(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.scatter_rows(torch.cat([c.unsqueeze(0) for c in chunks]))[0]
+        return self.scatter_rows(torch.stack(list(chunks)))[0]
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
@@ -285,23 +285,6 @@ class Redistribute(nn.Module):
         # a fresh output even when the forward is the identity: a consumer writes it in place
         # (relu_, index_copy_), which a view made inside _Transition may not be (rewrite.py sets it)
         self.fresh = False
-
-    def local_shape(self, shape: tuple, src: Placement, dst: Placement) -> tuple:
-        """The local shape of ``src -> dst``'s output given its input's (``convert``'s sizes: a
-        gathered dim takes its global size, a split one this rank's piece; a dynamic dim,
-        split only evenly, multiplies or divides by the world size)."""
-        n, r = self.comm.world_size, self.comm.rank
-        out = list(shape)
-        if isinstance(src, Shard) and src != dst:
-            d = src.dim % len(out)
-            size = self.size_of(src)
-            if size is None:
-                size = sum(src.blocks) if src.blocks is not None else out[d] * n // (src.rep or 1)
-            out[d] = size
-        if isinstance(dst, Shard) and src != dst:
-            d = dst.dim % len(out)
-            out[d] = local_size(dst, out[d], n, r) if isinstance(out[d], int) else out[d] // n
-        return tuple(out)
 
     def check_even(self, x: torch.Tensor) -> None:
         """A dynamic dim split here must divide evenly (see the module docstring)."""

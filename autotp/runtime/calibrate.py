@@ -52,14 +52,13 @@ import torch
 import torch.distributed as dist
 from scipy.optimize import nnls
 
-from autotp.rewrite.collectives import DistComm, convert
+from autotp.rewrite.collectives import KINDS, DistComm, convert
 from autotp.cost.model import all_gather_time, all_reduce_time, reduce_scatter_time
 from autotp.cost.devices import DeviceSpec
 from autotp.errors import ProcessGroupError
 from autotp.core.placements import Partial, Replicate, Shard
 
 DEFAULT_SIZES = tuple(16 * 1024 * 2 ** k for k in range(13))  # 16 KiB .. 64 MiB
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 DEFAULT_REPEATS = 15
 DEFAULT_QUANTILE = 0.2
 

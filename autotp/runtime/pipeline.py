@@ -35,7 +35,7 @@ from autotp.cost.devices import DeviceSpec, get_device
 from autotp.errors import AutoTPError, AutoTPInternalError, CaptureError, InfeasiblePlanError, PlanError
 from autotp.core.options import PlanOptions
 from autotp.core.placements import Placement, Replicate, parse, parse_out, shard_tensor
-from autotp.cost.pipeline import floor_segments, in_flight, interleaved_warmup, least_memory
+from autotp.cost.pipeline import floor_segments, in_flight, least_memory
 from autotp.plans import Plan, make_plan, size_text, with_pipeline
 from autotp.rewrite.rewrite import rewrite
 from autotp.cost.evaluate import Choice, evaluate, memory_floor, time_lower_bound
@@ -259,8 +259,7 @@ def solve_stages(c: Candidates, options: PlanOptions, spec: DeviceSpec) -> tuple
             yield found
         # microbatches of its layers' activations the first rank keeps (interleaved: its
         # stage-microbatches in flight, each 1/v of its layers)
-        flight = in_flight(0, pp, options.microbatches, options.schedule) if v == 1 else \
-            (interleaved_warmup(0, pp, v, options.microbatches) + 1) / v
+        flight = in_flight(0, pp, options.microbatches, options.schedule, v) / v
         if flight <= 1 or least_state + flight * kept_floor > pp * budget:
             return  # 3 cannot help: one microbatch in flight, or no plan keeps few enough
         bound = least_state + (pp * budget - least_state) / flight
